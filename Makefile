@@ -1,0 +1,34 @@
+# `make run` and `make test` do all the set-up: venv, install, default model, Redis.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export PY
+
+.PHONY: install model run test test-unit lint bench flower
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@touch $@
+
+model: install
+	$(PY) -m worker.model_store
+
+run: install model
+	scripts/run.sh
+
+test: install model
+	scripts/with_redis.sh $(PY) -m pytest -v
+
+test-unit: install
+	scripts/with_redis.sh $(PY) -m pytest -v -m "not integration"
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+bench: install model
+	scripts/with_redis.sh $(PY) benchmarks/serving_overhead.py
+
+flower: install
+	$(VENV)/bin/celery -A shared.celery_app:celery_app flower --port=5555

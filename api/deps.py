@@ -1,0 +1,26 @@
+"""Dependency aliases the routes declare; the objects themselves live on `app.state` (see main.py)."""
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from api.services.fleet import FleetReader
+from api.services.jobs import JobService
+from shared.config import Settings
+
+
+def _settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def _jobs(request: Request) -> JobService:
+    return request.app.state.jobs
+
+
+def _fleet(request: Request) -> FleetReader:
+    return request.app.state.jobs.fleet
+
+
+SettingsDep = Annotated[Settings, Depends(_settings)]
+JobServiceDep = Annotated[JobService, Depends(_jobs)]
+FleetDep = Annotated[FleetReader, Depends(_fleet)]

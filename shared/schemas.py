@@ -1,0 +1,219 @@
+"""Pydantic models for the HTTP contract (`../shared/spec/api-spec.md`) and for jobs on the queue."""
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+
+StrictFloat = Annotated[float, Field(strict=True)]
+
+
+class _Request(BaseModel):
+    # Unknown fields are an error, not silently dropped: a typo like "max_token" must not pass.
+    model_config = ConfigDict(extra="forbid")
+
+
+# ---------------------------------------------------------------- inference
+
+
+class InferenceRequest(_Request):
+    prompt: StrictStr = Field(min_length=1, description="Input text prompt")
+    max_tokens: StrictInt | None = Field(None, ge=1, description="Maximum tokens to generate (default 100)")
+    temperature: StrictFloat = Field(0.7, ge=0.0, le=2.0, description="0 means greedy decoding")
+    stream: StrictBool = Field(False, description="Stream tokens as Server-Sent Events")
+
+
+class GenerationParams(BaseModel):
+    """What the worker needs to run one generation; travels as the Celery task's payload."""
+
+    prompt: str
+    max_tokens: int
+    temperature: float
+    apply_chat_template: bool = True
+
+
+class InferenceResponse(BaseModel):
+    text: str
+    tokens_generated: int
+    generation_time: float
+    tokens_per_second: float
+    memory_used_gb: float
+
+
+class GenerationOutcome(InferenceResponse):
+    """The worker's full result: the spec's fields plus what OpenAI-style responses need."""
+
+    prompt_tokens: int
+    finish_reason: Literal["stop", "length", "cancelled", "timeout"]
+
+
+# ---------------------------------------------------------------- benchmark
+
+
+class BenchmarkRequest(_Request):
+    test_type: Literal["standard", "stress", "memory"] = "standard"
+    iterations: StrictInt = Field(10, ge=1)
+
+
+class BenchmarkPrompt(BaseModel):
+    prompt_length: int
+    output_length: int
+    tokens_per_second: float
+
+
+class BenchmarkResponse(BaseModel):
+    benchmark_type: str
+    iterations: int
+    avg_tokens_per_second: float
+    min_tokens_per_second: float
+    max_tokens_per_second: float
+    p95_tokens_per_second: float
+    avg_memory_usage_gb: float
+    test_prompts: list[BenchmarkPrompt]
+
+
+# ---------------------------------------------------------------- jobs
+
+
+class JobKind(StrEnum):
+    INFERENCE = "inference"
+    BENCHMARK = "benchmark"
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
+
+
+class ErrorType(StrEnum):
+    INVALID_REQUEST = "invalid_request_error"
+    NOT_FOUND = "not_found_error"
+    QUEUE_FULL = "queue_full_error"
+    MODEL_NOT_READY = "model_not_ready_error"
+    SERVICE_UNAVAILABLE = "service_unavailable_error"
+    INFERENCE = "inference_error"
+    CANCELLED = "cancelled_error"
+    TIMEOUT = "timeout_error"
+
+
+class JobError(BaseModel):
+    type: ErrorType
+    message: str
+    param: str | None = None
+
+
+class JobView(BaseModel):
+    id: str
+    kind: JobKind
+    status: JobStatus
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    attempts: int = 0
+    worker: str | None = None
+    progress: str | None = Field(None, description="done/total steps, for benchmarks")
+    result: dict[str, Any] | None = None
+    error: JobError | None = None
+
+
+class JobAccepted(BaseModel):
+    id: str
+    status: JobStatus
+    location: str
+
+
+# ---------------------------------------------------------------- stream events
+
+
+class EventType(StrEnum):
+    TOKEN = "token"
+    DONE = "done"
+    ERROR = "error"
+
+
+# ---------------------------------------------------------------- metrics / health
+
+
+class MetricsResponse(BaseModel):
+    model_loaded: bool
+    gpu_memory_used_gb: float
+    gpu_memory_total_gb: float
+    system_memory_used_gb: float
+    avg_tokens_per_second: float
+    total_inferences: int
+    uptime_seconds: float
+
+
+class HealthResponse(BaseModel):
+    status: Literal["healthy", "unhealthy"]
+    model_ready: bool
+    gpu_available: bool
+    memory_sufficient: bool
+    last_inference: datetime | None
+
+
+# ---------------------------------------------------------------- errors
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: ErrorType
+    param: str | None = None
+    code: int
+
+
+class ErrorResponse(BaseModel):
+    """The one error envelope every endpoint answers with (OpenAI's shape)."""
+
+    error: ErrorDetail
+
+
+# ---------------------------------------------------------------- worker heartbeat
+
+
+class WorkerState(StrEnum):
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"
+
+
+class WorkerHeartbeat(BaseModel):
+    """What each worker writes to its heartbeat hash every few seconds."""
+
+    worker_id: str
+    hostname: str
+    pid: int
+    model: str
+    state: WorkerState
+    device: str = "cpu"
+    dtype: str = ""
+    context_length: int = 0
+    started_at: float
+    last_heartbeat: float
+    current_job: str = ""
+    load_error: str = ""
+    process_rss_gb: float = 0.0
+    system_memory_used_gb: float = 0.0
+    system_memory_total_gb: float = 0.0
+    system_memory_available_gb: float = 0.0
+    gpu_name: str = ""
+    gpu_memory_used_gb: float = 0.0
+    gpu_memory_total_gb: float = 0.0
+
+    def to_redis(self) -> dict[str, str]:
+        return {key: str(value) for key, value in self.model_dump(mode="json").items()}
+
+    @property
+    def model_loaded(self) -> bool:
+        return self.state is WorkerState.READY
+
+    def is_fresh(self, now: float, stale_after_s: float) -> bool:
+        return now - self.last_heartbeat <= stale_after_s

@@ -1,0 +1,107 @@
+"""API unit tests: the real app and the real job runner, over fakeredis, with a scripted 'engine'.
+
+`send_task` runs the worker's own `JobRunner` in a thread against the same fake server, so these tests
+cover the Redis protocol between the two sides; the integration tests cover the real processes.
+"""
+
+import contextlib
+import threading
+from collections.abc import Callable
+
+import fakeredis
+import pytest
+from fastapi.testclient import TestClient
+
+from api.main import create_app
+from shared.config import Settings
+from shared.redis_keys import RedisKeys
+from shared.schemas import WorkerState
+from worker.heartbeat import Heartbeat
+from worker.job_runner import JobContext, JobRunner
+
+Work = Callable[[JobContext, dict], tuple[dict, str]]
+
+
+def outcome(text: str, tokens: int = 3) -> dict:
+    return {"text": text, "tokens_generated": tokens, "generation_time": 0.5, "tokens_per_second": tokens / 0.5,
+            "memory_used_gb": 0.1, "prompt_tokens": 4, "finish_reason": "length"}
+
+
+def echo_work(context: JobContext, params: dict) -> tuple[dict, str]:
+    words = ["echo:", *params.get("prompt", "").split()]
+    for word in words:
+        context.emit(word + " ")
+    return outcome(" ".join(words), len(words)), "length"
+
+
+class InlineCelery:
+    """Stands in for the broker: hands each task straight to a JobRunner thread."""
+
+    def __init__(self, runner: JobRunner):
+        self.runner = runner
+        self.work: Work = echo_work
+        self.sent: list[tuple[str, list]] = []
+        self.threads: list[threading.Thread] = []
+        self.hold = False  # True: accept tasks but leave them queued
+
+    def send_task(self, name: str, args: list, task_id: str, queue: str) -> None:
+        self.sent.append((name, args))
+        if self.hold:
+            return
+        job_id, params = args
+
+        def run() -> None:
+            # The runner re-raises for Celery's sake, after recording the failure.
+            with contextlib.suppress(Exception):
+                self.runner.run(job_id, lambda ctx: self.work(ctx, params))
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        self.threads.append(thread)
+
+    def join(self) -> None:
+        for thread in self.threads:
+            thread.join(timeout=10)
+
+
+@pytest.fixture
+def settings() -> Settings:
+    return Settings(key_prefix="unit", queue_name="unit", max_queue_depth=3, max_tokens_limit=512,
+                    sync_wait_timeout_s=5, _env_file=None)
+
+
+@pytest.fixture
+def keys(settings) -> RedisKeys:
+    return RedisKeys(settings.key_prefix)
+
+
+@pytest.fixture
+def server() -> fakeredis.FakeServer:
+    return fakeredis.FakeServer()
+
+
+@pytest.fixture
+def sync_redis(server):
+    return fakeredis.FakeRedis(server=server, decode_responses=True)
+
+
+@pytest.fixture
+def heartbeat(sync_redis, keys, settings) -> Heartbeat:
+    beat = Heartbeat(sync_redis, keys, settings, "worker-1")
+    beat.state = WorkerState.READY
+    beat.beat()
+    return beat
+
+
+@pytest.fixture
+def celery(sync_redis, keys, settings) -> InlineCelery:
+    return InlineCelery(JobRunner(sync_redis, keys, settings, "worker-1"))
+
+
+@pytest.fixture
+def client(server, settings, celery):
+    async_redis = fakeredis.FakeAsyncRedis(server=server, decode_responses=True)
+    app = create_app(settings, redis_client=async_redis, celery=celery)
+    with TestClient(app) as test_client:
+        yield test_client
+    celery.join()

@@ -1,0 +1,145 @@
+"""Runs one job against its Redis record: claim it, stream its events, write its terminal state.
+
+Everything a caller sees comes from here: the job hash (for polling) and the job's event stream (for
+sync waits and SSE), which always ends with exactly one `done` or `error` event.
+"""
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import redis
+
+from shared.config import Settings
+from shared.job_record import CLAIM_SCRIPT, cancelled_error
+from shared.redis_keys import RedisKeys
+from shared.schemas import ErrorType, EventType, JobError, JobStatus
+from worker.engine.base import InvalidGenerationInput
+
+log = logging.getLogger(__name__)
+
+
+class JobContext:
+    """The `GenerationControl` a job hands to the engine: token events out, cancel/deadline in."""
+
+    def __init__(self, client: redis.Redis, keys: RedisKeys, job_id: str, deadline: float, ttl_s: int,
+                 stream_tokens: bool = True):
+        self.client = client
+        self.keys = keys
+        self.job_id = job_id
+        self.deadline = deadline
+        self.ttl_s = ttl_s
+        self.stream_tokens = stream_tokens
+        self._cancel_seen: bool | None = None  # fresh answer from the last emit, used once
+
+    def emit(self, text: str) -> None:
+        if not self.stream_tokens:
+            return
+        events = self.keys.job_events(self.job_id)
+        # One round trip per token: publish it and learn whether a cancel arrived.
+        with self.client.pipeline(transaction=False) as pipe:
+            pipe.xadd(events, {"type": EventType.TOKEN.value, "data": json.dumps({"text": text})})
+            pipe.expire(events, self.ttl_s)
+            pipe.exists(self.keys.job_cancel(self.job_id))
+            self._cancel_seen = bool(pipe.execute()[-1])
+
+    def cancel_requested(self) -> bool:
+        seen, self._cancel_seen = self._cancel_seen, None
+        if seen is None:
+            seen = bool(self.client.exists(self.keys.job_cancel(self.job_id)))
+        return seen
+
+    def stop_reason(self) -> str | None:
+        if self.cancel_requested():
+            return "cancelled"
+        if time.monotonic() > self.deadline:
+            return "timeout"
+        return None
+
+    def set_progress(self, done: int, total: int) -> None:
+        self.client.hset(self.keys.job(self.job_id), "progress", f"{done}/{total}")
+
+
+class JobRunner:
+    def __init__(self, client: redis.Redis, keys: RedisKeys, settings: Settings, worker_id: str):
+        self.client = client
+        self.keys = keys
+        self.settings = settings
+        self.worker_id = worker_id
+        self._claim = client.register_script(CLAIM_SCRIPT)
+
+    def _owner_is_dead(self, job_key: str) -> bool:
+        owner = self.client.hget(job_key, "worker")
+        return bool(owner) and not self.client.exists(self.keys.worker_heartbeat(owner))
+
+    def claim(self, job_id: str) -> bool:
+        job_key = self.keys.job(job_id)
+        dead_owner = self._owner_is_dead(job_key)
+        claimed = self._claim(
+            keys=[job_key],
+            args=[self.worker_id, repr(time.time()), self.settings.max_job_attempts, "1" if dead_owner else "0"],
+        )
+        if claimed == -1:
+            attempts = self.settings.max_job_attempts
+            log.error("job %s failed: its worker died on each of %d attempts", job_id, attempts)
+            self._finish(job_id, JobStatus.FAILED, error=JobError(
+                type=ErrorType.INFERENCE,
+                message=f"the job stopped its worker on each of {attempts} attempts; not retried again",
+            ))
+            return False
+        if claimed == 1:
+            self.client.sadd(self.keys.running_jobs(), job_id)
+        return claimed == 1
+
+    def run(self, job_id: str, work: Callable[[JobContext], tuple[dict[str, Any], str]],
+            stream_tokens: bool = True) -> dict[str, Any] | None:
+        """`work` returns (result, finish_reason). Returns the result, or None when the job was skipped."""
+        if not self.claim(job_id):
+            log.info("job %s skipped: no longer queued (cancelled, finished or owned elsewhere)", job_id)
+            return None
+        context = JobContext(self.client, self.keys, job_id,
+                             deadline=time.monotonic() + self.settings.job_timeout_s,
+                             ttl_s=self.settings.job_ttl_s, stream_tokens=stream_tokens)
+        if context.cancel_requested():
+            self._finish(job_id, JobStatus.CANCELLED, error=cancelled_error())
+            return None
+        try:
+            result, finish_reason = work(context)
+        except InvalidGenerationInput as error:
+            self._finish(job_id, JobStatus.FAILED,
+                         error=JobError(type=ErrorType.INVALID_REQUEST, message=str(error), param=error.param))
+            return None
+        except Exception as error:
+            log.exception("job %s failed", job_id)
+            self._finish(job_id, JobStatus.FAILED,
+                         error=JobError(type=ErrorType.INFERENCE, message=f"{type(error).__name__}: {error}"))
+            raise
+        if finish_reason == "cancelled":
+            self._finish(job_id, JobStatus.CANCELLED, result=result, error=cancelled_error())
+        else:
+            self._finish(job_id, JobStatus.SUCCEEDED, result=result)
+        return result
+
+    def _finish(self, job_id: str, status: JobStatus, result: dict[str, Any] | None = None,
+                error: JobError | None = None) -> None:
+        job_key, events = self.keys.job(job_id), self.keys.job_events(job_id)
+        fields = {"status": status.value, "finished_at": repr(time.time())}
+        if result is not None:
+            fields["result"] = json.dumps(result)
+        if error is not None:
+            fields["error"] = error.model_dump_json()
+        event = (
+            {"type": EventType.ERROR.value, "data": error.model_dump_json()}
+            if error is not None
+            else {"type": EventType.DONE.value, "data": json.dumps(result)}
+        )
+        with self.client.pipeline() as pipe:
+            pipe.hset(job_key, mapping=fields)
+            pipe.xadd(events, event)
+            pipe.expire(events, self.settings.job_ttl_s)
+            pipe.expire(job_key, self.settings.job_ttl_s)
+            pipe.srem(self.keys.running_jobs(), job_id)
+            pipe.delete(self.keys.job_cancel(job_id))
+            pipe.execute()

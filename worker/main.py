@@ -1,0 +1,31 @@
+"""Entry point of the worker: `celery -A worker.main worker` (see the Makefile for the options).
+
+The model is loaded in `worker_init`, before the consumer starts, so the worker takes no job until it
+is ready; its heartbeat says "loading" meanwhile, and the API answers 503.
+"""
+
+import logging
+
+from celery.signals import worker_init, worker_shutdown
+
+from shared.celery_app import celery_app
+from worker import tasks  # noqa: F401  (registers the tasks)
+from worker.recovery import recover_orphaned_jobs
+from worker.runtime import start_runtime, stop_runtime
+
+log = logging.getLogger(__name__)
+
+app = celery_app
+
+
+@worker_init.connect
+def _load_model(**_: object) -> None:
+    runtime = start_runtime()
+    recover_orphaned_jobs(runtime)
+    # From now on, every heartbeat also looks for jobs orphaned by a worker that died.
+    runtime.heartbeat.on_tick = lambda: recover_orphaned_jobs(runtime)
+
+
+@worker_shutdown.connect
+def _stop(**_: object) -> None:
+    stop_runtime()

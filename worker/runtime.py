@@ -1,0 +1,97 @@
+"""The worker process's one-time state: its id, Redis client, heartbeat and the loaded engine.
+
+Built once when the Celery worker starts (see `worker.main`), before it takes its first job.
+"""
+
+import logging
+import os
+import socket
+import uuid
+from dataclasses import dataclass
+
+import redis
+
+from shared.config import Settings, get_settings
+from shared.redis_keys import RedisKeys
+from shared.schemas import WorkerState
+from worker.engine import Engine, create_engine
+from worker.heartbeat import Heartbeat
+from worker.job_runner import JobRunner
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerRuntime:
+    settings: Settings
+    keys: RedisKeys
+    client: redis.Redis
+    worker_id: str
+    heartbeat: Heartbeat
+    runner: JobRunner
+    engine: Engine | None = None
+
+    def require_engine(self) -> Engine:
+        if self.engine is None:
+            raise RuntimeError(f"the model is not loaded on this worker ({self.heartbeat.load_error})")
+        return self.engine
+
+
+_runtime: WorkerRuntime | None = None
+
+
+def start_runtime() -> WorkerRuntime:
+    """Announce the worker (state: loading), then load the engine and warm it up."""
+    global _runtime
+    settings = get_settings()
+    if settings.torch_threads:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
+    keys = RedisKeys(settings.key_prefix)
+    client = redis.Redis.from_url(settings.redis_url, decode_responses=True)
+    worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    heartbeat = Heartbeat(client, keys, settings, worker_id)
+    heartbeat.start()
+    runtime = WorkerRuntime(settings, keys, client, worker_id, heartbeat,
+                            JobRunner(client, keys, settings, worker_id))
+    _runtime = runtime
+    try:
+        engine = create_engine(settings)
+        engine.load()
+        warm_up(engine)
+    except Exception as error:
+        heartbeat.state = WorkerState.FAILED
+        heartbeat.load_error = f"{type(error).__name__}: {error}"
+        heartbeat.beat()
+        log.exception("loading %s failed", settings.model_id)
+        raise
+    runtime.engine = heartbeat.engine = engine
+    heartbeat.state = WorkerState.READY
+    heartbeat.beat()
+    return runtime
+
+
+def warm_up(engine: Engine) -> None:
+    """One short generation, so the first real request does not pay for lazy initialisation."""
+    from shared.schemas import GenerationParams
+
+    class _Silent:
+        def emit(self, text: str) -> None:
+            pass
+
+        def stop_reason(self) -> None:
+            return None
+
+    engine.generate(GenerationParams(prompt="Hello", max_tokens=2, temperature=0.0), _Silent())
+
+
+def get_runtime() -> WorkerRuntime:
+    if _runtime is None:
+        raise RuntimeError("worker runtime not started")
+    return _runtime
+
+
+def stop_runtime() -> None:
+    if _runtime is not None:
+        _runtime.heartbeat.stop()
