@@ -28,7 +28,7 @@ lint: install
 	$(VENV)/bin/ruff check .
 
 bench: install model
-	scripts/with_redis.sh $(PY) benchmarks/serving_overhead.py
+	scripts/with_redis.sh $(PY) -m benchmarks.serving_overhead
 
 flower: install
 	$(VENV)/bin/celery -A shared.celery_app:celery_app flower --port=5555

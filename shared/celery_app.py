@@ -21,10 +21,10 @@ def create_celery_app(settings: Settings) -> Celery:
         broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
         result_backend_transport_options={"visibility_timeout": settings.visibility_timeout_s},
         broker_connection_retry_on_startup=True,
-        # Events for Flower: sent, started, succeeded, failed.
+        # Events for Flower: sent, received, started, succeeded, failed. (No task_track_started: it
+        # writes to the result backend before each task, and job state lives in our own record.)
         worker_send_task_events=True,
         task_send_sent_event=True,
-        task_track_started=True,
     )
     return app
 

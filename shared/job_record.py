@@ -12,15 +12,25 @@ from typing import Any
 
 from shared.schemas import ErrorType, JobError, JobKind, JobStatus, JobView
 
-# KEYS[1] = job hash. ARGV = worker id, now, max attempts, dead-owner flag ("1" when the recorded
-# owner's heartbeat is gone). Returns: 1 claimed, 0 not claimable, -1 attempts exhausted.
+# KEYS[1] = job hash, KEYS[2] = running-jobs set, KEYS[3] = cancel flag.
+# ARGV = worker id, now, max attempts, heartbeat key prefix (the owner's id completes it), job id.
+# A job is claimable when queued, or when running under an owner whose heartbeat is gone (it died).
+# Returns: 1 claimed, 2 claimed but a cancel is pending, 0 not claimable, -1 attempts exhausted.
+# One script, so a claim is one round trip and cannot interleave with a cancel.
 CLAIM_SCRIPT = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return 0 end
-if status ~= 'queued' and not (status == 'running' and ARGV[4] == '1') then return 0 end
+if status == 'running' then
+  local owner = redis.call('HGET', KEYS[1], 'worker')
+  if owner and redis.call('EXISTS', ARGV[4] .. owner) == 1 then return 0 end
+elseif status ~= 'queued' then
+  return 0
+end
 local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 if attempts > tonumber(ARGV[3]) then return -1 end
 redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[1], 'started_at', ARGV[2])
+redis.call('SADD', KEYS[2], ARGV[5])
+if redis.call('EXISTS', KEYS[3]) == 1 then return 2 end
 return 1
 """
 

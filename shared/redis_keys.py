@@ -33,7 +33,10 @@ class RedisKeys:
 
     # One hash per worker, refreshed every heartbeat_interval_s. TTL: heartbeat_stale_s.
     def worker_heartbeat(self, worker_id: str) -> str:
-        return f"{self.prefix}:worker:{worker_id}"
+        return f"{self.worker_heartbeat_prefix()}{worker_id}"
+
+    def worker_heartbeat_prefix(self) -> str:
+        return f"{self.prefix}:worker:"
 
     # Set of worker ids that ever announced themselves; stale members are pruned by readers. No TTL.
     def workers(self) -> str:

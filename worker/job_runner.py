@@ -70,16 +70,12 @@ class JobRunner:
         self.worker_id = worker_id
         self._claim = client.register_script(CLAIM_SCRIPT)
 
-    def _owner_is_dead(self, job_key: str) -> bool:
-        owner = self.client.hget(job_key, "worker")
-        return bool(owner) and not self.client.exists(self.keys.worker_heartbeat(owner))
-
-    def claim(self, job_id: str) -> bool:
-        job_key = self.keys.job(job_id)
-        dead_owner = self._owner_is_dead(job_key)
+    def claim(self, job_id: str) -> bool | None:
+        """True: claimed. None: claimed, but a cancel is already pending. False: not this worker's to run."""
         claimed = self._claim(
-            keys=[job_key],
-            args=[self.worker_id, repr(time.time()), self.settings.max_job_attempts, "1" if dead_owner else "0"],
+            keys=[self.keys.job(job_id), self.keys.running_jobs(), self.keys.job_cancel(job_id)],
+            args=[self.worker_id, repr(time.time()), self.settings.max_job_attempts,
+                  self.keys.worker_heartbeat_prefix(), job_id],
         )
         if claimed == -1:
             attempts = self.settings.max_job_attempts
@@ -89,22 +85,21 @@ class JobRunner:
                 message=f"the job stopped its worker on each of {attempts} attempts; not retried again",
             ))
             return False
-        if claimed == 1:
-            self.client.sadd(self.keys.running_jobs(), job_id)
-        return claimed == 1
+        return {1: True, 2: None}.get(claimed, False)
 
     def run(self, job_id: str, work: Callable[[JobContext], tuple[dict[str, Any], str]],
             stream_tokens: bool = True) -> dict[str, Any] | None:
         """`work` returns (result, finish_reason). Returns the result, or None when the job was skipped."""
-        if not self.claim(job_id):
+        claimed = self.claim(job_id)
+        if claimed is None:
+            self._finish(job_id, JobStatus.CANCELLED, error=cancelled_error())
+            return None
+        if not claimed:
             log.info("job %s skipped: no longer queued (cancelled, finished or owned elsewhere)", job_id)
             return None
         context = JobContext(self.client, self.keys, job_id,
                              deadline=time.monotonic() + self.settings.job_timeout_s,
                              ttl_s=self.settings.job_ttl_s, stream_tokens=stream_tokens)
-        if context.cancel_requested():
-            self._finish(job_id, JobStatus.CANCELLED, error=cancelled_error())
-            return None
         try:
             result, finish_reason = work(context)
         except InvalidGenerationInput as error:

@@ -4,7 +4,7 @@ import logging
 from typing import Any
 
 from shared.celery_app import celery_app
-from shared.schemas import BenchmarkRequest, GenerationParams
+from shared.schemas import BenchmarkRequest, GenerationOutcome, GenerationParams
 from shared.tasks import BENCHMARK_TASK, INFERENCE_TASK
 from worker import benchmark
 from worker.job_runner import JobContext
@@ -21,12 +21,14 @@ def run_inference(job_id: str, params: dict[str, Any]) -> dict[str, Any] | None:
     def work(context: JobContext) -> tuple[dict[str, Any], str]:
         generation = GenerationParams.model_validate(params)
         outcome = runtime.require_engine().generate(generation, context)
-        record_inference(runtime.client, runtime.keys, outcome)
         return outcome.model_dump(), outcome.finish_reason
 
     runtime.heartbeat.current_job = job_id
     try:
-        return runtime.runner.run(job_id, work)
+        result = runtime.runner.run(job_id, work)
+        if result is not None:  # after the job's terminal event, so the caller does not wait on it
+            record_inference(runtime.client, runtime.keys, GenerationOutcome.model_validate(result))
+        return result
     except Exception:
         record_error(runtime.client, runtime.keys)
         raise

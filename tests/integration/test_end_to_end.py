@@ -123,7 +123,7 @@ def test_curl_style_body_works(stack):
 
 def test_a_worker_exception_fails_the_job_and_the_worker_keeps_serving(stack):
     # Bypass the API's validation: a malformed task payload makes the task itself raise.
-    settings = Settings(redis_url=stack.env.get("REDIS_URL", "redis://127.0.0.1:6379/0"), _env_file=None)
+    settings = Settings(redis_url=stack.redis_url, _env_file=None)
     stack.redis.hset(f"{stack.prefix}:job:broken", mapping={"kind": "inference", "status": "queued",
                                                              "created_at": str(time.time()), "params": "{}"})
     create_celery_app(settings).send_task(INFERENCE_TASK, args=["broken", {"prompt": 1}], task_id="broken",

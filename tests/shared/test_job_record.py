@@ -13,8 +13,9 @@ def _store():
     return client, client.register_script(CLAIM_SCRIPT), client.register_script(CANCEL_QUEUED_SCRIPT)
 
 
-def _claim(claim, worker="w1", dead_owner="0", max_attempts=2):
-    return claim(keys=[KEYS.job("j")], args=[worker, "1.0", max_attempts, dead_owner])
+def _claim(claim, worker="w1", max_attempts=2):
+    return claim(keys=[KEYS.job("j"), KEYS.running_jobs(), KEYS.job_cancel("j")],
+                 args=[worker, "1.0", max_attempts, KEYS.worker_heartbeat_prefix(), "j"])
 
 
 def _cancel(cancel):
@@ -24,7 +25,9 @@ def _cancel(cancel):
 def test_a_queued_job_is_claimed_once():
     client, claim, _ = _store()
     assert _claim(claim) == 1
+    client.hset(KEYS.worker_heartbeat("w1"), "state", "ready")
     assert _claim(claim, worker="w2") == 0  # a duplicate delivery while the owner lives
+    assert client.smembers(KEYS.running_jobs()) == {"j"}
     job = parse_job("j", client.hgetall(KEYS.job("j")))
     assert job.status is JobStatus.RUNNING and job.worker == "w1" and job.attempts == 1
 
@@ -42,6 +45,12 @@ def test_cancel_and_claim_exclude_each_other():
 
 def test_a_job_whose_owner_died_is_retried_until_attempts_run_out():
     _, claim, _ = _store()
-    assert _claim(claim, "w1") == 1
-    assert _claim(claim, "w2", dead_owner="1") == 1
-    assert _claim(claim, "w3", dead_owner="1") == -1
+    assert _claim(claim, "w1") == 1  # none of these workers has a heartbeat: each died
+    assert _claim(claim, "w2") == 1
+    assert _claim(claim, "w3") == -1
+
+
+def test_a_claim_reports_a_cancel_that_arrived_first():
+    client, claim, _ = _store()
+    client.set(KEYS.job_cancel("j"), "1")
+    assert _claim(claim) == 2

@@ -114,6 +114,7 @@ class TransformersEngine(Engine):
         return int(self._encode(params).shape[1])
 
     def generate(self, params: GenerationParams, control: GenerationControl) -> GenerationOutcome:
+        started = time.perf_counter()
         input_ids = self._encode(params)
         prompt_tokens = int(input_ids.shape[1])
         if prompt_tokens + params.max_tokens > self.context_length:
@@ -131,7 +132,6 @@ class TransformersEngine(Engine):
         )
         if self.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        started = time.perf_counter()
         with torch.inference_mode():
             self.model.generate(
                 input_ids=input_ids.to(self.device),
