@@ -23,16 +23,9 @@ from shared.config import get_settings
 from shared.schemas import GenerationParams
 from worker.benchmark import STANDARD_PROMPTS, percentile
 from worker.engine import create_engine
+from worker.engine.base import SilentControl
 
 RESULTS = Path(__file__).parent / "results"
-
-
-class _Silent:
-    def emit(self, text: str) -> None:
-        pass
-
-    def stop_reason(self) -> None:
-        return None
 
 
 def main() -> None:
@@ -56,7 +49,7 @@ def main() -> None:
             for prompt in STANDARD_PROMPTS:
                 params = GenerationParams(prompt=prompt, max_tokens=args.max_tokens, temperature=0.0)
                 started = time.perf_counter()
-                outcome = engine.generate(params, _Silent())
+                outcome = engine.generate(params, SilentControl())
                 direct_time += time.perf_counter() - started
                 direct_tokens += outcome.tokens_generated
 

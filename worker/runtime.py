@@ -13,8 +13,9 @@ import redis
 
 from shared.config import Settings, get_settings
 from shared.redis_keys import RedisKeys
-from shared.schemas import WorkerState
+from shared.schemas import GenerationParams, WorkerState
 from worker.engine import Engine, create_engine
+from worker.engine.base import SilentControl
 from worker.heartbeat import Heartbeat
 from worker.job_runner import JobRunner
 
@@ -74,16 +75,7 @@ def start_runtime() -> WorkerRuntime:
 
 def warm_up(engine: Engine) -> None:
     """One short generation, so the first real request does not pay for lazy initialisation."""
-    from shared.schemas import GenerationParams
-
-    class _Silent:
-        def emit(self, text: str) -> None:
-            pass
-
-        def stop_reason(self) -> None:
-            return None
-
-    engine.generate(GenerationParams(prompt="Hello", max_tokens=2, temperature=0.0), _Silent())
+    engine.generate(GenerationParams(prompt="Hello", max_tokens=2, temperature=0.0), SilentControl())
 
 
 def get_runtime() -> WorkerRuntime:

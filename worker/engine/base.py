@@ -24,6 +24,16 @@ class GenerationControl(Protocol):
         """None to go on, or why to stop now ("cancelled", "timeout")."""
 
 
+class SilentControl:
+    """A control for runs nobody watches (warm-up, in-process benchmarks): discards text, never stops."""
+
+    def emit(self, text: str) -> None:
+        pass
+
+    def stop_reason(self) -> None:
+        return None
+
+
 class Engine(ABC):
     model_name: str
     device: str
