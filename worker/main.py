@@ -4,16 +4,12 @@ The model is loaded in `worker_init`, before the consumer starts, so the worker 
 is ready; its heartbeat says "loading" meanwhile, and the API answers 503.
 """
 
-import logging
-
 from celery.signals import worker_init, worker_shutdown
 
 from shared.celery_app import celery_app
 from worker import tasks  # noqa: F401  (registers the tasks)
 from worker.recovery import recover_orphaned_jobs
 from worker.runtime import start_runtime, stop_runtime
-
-log = logging.getLogger(__name__)
 
 app = celery_app
 

@@ -1,6 +1,5 @@
 """Celery tasks: each only adapts a queued job to the engine, through the job runner."""
 
-import logging
 from typing import Any
 
 from shared.celery_app import celery_app
@@ -10,8 +9,6 @@ from worker import benchmark
 from worker.job_runner import JobContext
 from worker.metrics import record_error, record_inference
 from worker.runtime import get_runtime
-
-log = logging.getLogger(__name__)
 
 
 @celery_app.task(name=INFERENCE_TASK)
