@@ -45,10 +45,6 @@ class Engine(ABC):
         """Load weights once; called before the worker takes its first job."""
 
     @abstractmethod
-    def count_prompt_tokens(self, params: GenerationParams) -> int:
-        """Prompt length in tokens, as `generate` would feed it (chat template included)."""
-
-    @abstractmethod
     def generate(self, params: GenerationParams, control: GenerationControl) -> GenerationOutcome:
         """Generate, calling `control.emit` per token; raises InvalidGenerationInput for bad input."""
 

@@ -24,9 +24,6 @@ class DedicatedThreadEngine(Engine):
     def load(self) -> None:
         self._executor.submit(self.inner.load).result()
 
-    def count_prompt_tokens(self, params: GenerationParams) -> int:
-        return self._executor.submit(self.inner.count_prompt_tokens, params).result()
-
     def generate(self, params: GenerationParams, control: GenerationControl) -> GenerationOutcome:
         return self._executor.submit(self.inner.generate, params, control).result()
 

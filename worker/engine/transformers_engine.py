@@ -110,9 +110,6 @@ class TransformersEngine(Engine):
             return encoded["input_ids"]
         return self.tokenizer(params.prompt, return_tensors="pt")["input_ids"]
 
-    def count_prompt_tokens(self, params: GenerationParams) -> int:
-        return int(self._encode(params).shape[1])
-
     def generate(self, params: GenerationParams, control: GenerationControl) -> GenerationOutcome:
         started = time.perf_counter()
         input_ids = self._encode(params)
