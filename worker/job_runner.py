@@ -8,6 +8,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from enum import IntEnum
 from typing import Any
 
 import redis
@@ -62,6 +63,15 @@ class JobContext:
         self.client.hset(self.keys.job(self.job_id), "progress", f"{done}/{total}")
 
 
+class Claim(IntEnum):
+    """What CLAIM_SCRIPT answered."""
+
+    EXHAUSTED = -1
+    NOT_CLAIMABLE = 0
+    CLAIMED = 1
+    CANCEL_PENDING = 2  # claimed, but a cancel arrived before the job started
+
+
 class JobRunner:
     def __init__(self, client: redis.Redis, keys: RedisKeys, settings: Settings, worker_id: str):
         self.client = client
@@ -70,31 +80,29 @@ class JobRunner:
         self.worker_id = worker_id
         self._claim = client.register_script(CLAIM_SCRIPT)
 
-    def claim(self, job_id: str) -> bool | None:
-        """True: claimed. None: claimed, but a cancel is already pending. False: not this worker's to run."""
-        claimed = self._claim(
+    def claim(self, job_id: str) -> Claim:
+        claimed = Claim(self._claim(
             keys=[self.keys.job(job_id), self.keys.running_jobs(), self.keys.job_cancel(job_id)],
             args=[self.worker_id, repr(time.time()), self.settings.max_job_attempts,
                   self.keys.worker_heartbeat_prefix(), job_id],
-        )
-        if claimed == -1:
+        ))
+        if claimed is Claim.EXHAUSTED:
             attempts = self.settings.max_job_attempts
             log.error("job %s failed: its worker died on each of %d attempts", job_id, attempts)
             self._finish(job_id, JobStatus.FAILED, error=JobError(
                 type=ErrorType.INFERENCE,
                 message=f"the job stopped its worker on each of {attempts} attempts; not retried again",
             ))
-            return False
-        return {1: True, 2: None}.get(claimed, False)
+        return claimed
 
     def run(self, job_id: str, work: Callable[[JobContext], tuple[dict[str, Any], str]],
             stream_tokens: bool = True) -> dict[str, Any] | None:
         """`work` returns (result, finish_reason). Returns the result, or None when the job was skipped."""
         claimed = self.claim(job_id)
-        if claimed is None:
+        if claimed is Claim.CANCEL_PENDING:
             self._finish(job_id, JobStatus.CANCELLED, error=cancelled_error())
             return None
-        if not claimed:
+        if claimed is not Claim.CLAIMED:
             log.info("job %s skipped: no longer queued (cancelled, finished or owned elsewhere)", job_id)
             return None
         context = JobContext(self.client, self.keys, job_id,
