@@ -30,6 +30,17 @@ class Settings(BaseSettings):
     apply_chat_template: bool = True
     torch_threads: int = Field(0, ge=0, description="0 = torch's default (all cores)")
 
+    # --- MoE expert offload (worker/engine/moe_offload) ---
+    # auto: offload experts when the model is a fused-experts MoE too big for the device budget.
+    offload: Literal["auto", "none", "experts"] = "auto"
+    gpu_memory_gb: float = Field(16.0, ge=0, description="GPU memory the worker may use; 0 = all of it")
+    gpu_reserve_gb: float = Field(1.5, ge=0, description="of that, kept for KV cache and activations")
+    host_memory_gb: float = Field(0.0, ge=0, description="host RAM for experts and conversion; 0 = what is free")
+    expert_quant: Literal["nf4", "fp4", "bf16"] = "nf4"
+    expert_cache_policy: Literal["lru", "lfu"] = "lru"
+    expert_slots: int = Field(0, ge=0, description="device expert slots per layer; 0 = as many as fit")
+    expert_prefetch: bool = True
+
     # --- request limits ---
     max_tokens_default: int = Field(100, ge=1)
     max_tokens_limit: int = Field(2048, ge=1)

@@ -83,8 +83,7 @@ class TransformersEngine(Engine):
     def load(self) -> None:
         started = time.perf_counter()
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-        self.model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=self.torch_dtype)
-        self.model.to(self.device).eval()
+        self.model = self._load_model()
         config = self.model.config
         self.context_length = int(getattr(config, "max_position_embeddings", 0) or 2048)
         self._eos_ids = self._eos_token_ids()
@@ -93,6 +92,10 @@ class TransformersEngine(Engine):
             self.use_chat_template = False
         log.info("Loaded %s on %s (%s) in %.1f s", self.model_name, self.device, self.dtype,
                  time.perf_counter() - started)
+
+    def _load_model(self) -> torch.nn.Module:
+        model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=self.torch_dtype)
+        return model.to(self.device).eval()
 
     def _eos_token_ids(self) -> set[int]:
         ids = self.model.generation_config.eos_token_id

@@ -1,0 +1,67 @@
+"""The offload engine behind the worker's Engine interface: the same text as the plain engine."""
+
+import pytest
+
+from shared.config import Settings
+from shared.schemas import GenerationParams
+from tests.worker.conftest import RecordingControl
+from worker.engine.factory import create_engine, should_offload_experts
+from worker.engine.moe_offload.budget import MemoryBudgetError
+from worker.engine.moe_offload.converter import is_converted
+from worker.engine.moe_offload.engine import MoEOffloadEngine, OffloadOptions, converted_folder
+from worker.engine.transformers_engine import TransformersEngine
+
+
+def _settings(checkpoint, tmp_path, **overrides) -> Settings:
+    values = dict(model_id=str(checkpoint), model_cache_dir=tmp_path, device="cpu", model_dtype="float32",
+                  apply_chat_template=False)
+    values.update(overrides)
+    return Settings(_env_file=None, **values)
+
+
+def _generate(engine, prompt="Hello world, tell me a story", max_tokens=16):
+    control = RecordingControl()
+    outcome = engine.generate(GenerationParams(prompt=prompt, max_tokens=max_tokens, temperature=0.0), control)
+    return outcome, "".join(control.pieces)
+
+
+def test_offload_engine_converts_once_and_generates_what_the_plain_engine_does(tiny_checkpoint, tmp_path):
+    settings = _settings(tiny_checkpoint, tmp_path, offload="experts", expert_quant="bf16", expert_slots=6)
+    engine = create_engine(settings)
+    assert isinstance(engine.inner, MoEOffloadEngine)
+    engine.load()
+    assert is_converted(converted_folder(tmp_path / "offload", str(tiny_checkpoint), "bf16"))
+
+    plain = TransformersEngine(str(tiny_checkpoint), "plain", device="cpu", dtype="float32",
+                               apply_chat_template=False)
+    plain.load()
+    # bf16 rows against float32 experts: tiny differences, the same greedy tokens on this prompt
+    outcome, text = _generate(engine)
+    plain_outcome, plain_text = _generate(plain)
+    assert outcome.tokens_generated == plain_outcome.tokens_generated > 0
+    assert text == outcome.text == plain_text
+    stats = engine.inner.cache_stats()
+    assert stats.misses > 0 and stats.hits > 0
+
+    # A restart finds the converted folder and does not convert again.
+    again = create_engine(settings)
+    folder = converted_folder(tmp_path / "offload", str(tiny_checkpoint), "bf16")
+    marker = (folder / "offload-manifest.json").stat().st_mtime_ns
+    again.load()
+    assert (folder / "offload-manifest.json").stat().st_mtime_ns == marker
+    assert _generate(again)[1] == text
+
+
+def test_auto_offloads_a_moe_only_when_it_does_not_fit(tiny_checkpoint, tmp_path):
+    assert should_offload_experts(_settings(tiny_checkpoint, tmp_path, offload="auto", host_memory_gb=0.001))
+    assert not should_offload_experts(_settings(tiny_checkpoint, tmp_path, offload="auto", host_memory_gb=8))
+    assert not should_offload_experts(_settings(tiny_checkpoint, tmp_path, offload="none"))
+    assert not should_offload_experts(Settings(_env_file=None, offload="auto"))  # the bundled dense model
+
+
+def test_host_budget_smaller_than_the_experts_is_refused_clearly(tiny_checkpoint, converted, tmp_path):
+    options = OffloadOptions(converted_root=tmp_path, quant="nf4", host_memory_gb=0.0001)
+    engine = MoEOffloadEngine(str(converted("nf4")), "tiny", options, device="cpu", dtype="float32",
+                              apply_chat_template=False)
+    with pytest.raises(MemoryBudgetError, match="host RAM"):
+        engine.load()

@@ -1,0 +1,97 @@
+import random
+
+import pytest
+import torch
+
+from worker.engine.moe_offload.expert_cache import ExpertCache
+from worker.engine.moe_offload.transfer import CopyStream
+
+EXPERTS, ROW_BYTES = 16, 64
+CPU = torch.device("cpu")
+
+
+def _host_rows() -> torch.Tensor:
+    # Row e is filled with byte e, so a slot's content tells which expert it holds.
+    return torch.arange(EXPERTS, dtype=torch.uint8).unsqueeze(1).repeat(1, ROW_BYTES)
+
+
+def _cache(slots: int, policy: str = "lru") -> ExpertCache:
+    return ExpertCache(_host_rows(), slots, CPU, CopyStream(CPU), policy)
+
+
+def _assert_present(cache: ExpertCache, experts: list[int], slots: list[int]) -> None:
+    for expert, slot in zip(experts, slots, strict=True):
+        assert cache.expert_in_slot(slot) == expert
+        assert torch.equal(cache.buffer[slot], cache.host_rows[expert])
+
+
+def test_misses_then_hits_count_copies_and_bytes():
+    cache = _cache(slots=4)
+    first = cache.acquire([1, 2, 3])
+    assert first.miss_experts == [1, 2, 3] and first.hit_experts == []
+    _assert_present(cache, first.miss_experts, first.miss_slots)
+    second = cache.acquire([2, 3, 5])
+    assert second.hit_experts == [2, 3] and second.miss_experts == [5]
+    _assert_present(cache, second.hit_experts + second.miss_experts, second.hit_slots + second.miss_slots)
+    stats = cache.stats
+    assert (stats.hits, stats.misses, stats.evictions) == (2, 4, 0)
+    assert stats.bytes_copied == 4 * ROW_BYTES
+    assert stats.hit_rate == pytest.approx(2 / 6)
+
+
+def test_lru_evicts_the_least_recently_used_and_never_a_requested_expert():
+    cache = _cache(slots=3)
+    cache.acquire([0, 1, 2])
+    cache.acquire([0])  # 1 is now the least recently used
+    acquired = cache.acquire([0, 7])
+    assert cache.stats.evictions == 1
+    assert cache.resident_experts == {0, 2, 7}
+    _assert_present(cache, [0, 7], acquired.hit_slots + acquired.miss_slots)
+
+
+def test_lfu_keeps_the_frequently_used_expert():
+    cache = _cache(slots=2, policy="lfu")
+    for _ in range(5):
+        cache.acquire([4])
+    cache.acquire([9])
+    cache.acquire([11])  # evicts 9 (used once), not 4 (used five times)
+    assert cache.resident_experts == {4, 11}
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+def test_every_routed_expert_is_present_when_used_under_random_traffic(policy):
+    cache = _cache(slots=5, policy=policy)
+    rng = random.Random(0)
+    for _ in range(300):
+        if rng.random() < 0.3:
+            cache.prefetch(rng.sample(range(EXPERTS), 3))
+        experts = rng.sample(range(EXPERTS), rng.randint(1, 5))
+        acquired = cache.acquire(experts)
+        cache.wait(acquired)
+        assert sorted(acquired.hit_experts + acquired.miss_experts) == sorted(experts)
+        _assert_present(cache, acquired.hit_experts + acquired.miss_experts, acquired.hit_slots + acquired.miss_slots)
+        assert len(cache.resident_experts) <= 5
+    stats = cache.stats
+    assert stats.bytes_copied == (stats.misses + stats.prefetched) * ROW_BYTES
+    assert stats.evictions == stats.misses + stats.prefetched - 5
+
+
+def test_prefetch_turns_a_later_miss_into_a_hit():
+    cache = _cache(slots=4)
+    assert cache.prefetch([6, 8]) == 2
+    assert cache.prefetch([6]) == 0  # already there
+    acquired = cache.acquire([6, 8, 9])
+    assert acquired.hit_experts == [6, 8]
+    assert cache.stats.prefetch_hits == 2 and cache.stats.prefetched == 2
+
+
+def test_asking_for_more_experts_than_slots_is_refused():
+    with pytest.raises(ValueError, match="3 slots"):
+        _cache(slots=3).acquire([0, 1, 2, 3])
+
+
+def test_a_cache_with_a_slot_for_every_expert_never_misses_and_shares_host_rows_on_the_cpu():
+    cache = _cache(slots=EXPERTS)
+    assert cache.buffer is cache.host_rows
+    acquired = cache.acquire(list(range(EXPERTS)))
+    assert len(acquired.hit_experts) == EXPERTS and cache.stats.misses == 0

@@ -1,0 +1,49 @@
+"""Tiny random-weight MoE checkpoints built offline, saved the way the hub stores them (sharded safetensors,
+one tensor per expert matrix), with a small byte-level BPE tokenizer trained on the spot."""
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast, Qwen3NextConfig, Qwen3NextForCausalLM
+
+VOCAB_SIZE = 1000
+_CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Mixture-of-experts models route each token to a few experts out of many.",
+    "A queue-backed inference service runs one job at a time on the GPU.",
+    "Hello world, tell me a story about a cache of experts and a bus called PCIe.",
+] * 8
+
+
+def tiny_qwen3_next_config(**overrides) -> Qwen3NextConfig:
+    """MISSION.md's test model: 4 layers (3 Gated DeltaNet + 1 attention), hidden 256, 32 experts, top-4."""
+    values = dict(
+        vocab_size=VOCAB_SIZE, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+        linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=32, linear_value_head_dim=32,
+        num_experts=32, num_experts_per_tok=4, moe_intermediate_size=128, shared_expert_intermediate_size=128,
+        tie_word_embeddings=False, max_position_embeddings=512, eos_token_id=0, bos_token_id=0, pad_token_id=0,
+    )
+    values.update(overrides)
+    return Qwen3NextConfig(**values)
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(_CORPUS, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>")
+
+
+def build_tiny_qwen3_next(folder: Path, seed: int = 0, max_shard_size: str = "300KB") -> Path:
+    tokenizer = build_tokenizer()
+    torch.manual_seed(seed)
+    model = Qwen3NextForCausalLM(tiny_qwen3_next_config(vocab_size=len(tokenizer))).eval()
+    model.save_pretrained(folder, max_shard_size=max_shard_size)
+    tokenizer.save_pretrained(folder)
+    return folder

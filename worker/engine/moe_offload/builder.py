@@ -1,0 +1,97 @@
+"""Build transformers' own model from a converted folder, with `OffloadedExperts` in place of each experts module."""
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from transformers.activations import ACT2FN
+
+from worker.engine.moe_offload.budget import MemoryPlan
+from worker.engine.moe_offload.checkpoint import build_skeleton, load_config
+from worker.engine.moe_offload.converter import read_manifest
+from worker.engine.moe_offload.expert_cache import CachePolicyName, CacheStats, ExpertCache
+from worker.engine.moe_offload.offloaded_experts import NextLayerPredictor, OffloadedExperts
+from worker.engine.moe_offload.packing import ExpertLayout
+from worker.engine.moe_offload.transfer import CopyStream
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class OffloadedModel:
+    model: torch.nn.Module
+    caches: list[ExpertCache]
+    plan: MemoryPlan
+
+    def cache_stats(self) -> CacheStats:
+        total = CacheStats()
+        for cache in self.caches:
+            total.add(cache.stats)
+        return total
+
+
+def load_host_rows(path: Path, pin: bool) -> torch.Tensor:
+    with safe_open(str(path), framework="pt") as reader:
+        rows = reader.get_tensor("rows")
+    # Pinned (page-locked) memory is what lets host-to-device copies run asynchronously at full speed.
+    return rows.pin_memory() if pin else rows
+
+
+def build_offloaded_model(folder: Path, device: torch.device, dtype: torch.dtype, plan: MemoryPlan,
+                          policy: CachePolicyName = "lru", prefetch: bool = True) -> OffloadedModel:
+    manifest = read_manifest(folder)
+    config = load_config(folder)
+    model = build_skeleton(config, dtype)
+    copier = CopyStream(device)
+    pin = device.type == "cuda"
+    act_fn = ACT2FN[config.hidden_act]
+
+    caches, modules = [], []
+    for entry in manifest["experts"]:
+        layout = ExpertLayout.from_json(entry["layout"])
+        host_rows = load_host_rows(folder / entry["file"], pin)
+        cache = ExpertCache(host_rows, plan.slots_per_layer, device, copier, policy)
+        module = OffloadedExperts(layout, cache, act_fn, dtype)
+        model.set_submodule(entry["module"], module)
+        caches.append(cache)
+        modules.append(module)
+    if prefetch and plan.slots_per_layer < caches[0].host_rows.shape[0]:
+        _link_predictors(model, modules, config)
+
+    _load_resident(model, folder, manifest["resident_files"], dtype)
+    model.to(device).eval()
+    log.info("Offloaded model ready: %d MoE layers, %d of %d expert slots per layer on %s",
+             len(caches), plan.slots_per_layer, caches[0].host_rows.shape[0], device)
+    return OffloadedModel(model, caches, plan)
+
+
+def _link_predictors(model: torch.nn.Module, modules: list[OffloadedExperts], config) -> None:
+    """Give each MoE layer the next one's router, so it can start the next layer's copies early."""
+    top_k = int(getattr(config, "num_experts_per_tok", 0) or 0)
+    names = {id(m): n for n, m in model.named_modules()}
+    for current, following in zip(modules, modules[1:], strict=False):
+        parent_name = names[id(following)].rsplit(".", 1)[0]
+        router = getattr(model.get_submodule(parent_name), "gate", None)
+        weight = getattr(router, "weight", None)
+        if weight is None or top_k == 0:
+            return  # a router this predictor does not know: no prefetch, nothing wrong
+        current.next_layer = NextLayerPredictor(weight, top_k, following.cache)
+
+
+def _load_resident(model: torch.nn.Module, folder: Path, files: list[str], dtype: torch.dtype) -> None:
+    keep_fp32 = set(getattr(model, "_keep_in_fp32_modules", None) or [])
+    for file_name in files:
+        with safe_open(str(folder / file_name), framework="pt") as reader:
+            state = {}
+            for key in list(reader.keys()):
+                tensor = reader.get_tensor(key)
+                if tensor.is_floating_point() and not any(part in key for part in keep_fp32):
+                    tensor = tensor.to(dtype)
+                state[key] = tensor
+        model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()  # tied lm_head / embeddings are stored once
+    still_empty = [name for name, p in model.named_parameters() if p.device.type == "meta"]
+    if still_empty:
+        raise RuntimeError(f"the converted model lacks weights for {still_empty[:5]} ({len(still_empty)} in all)")

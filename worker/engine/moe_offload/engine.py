@@ -1,0 +1,88 @@
+"""The worker's engine for MoE models bigger than the device: same interface and `generate` as the
+transformers engine, with the model built by the offload loader."""
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from worker.engine.moe_offload.budget import plan_memory
+from worker.engine.moe_offload.builder import OffloadedModel, build_offloaded_model
+from worker.engine.moe_offload.checkpoint import load_config, resolve_checkpoint_dir
+from worker.engine.moe_offload.converter import convert_checkpoint, is_converted, read_manifest
+from worker.engine.moe_offload.expert_cache import CachePolicyName, CacheStats
+from worker.engine.moe_offload.packing import ExpertLayout, ExpertQuant
+from worker.engine.transformers_engine import TransformersEngine
+
+log = logging.getLogger(__name__)
+
+_GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class OffloadOptions:
+    converted_root: Path
+    quant: ExpertQuant = "nf4"
+    gpu_memory_gb: float = 16.0
+    gpu_reserve_gb: float = 1.5
+    host_memory_gb: float = 0.0
+    cache_policy: CachePolicyName = "lru"
+    slots: int = 0
+    prefetch: bool = True
+
+
+def converted_folder(root: Path, model_id: str, quant: ExpertQuant) -> Path:
+    return root / f"{re.sub(r'[^A-Za-z0-9_.-]+', '--', model_id.strip('/'))}-{quant}"
+
+
+class MoEOffloadEngine(TransformersEngine):
+    def __init__(self, model_path: str, model_name: str, options: OffloadOptions, device: str = "auto",
+                 dtype: str = "auto", apply_chat_template: bool = True):
+        super().__init__(model_path, model_name, device, dtype, apply_chat_template)
+        self.options = options
+        self.offloaded: OffloadedModel | None = None
+
+    def load(self) -> None:
+        folder = Path(self.model_path).expanduser()
+        if not is_converted(folder):  # MODEL_ID may name an already converted folder
+            folder = converted_folder(self.options.converted_root, self.model_path, self.options.quant)
+        if not is_converted(folder):
+            checkpoint_dir = resolve_checkpoint_dir(self.model_path)
+            convert_checkpoint(checkpoint_dir, folder, self.options.quant, self.options.host_memory_gb)
+        self.model_path = str(folder)  # tokenizer and config load from the converted folder
+        super().load()
+
+    def _load_model(self) -> torch.nn.Module:
+        folder = Path(self.model_path)
+        manifest = read_manifest(folder)
+        experts = manifest["experts"]
+        layout = ExpertLayout.from_json(experts[0]["layout"])
+        device = torch.device(self.device)
+        device_budget = self._cap_gpu_memory() if device.type == "cuda" else 0.0
+        plan = plan_memory(
+            device_budget_gb=device_budget,
+            reserve_gb=self.options.gpu_reserve_gb,
+            host_budget_gb=self.options.host_memory_gb,
+            resident_bytes=manifest["resident_params"] * self.torch_dtype.itemsize,
+            num_layers=len(experts),
+            experts_per_layer=experts[0]["num_experts"],
+            row_bytes=layout.row_bytes,
+            top_k=int(getattr(load_config(folder), "num_experts_per_tok", 1) or 1),
+            share_host_rows=device.type == "cpu",
+            slots_override=self.options.slots,
+        )
+        self.offloaded = build_offloaded_model(folder, device, self.torch_dtype, plan,
+                                               self.options.cache_policy, self.options.prefetch)
+        return self.offloaded.model
+
+    def _cap_gpu_memory(self) -> float:
+        """Hold the process to GPU_MEMORY_GB on a bigger card, so what runs here would run on that budget."""
+        total_gb = torch.cuda.get_device_properties(0).total_memory / _GIB
+        budget = self.options.gpu_memory_gb or total_gb
+        torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total_gb))
+        return min(budget, total_gb)
+
+    def cache_stats(self) -> CacheStats:
+        return self.offloaded.cache_stats() if self.offloaded else CacheStats()

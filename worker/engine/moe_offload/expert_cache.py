@@ -1,0 +1,191 @@
+"""A per-layer cache of expert rows in device slots, filled from host RAM on demand or ahead of need."""
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from worker.engine.moe_offload.transfer import CopyStream
+
+CachePolicyName = Literal["lru", "lfu"]
+
+
+class LRUPolicy:
+    """Evict the expert used longest ago."""
+
+    def __init__(self):
+        self._order: OrderedDict[int, None] = OrderedDict()
+
+    def touch(self, expert: int) -> None:
+        self._order[expert] = None
+        self._order.move_to_end(expert)
+
+    def forget(self, expert: int) -> None:
+        self._order.pop(expert, None)
+
+    def victim(self, protected: set[int]) -> int:
+        return next(expert for expert in self._order if expert not in protected)
+
+
+class LFUPolicy:
+    """Evict the expert used least often, counts halved every `decay_every` uses so old habits fade."""
+
+    def __init__(self, decay_every: int = 4096):
+        self._counts: dict[int, float] = {}
+        self._history: dict[int, float] = {}  # counts survive eviction: a popular expert comes back strong
+        self._uses = 0
+        self._decay_every = decay_every
+
+    def touch(self, expert: int) -> None:
+        self._counts[expert] = self._counts.get(expert, self._history.get(expert, 0.0)) + 1.0
+        self._uses += 1
+        if self._uses % self._decay_every == 0:
+            self._counts = {e: c / 2 for e, c in self._counts.items()}
+            self._history = {e: c / 2 for e, c in self._history.items()}
+
+    def forget(self, expert: int) -> None:
+        self._history[expert] = self._counts.pop(expert, 0.0)
+
+    def victim(self, protected: set[int]) -> int:
+        return min((e for e in self._counts if e not in protected), key=self._counts.__getitem__)
+
+
+def make_policy(name: CachePolicyName) -> LRUPolicy | LFUPolicy:
+    return {"lru": LRUPolicy, "lfu": LFUPolicy}[name]()
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    bytes_copied: int = 0
+    prefetched: int = 0
+    prefetch_hits: int = 0  # prefetched experts that a token then used
+
+    def add(self, other: "CacheStats") -> None:
+        for name in self.__dataclass_fields__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+    @property
+    def hit_rate(self) -> float:
+        total = self.hits + self.misses
+        return self.hits / total if total else 0.0
+
+
+@dataclass
+class Acquired:
+    """Where the requested experts are: hits are usable now, misses once `misses_ready` fires."""
+
+    hit_experts: list[int] = field(default_factory=list)
+    hit_slots: list[int] = field(default_factory=list)
+    miss_experts: list[int] = field(default_factory=list)
+    miss_slots: list[int] = field(default_factory=list)
+    misses_ready: object = None
+
+
+class ExpertCache:
+    """`slots` device rows for one layer's `host_rows` [experts, row_bytes]."""
+
+    def __init__(self, host_rows: torch.Tensor, slots: int, device: torch.device, copier: CopyStream,
+                 policy: CachePolicyName = "lru"):
+        num_experts, row_bytes = host_rows.shape
+        if not 1 <= slots <= num_experts:
+            raise ValueError(f"slots must be in 1..{num_experts}, got {slots}")
+        self.host_rows = host_rows
+        self.capacity = slots
+        self.device = device
+        self.copier = copier
+        if slots == num_experts and host_rows.device == device:
+            self.buffer = host_rows  # the CPU tier with room for all: use the host rows in place
+        else:
+            self.buffer = torch.empty((slots, row_bytes), dtype=torch.uint8, device=device)
+        self.row_bytes = row_bytes
+        self.stats = CacheStats()
+        self._policy = make_policy(policy)
+        self._slot_of: dict[int, int] = {}
+        self._expert_in: list[int | None] = [None] * slots
+        self._free = list(range(slots - 1, -1, -1))
+        self._prefetched: set[int] = set()
+        self._last_read = None  # compute event after which this layer's slots may be overwritten
+        if slots == num_experts:  # everything fits: load once, never miss
+            self._fill_all()
+
+    def _fill_all(self) -> None:
+        if self.buffer is not self.host_rows:
+            self.buffer.copy_(self.host_rows)
+        for expert in range(self.capacity):
+            self._slot_of[expert] = expert
+            self._expert_in[expert] = expert
+            self._policy.touch(expert)
+        self._free.clear()
+
+    @property
+    def resident_experts(self) -> set[int]:
+        return set(self._slot_of)
+
+    def acquire(self, experts: list[int]) -> Acquired:
+        """Slots for `experts` (distinct, at most `capacity`), copying the missing ones in."""
+        if len(experts) > self.capacity:
+            raise ValueError(f"{len(experts)} experts requested at once, but the cache has {self.capacity} slots")
+        protected = set(experts)
+        result = Acquired()
+        for expert in experts:
+            slot = self._slot_of.get(expert)
+            if slot is not None:
+                self.stats.hits += 1
+                if expert in self._prefetched:
+                    self.stats.prefetch_hits += 1
+                    self._prefetched.discard(expert)
+                result.hit_experts.append(expert)
+                result.hit_slots.append(slot)
+            else:
+                self.stats.misses += 1
+                result.miss_experts.append(expert)
+                result.miss_slots.append(self._load(expert, protected))
+            self._policy.touch(expert)
+        if result.miss_experts:
+            result.misses_ready = self.copier.record()
+        return result
+
+    def prefetch(self, experts: list[int]) -> int:
+        """Start copying in experts a token is likely to need soon; returns how many copies started."""
+        protected = set(experts)
+        started = 0
+        for expert in experts:
+            if expert in self._slot_of:
+                continue
+            if not self._free and all(e in protected for e in self._slot_of):
+                break  # nothing left that may be evicted
+            self._load(expert, protected)
+            self._policy.touch(expert)
+            self._prefetched.add(expert)
+            started += 1
+        self.stats.prefetched += started
+        return started
+
+    def _load(self, expert: int, protected: set[int]) -> int:
+        if self._free:
+            slot = self._free.pop()
+        else:
+            evicted = self._policy.victim(protected)
+            slot = self._slot_of.pop(evicted)
+            self._policy.forget(evicted)
+            self._prefetched.discard(evicted)
+            self.stats.evictions += 1
+        self.copier.copy(self.buffer[slot], self.host_rows[expert], after=self._last_read)
+        self._slot_of[expert] = slot
+        self._expert_in[slot] = expert
+        self.stats.bytes_copied += self.row_bytes
+        return slot
+
+    def wait(self, acquired: Acquired) -> None:
+        self.copier.wait(acquired.misses_ready)
+
+    def mark_read(self) -> None:
+        """Call after issuing compute that reads slots: later copies into them wait for it."""
+        self._last_read = self.copier.compute_done()
+
+    def expert_in_slot(self, slot: int) -> int | None:
+        return self._expert_in[slot]

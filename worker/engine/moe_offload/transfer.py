@@ -1,0 +1,44 @@
+"""Host-to-device copies on a side CUDA stream, so they overlap compute; plain copies on the CPU tier."""
+
+import torch
+
+
+class CopyStream:
+    """Orders expert copies against the compute that reads the slots they overwrite."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.is_cuda = device.type == "cuda"
+        self._stream = torch.cuda.Stream(device=device) if self.is_cuda else None
+
+    def copy(self, destination: torch.Tensor, source: torch.Tensor, after: "torch.cuda.Event | None") -> None:
+        """Copy `source` (pinned host memory) into `destination` once `after` (the slot's last read) is done."""
+        if not self.is_cuda:
+            destination.copy_(source)
+            return
+        with torch.cuda.stream(self._stream):
+            if after is not None:
+                self._stream.wait_event(after)
+            destination.copy_(source, non_blocking=True)
+
+    def record(self) -> "torch.cuda.Event | None":
+        """An event that fires when every copy issued so far has landed (None on the CPU: already done)."""
+        if not self.is_cuda:
+            return None
+        event = torch.cuda.Event()
+        event.record(self._stream)
+        return event
+
+
+    def wait(self, event: "torch.cuda.Event | None") -> None:
+        """Make the compute stream wait for `event` (copies landed) without blocking the host."""
+        if event is not None:
+            torch.cuda.current_stream(self.device).wait_event(event)
+
+    def compute_done(self) -> "torch.cuda.Event | None":
+        """An event on the compute stream: slots read by compute issued so far may be overwritten after it."""
+        if not self.is_cuda:
+            return None
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        return event
