@@ -58,7 +58,7 @@ def build_offloaded_model(folder: Path, device: torch.device, dtype: torch.dtype
         caches.append(cache)
         modules.append(module)
     if prefetch and plan.slots_per_layer < caches[0].host_rows.shape[0]:
-        _link_predictors(model, modules, config)
+        link_predictors(model, modules, config)
 
     _load_resident(model, folder, manifest["resident_files"], dtype)
     model.to(device).eval()
@@ -67,7 +67,7 @@ def build_offloaded_model(folder: Path, device: torch.device, dtype: torch.dtype
     return OffloadedModel(model, caches, plan)
 
 
-def _link_predictors(model: torch.nn.Module, modules: list[OffloadedExperts], config) -> None:
+def link_predictors(model: torch.nn.Module, modules: list[OffloadedExperts], config) -> None:
     """Give each MoE layer the next one's router, so it can start the next layer's copies early."""
     top_k = int(getattr(config, "num_experts_per_tok", 0) or 0)
     names = {id(m): n for n, m in model.named_modules()}

@@ -170,6 +170,7 @@ class _Writer:
         self.experts_modules = experts_modules
         self.quant = quant
         self.meter = meter
+        self.quantize_on = "cuda" if torch.cuda.is_available() else "cpu"
         self.layers: dict[str, _LayerInProgress] = {}
         self.experts_entries: list[dict] = []
         self.expert_bytes = 0
@@ -209,7 +210,7 @@ class _Writer:
         if "gate_up" not in parts and {"gate", "up"} <= parts.keys():
             parts["gate_up"] = torch.cat([parts.pop("gate"), parts.pop("up")], dim=0)
         if {"gate_up", "down"} <= parts.keys():
-            pack_expert(layer.layout, parts["gate_up"], parts["down"], layer.rows[index])
+            pack_expert(layer.layout, parts["gate_up"], parts["down"], layer.rows[index], self.quantize_on)
             del layer.pending[index]
             layer.packed.add(index)
 

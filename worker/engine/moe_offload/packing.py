@@ -81,8 +81,12 @@ class ExpertLayout:
         return cls(hidden=int(data["hidden"]), intermediate=int(data["intermediate"]), quant=data["quant"])
 
 
-def pack_expert(layout: ExpertLayout, gate_up: torch.Tensor, down: torch.Tensor, out: torch.Tensor) -> None:
-    """Quantize (or copy) one expert's matrices into `out`, a uint8 row of `layout.row_bytes`."""
+def pack_expert(layout: ExpertLayout, gate_up: torch.Tensor, down: torch.Tensor, out: torch.Tensor,
+                quantize_on: str = "cpu") -> None:
+    """Quantize (or copy) one expert's matrices into `out`, a uint8 row of `layout.row_bytes`.
+
+    `quantize_on="cuda"` runs bitsandbytes' CUDA kernel (same format) instead of its CPU one, which
+    measured 66 ms per Qwen3-Next expert on 2 cores: 27 minutes for the model's 24,576 experts."""
     expected = ((2 * layout.intermediate, layout.hidden), (layout.hidden, layout.intermediate))
     if tuple(gate_up.shape) != expected[0] or tuple(down.shape) != expected[1]:
         raise ValueError(f"expert shapes {tuple(gate_up.shape)}, {tuple(down.shape)}; expected {expected}")
@@ -90,10 +94,9 @@ def pack_expert(layout: ExpertLayout, gate_up: torch.Tensor, down: torch.Tensor,
     out.zero_()
     for name, weight in (("gate_up", gate_up), ("down", down)):
         if layout.is_4bit:
-            # bitsandbytes quantizes in float32 on the CPU; the result only depends on the values.
             packed, state = bnbf.quantize_4bit(
-                weight.detach().to(torch.float32).contiguous(), blocksize=QUANT_BLOCKSIZE,
-                quant_type=layout.quant, compress_statistics=False,
+                weight.detach().to(device=quantize_on, dtype=torch.float32).contiguous(),
+                blocksize=QUANT_BLOCKSIZE, quant_type=layout.quant, compress_statistics=False,
             )
             _write(out, sections[f"{name}_packed"], packed.reshape(-1))
             _write(out, sections[f"{name}_absmax"], state.absmax.to(torch.float32).reshape(-1))

@@ -1,0 +1,138 @@
+"""Predict the offload engine's decode tok/s from a few measured times, and set it beside a GPU run.
+
+Per token, each of the L MoE layers routes to k experts; a fraction h of them is already in a device slot.
+  misses       m = k (1 - h)
+  copy path    the hits compute while the misses cross the bus, then the misses compute:
+               t_layer = max(m * t_copy, (k - m) * t_gpu) + m * t_gpu + t_sync
+  hybrid path  some misses are copied, the rest computed on the CPU at host-RAM speed in parallel;
+               the best split copies m * t_cpu / (t_copy + t_cpu) of them:
+               t_layer = max(m * t_copy * t_cpu / (t_copy + t_cpu), (k - m) * t_gpu) + ... (same tail)
+  token        t = t_dense + L * t_layer        (t_dense: attention, DeltaNet, shared experts, lm_head)
+with t_copy = row_bytes / PCIe bandwidth and t_cpu = row_bytes / host-RAM bandwidth (a 4-bit expert
+matvec on the CPU is bound by reading its row). Under uniform routing (random weights) the hit rate is
+the fraction of experts that have a slot: slots / 512.
+
+    python -m benchmarks.moe_cost_model [--measured benchmarks/results/moe_offload_gpu-<card>.json]
+"""
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from worker.engine.moe_offload.packing import ExpertLayout
+
+_GIB = 1024**3
+RESULTS = Path(__file__).parent / "results"
+
+# Qwen3-Next-80B-A3B
+LAYERS, EXPERTS, TOP_K = 48, 512, 10
+ROW_BYTES = ExpertLayout(2048, 512, "nf4").row_bytes
+
+
+@dataclass(frozen=True)
+class Inputs:
+    gpu_budget_gb: float = 16.0
+    reserve_gb: float = 1.5
+    resident_gb: float = 4.6  # 2.4B non-expert parameters in bf16, minus the embedding's unused share
+    pcie_gb_per_s: float = 25.0  # PCIe 4.0 x16, as FreeToken measured it
+    host_ram_gb_per_s: float = 40.0  # what a desktop's dual-channel DDR5 gives one process
+    gpu_expert_ms: float = 0.03  # dequantize + two matvecs of one expert (assumed until measured)
+    dense_ms: float = 12.0  # everything but the routed experts, per token (assumed until measured)
+    sync_ms: float = 0.05  # the per-layer device-to-host sync that tells the host what to copy
+
+    @property
+    def slots(self) -> int:
+        free = (self.gpu_budget_gb - self.reserve_gb - self.resident_gb) * _GIB
+        return max(0, min(EXPERTS, int(free // (LAYERS * ROW_BYTES))))
+
+    @property
+    def uniform_hit_rate(self) -> float:
+        return self.slots / EXPERTS
+
+    @property
+    def copy_ms(self) -> float:
+        return ROW_BYTES / (self.pcie_gb_per_s * 1e9) * 1000
+
+    @property
+    def cpu_expert_ms(self) -> float:
+        return ROW_BYTES / (self.host_ram_gb_per_s * 1e9) * 1000
+
+
+def layer_ms(inputs: Inputs, hit_rate: float, hybrid: bool) -> float:
+    misses = TOP_K * (1 - hit_rate)
+    hits_compute = (TOP_K - misses) * inputs.gpu_expert_ms
+    if hybrid:
+        t_copy, t_cpu = inputs.copy_ms, inputs.cpu_expert_ms
+        arrival = misses * t_copy * t_cpu / (t_copy + t_cpu)
+        copied = misses * t_cpu / (t_copy + t_cpu)
+        tail = copied * inputs.gpu_expert_ms
+    else:
+        arrival = misses * inputs.copy_ms
+        tail = misses * inputs.gpu_expert_ms
+    return max(arrival, hits_compute) + tail + inputs.sync_ms
+
+
+def tok_per_s(inputs: Inputs, hit_rate: float, hybrid: bool = False) -> float:
+    return 1000 / (inputs.dense_ms + LAYERS * layer_ms(inputs, hit_rate, hybrid))
+
+
+def inputs_from_measurement(report: dict, budget_gb: float) -> Inputs:
+    return Inputs(gpu_budget_gb=budget_gb, resident_gb=report["resident_gb"], pcie_gb_per_s=report["h2d_gb_per_s"],
+                  gpu_expert_ms=report["expert_compute_ms"], dense_ms=report["non_expert_ms_per_token"])
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--measured", type=Path, default=None, help="a moe_offload_gpu JSON result")
+    parser.add_argument("--budget-gb", type=float, default=16.0)
+    parser.add_argument("--pcie-gb-per-s", type=float, default=None)
+    parser.add_argument("--host-ram-gb-per-s", type=float, default=Inputs.host_ram_gb_per_s)
+    args = parser.parse_args(argv)
+
+    measured = None
+    if args.measured is None:
+        found = sorted(p for p in RESULTS.glob("moe_offload_gpu-*.json") if not json.loads(p.read_text())["smoke"])
+        args.measured = found[-1] if found else None
+    if args.measured:
+        measured = json.loads(args.measured.read_text())
+        if measured["smoke"]:
+            parser.error(f"{args.measured} is a --smoke run (tiny shapes): it says nothing about the real model")
+        inputs = inputs_from_measurement(measured, args.budget_gb)
+        source = f"times measured on {measured['card']} ({args.measured.name})"
+    else:
+        inputs = Inputs(gpu_budget_gb=args.budget_gb)
+        source = "assumed times (no GPU measurement committed yet)"
+    overrides = {"host_ram_gb_per_s": args.host_ram_gb_per_s}
+    if args.pcie_gb_per_s:
+        overrides["pcie_gb_per_s"] = args.pcie_gb_per_s
+    elif measured:
+        overrides["pcie_gb_per_s"] = 25.0  # predict for the target bus, not the lent card's
+    inputs = Inputs(**{**inputs.__dict__, **overrides})
+
+    print(f"# Qwen3-Next-80B-A3B decode, {inputs.gpu_budget_gb:g} GB GPU, PCIe {inputs.pcie_gb_per_s:g} GB/s, "
+          f"host RAM {inputs.host_ram_gb_per_s:g} GB/s; {source}")
+    print(f"# {inputs.slots} slots per layer; expert row {ROW_BYTES / 2**20:.2f} MiB: copy {inputs.copy_ms:.3f} ms, "
+          f"CPU {inputs.cpu_expert_ms:.3f} ms, GPU {inputs.gpu_expert_ms:.3f} ms; dense part {inputs.dense_ms:.1f} ms")
+    rows = [("uniform routing (random weights)", inputs.uniform_hit_rate), ("real routing, low skew", 0.67),
+            ("real routing, high skew", 0.81), ("every expert a miss", 0.0)]
+    print(f"| {'routing':<34} | {'hit rate':>8} | {'copy tok/s':>10} | {'hybrid tok/s':>12} |")
+    print(f"|{'-' * 36}|{'-' * 10}|{'-' * 12}|{'-' * 14}|")
+    predictions = []
+    for label, hit_rate in rows:
+        copy, hybrid = tok_per_s(inputs, hit_rate), tok_per_s(inputs, hit_rate, hybrid=True)
+        predictions.append({"routing": label, "hit_rate": hit_rate, "copy_tok_s": copy, "hybrid_tok_s": hybrid})
+        print(f"| {label:<34} | {hit_rate:>8.1%} | {copy:>10.1f} | {hybrid:>12.1f} |")
+    if measured:
+        best = max(measured["variants"], key=lambda run: run["tok_per_s"])
+        on_card = Inputs(**{**inputs.__dict__, "pcie_gb_per_s": measured["h2d_gb_per_s"]})
+        print(f"# measured on {measured['card']}: {best['tok_per_s']:.1f} tok/s ({best['label']}, hit rate "
+              f"{best['hit_rate']:.1%}); the model predicts {tok_per_s(on_card, best['hit_rate']):.1f} for that "
+              f"card's bus ({measured['h2d_gb_per_s']:.1f} GB/s) and hit rate")
+    else:
+        print("# measured: none yet; run benchmarks/moe_offload_gpu.py on a GPU")
+    return {"inputs": inputs.__dict__, "predictions": predictions}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,339 @@
+"""Decode speed of the expert-offload engine at Qwen3-Next-80B-A3B's real dimensions, on a capped GPU.
+
+Builds transformers' own Qwen3NextForCausalLM with the real shapes (48 layers, hidden 2048, 36 Gated
+DeltaNet + 12 attention layers, 512 experts of intermediate 512, top-10, shared expert, vocab 151,936)
+and synthetic random weights (nothing downloaded): the resident part on the GPU in bf16, every routed
+expert as a 4-bit row in pinned host RAM, served through `OffloadedExperts` and its slot cache, with the
+GPU held to `--budget-gb` by `torch.cuda.set_per_process_memory_fraction`. In the same run, as the
+baseline, the naive whole-layer offload: every layer's experts copied to the GPU for every token (timed on
+`--naive-layers` layers and scaled to all, which the output says). It also measures what the cost model
+needs: raw host-to-device bandwidth and the per-expert copy and compute times.
+
+Random routers route near uniformly, the worst case for a cache; the hit rate printed is that case.
+
+    python -m benchmarks.moe_offload_gpu                     # on a GPU: the real thing (~42 GB host RAM)
+    python -m benchmarks.moe_offload_gpu --smoke --device cpu   # tiny shapes: checks the script runs
+"""
+
+import argparse
+import json
+import platform
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from transformers import Qwen3NextConfig
+from transformers.activations import ACT2FN
+
+from worker.engine.moe_offload.budget import plan_memory
+from worker.engine.moe_offload.builder import link_predictors
+from worker.engine.moe_offload.checkpoint import build_skeleton, find_fused_experts
+from worker.engine.moe_offload.expert_cache import ExpertCache
+from worker.engine.moe_offload.offloaded_experts import OffloadedExperts
+from worker.engine.moe_offload.packing import ExpertLayout, pack_expert, unpack_experts
+from worker.engine.moe_offload.transfer import CopyStream
+
+RESULTS = Path(__file__).parent / "results"
+_GIB = 1024**3
+
+REAL_SHAPES = dict(
+    vocab_size=151_936, hidden_size=2048, intermediate_size=5120, num_hidden_layers=48,
+    num_attention_heads=16, num_key_value_heads=2, head_dim=256, partial_rotary_factor=0.25,
+    linear_num_value_heads=32, linear_num_key_heads=16, linear_key_head_dim=128, linear_value_head_dim=128,
+    linear_conv_kernel_dim=4, num_experts=512, num_experts_per_tok=10, moe_intermediate_size=512,
+    shared_expert_intermediate_size=512, full_attention_interval=4, norm_topk_prob=True,
+    tie_word_embeddings=False, max_position_embeddings=4096,
+)
+SMOKE_SHAPES = dict(
+    REAL_SHAPES, vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+    num_attention_heads=4, head_dim=64, linear_num_value_heads=4, linear_num_key_heads=2,
+    linear_key_head_dim=32, linear_value_head_dim=32, num_experts=32, num_experts_per_tok=4,
+    moe_intermediate_size=128, shared_expert_intermediate_size=128,
+)
+
+
+class Clock:
+    """Device-side timestamps: CUDA events on a GPU (no syncs while running), perf_counter on the CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def mark(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def seconds(self, start, end) -> float:
+        return start.elapsed_time(end) / 1000 if self.cuda else end - start
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+
+def materialize_random(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Give every meta parameter random values on `device`: N(0, 0.02) matrices, neutral 1-D weights."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if param is None or param.device.type != "meta":
+                continue
+            value = torch.empty(param.shape, dtype=dtype, device=device)
+            if param.dim() >= 2:
+                value.normal_(0.0, 0.02, generator=generator)
+            elif name == "A_log":
+                value.uniform_(0.0, 2.7, generator=generator)  # log of A in (1, 16)
+            elif name == "dt_bias":
+                value.fill_(1.0)
+            else:
+                value.zero_()  # Qwen3-Next's norms scale by (1 + weight)
+            module._parameters[name] = torch.nn.Parameter(value, requires_grad=False)
+    model.to(device)
+
+
+def synthetic_host_rows(layout: ExpertLayout, layers: int, experts: int, pin: bool, pool: int = 16) -> list:
+    """Each layer's experts as 4-bit rows: `pool` really quantized random experts, tiled (quantizing 24,576
+    experts of 3M weights would take longer than the benchmark; the bytes moved and computed are the same)."""
+    generator = torch.Generator().manual_seed(1)
+    pool_rows = torch.empty((pool, layout.row_bytes), dtype=torch.uint8)
+    for i in range(pool):
+        gate_up = torch.randn(2 * layout.intermediate, layout.hidden, generator=generator) * 0.02
+        down = torch.randn(layout.hidden, layout.intermediate, generator=generator) * 0.02
+        pack_expert(layout, gate_up, down, pool_rows[i])
+    rows = []
+    for layer in range(layers):
+        layer_rows = torch.empty((experts, layout.row_bytes), dtype=torch.uint8, pin_memory=pin)
+        layer_rows.copy_(pool_rows[(torch.arange(experts) + layer) % pool])
+        rows.append(layer_rows)
+    return rows
+
+
+def install_offload(model, names, host_rows, layout, device, dtype, slots, policy, prefetch,
+                    config) -> list[ExpertCache]:
+    copier = CopyStream(device)
+    act_fn = ACT2FN[config.hidden_act]
+    caches, modules = [], []
+    for name, rows in zip(names, host_rows, strict=True):
+        cache = ExpertCache(rows, slots, device, copier, policy)
+        module = OffloadedExperts(layout, cache, act_fn, dtype)
+        model.set_submodule(name, module)
+        caches.append(cache)
+        modules.append(module)
+    if prefetch:
+        link_predictors(model, modules, config)
+    return caches
+
+
+def decode_run(model, config, device, tokens: int, clock: Clock) -> dict:
+    """Greedy decode of `tokens` tokens after a 16-token prompt; per-layer device time via hooks."""
+    layers = model.model.layers
+    marks: dict[int, list] = {i: [] for i in range(len(layers))}
+    expert_marks: list = []
+    hooks = []
+    for i, layer in enumerate(layers):
+        hooks.append(layer.register_forward_pre_hook(lambda m, a, i=i: marks[i].append([clock.mark()])))
+        hooks.append(layer.register_forward_hook(lambda m, a, o, i=i: marks[i][-1].append(clock.mark())))
+        experts = layer.mlp.experts
+        hooks.append(experts.register_forward_pre_hook(lambda m, a: expert_marks.append([clock.mark()])))
+        hooks.append(experts.register_forward_hook(lambda m, a, o: expert_marks[-1].append(clock.mark())))
+    stamps: list[float] = []
+
+    class Stamp:
+        def put(self, value):
+            clock.sync()
+            stamps.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    prompt = torch.randint(0, config.vocab_size, (1, 16), device=device)
+    with torch.inference_mode():
+        model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=tokens, min_new_tokens=tokens,
+                       do_sample=False, streamer=Stamp(), pad_token_id=0, eos_token_id=None)
+    clock.sync()
+    for hook in hooks:
+        hook.remove()
+    decode_steps = len(stamps) - 2  # the first put is the prompt, the second the prefill's token
+    decode_seconds = stamps[-1] - stamps[1]
+    # per-layer averages over decode steps only (the first call of each layer is the prefill)
+    layer_ms = [sum(clock.seconds(s, e) for s, e in marks[i][1:]) / max(1, len(marks[i]) - 1) * 1000
+                for i in range(len(layers))]
+    per_step = len(layers)
+    expert_ms = sum(clock.seconds(s, e) for s, e in expert_marks[per_step:]) / max(1, decode_steps) * 1000
+    return {"decode_tokens": decode_steps, "decode_seconds": decode_seconds,
+            "tok_per_s": decode_steps / decode_seconds, "layer_ms": layer_ms,
+            "expert_ms_per_token": expert_ms, "layer_types": list(config.layer_types)}
+
+
+def measure_bandwidth(device: torch.device, nbytes: int, clock: Clock) -> float:
+    source = torch.empty(nbytes, dtype=torch.uint8, pin_memory=device.type == "cuda")
+    target = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    target.copy_(source, non_blocking=True)
+    clock.sync()
+    start = clock.mark()
+    for _ in range(5):
+        target.copy_(source, non_blocking=True)
+    end = clock.mark()
+    clock.sync()
+    return 5 * nbytes / clock.seconds(start, end) / 1e9
+
+
+def measure_expert_compute(layout, rows_on_device, dtype, top_k: int, act_fn, clock: Clock, repeats: int = 20) -> float:
+    """Seconds to dequantize and apply `top_k` experts to one token, per expert."""
+    x = torch.randn(layout.hidden, dtype=dtype, device=rows_on_device.device)
+
+    def once():
+        gate_up, down = unpack_experts(layout, rows_on_device[:top_k], dtype)
+        gate, up = torch.matmul(gate_up, x).chunk(2, dim=-1)
+        return torch.bmm(down, (act_fn(gate) * up).unsqueeze(-1))
+
+    once()
+    clock.sync()
+    start = clock.mark()
+    for _ in range(repeats):
+        once()
+    end = clock.mark()
+    clock.sync()
+    return clock.seconds(start, end) / repeats / top_k
+
+
+def naive_layer_seconds(layout, host_rows, device, dtype, top_k, act_fn, clock, layers: int, tokens: int) -> float:
+    """Whole-layer offload: all of a layer's experts cross the bus every token, then top-k compute."""
+    experts = host_rows[0].shape[0]
+    buffer = torch.empty((experts, layout.row_bytes), dtype=torch.uint8, device=device)
+    x = torch.randn(layout.hidden, dtype=dtype, device=device)
+    total, count = 0.0, 0
+    for token in range(tokens + 1):
+        for layer in range(layers):
+            start = clock.mark()
+            buffer.copy_(host_rows[layer], non_blocking=True)
+            chosen = torch.randperm(experts, device=device)[:top_k]
+            gate_up, down = unpack_experts(layout, buffer.index_select(0, chosen), dtype)
+            gate, up = torch.matmul(gate_up, x).chunk(2, dim=-1)
+            torch.bmm(down, (act_fn(gate) * up).unsqueeze(-1))
+            end = clock.mark()
+            clock.sync()
+            if token:  # the first pass warms up
+                total += clock.seconds(start, end)
+                count += 1
+    return total / count
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--budget-gb", type=float, default=16.0)
+    parser.add_argument("--reserve-gb", type=float, default=1.5)
+    parser.add_argument("--tokens", type=int, default=48, help="decode tokens per variant")
+    parser.add_argument("--quant", default="nf4", choices=["nf4", "fp4"])
+    parser.add_argument("--naive-layers", type=int, default=4, help="layers timed for the naive baseline")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes, to check the script on a CPU")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    clock = Clock(device)
+    shapes = SMOKE_SHAPES if args.smoke else REAL_SHAPES
+    config = Qwen3NextConfig(**shapes)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.budget_gb * _GIB / total), device)
+    print(f"# {card}; budget {args.budget_gb:g} GB; shapes {'smoke' if args.smoke else 'Qwen3-Next-80B-A3B'}")
+
+    started = time.perf_counter()
+    model = build_skeleton(config, dtype)
+    experts_names = list(find_fused_experts(model))
+    layout = ExpertLayout(config.hidden_size, config.moe_intermediate_size, args.quant)
+    for name in experts_names:  # drop the 3D expert parameters before materializing the rest
+        model.set_submodule(name, torch.nn.Identity())
+    materialize_random(model, device, dtype)
+    resident_bytes = (torch.cuda.memory_allocated(device) if device.type == "cuda"
+                      else sum(p.numel() * p.element_size() for p in model.parameters()))
+    host_rows = synthetic_host_rows(layout, len(experts_names), config.num_experts, pin=device.type == "cuda")
+    print(f"# built in {time.perf_counter() - started:.0f} s: resident {resident_bytes / _GIB:.2f} GB on the "
+          f"device, experts {len(experts_names) * config.num_experts * layout.row_bytes / _GIB:.1f} GB in host RAM")
+
+    plan = plan_memory(device_budget_gb=args.budget_gb, reserve_gb=args.reserve_gb, host_budget_gb=0,
+                       resident_bytes=resident_bytes, num_layers=len(experts_names),
+                       experts_per_layer=config.num_experts, row_bytes=layout.row_bytes,
+                       top_k=config.num_experts_per_tok)
+    if args.smoke:  # leave most experts out so the smoke run exercises misses and evictions
+        plan = plan_memory(device_budget_gb=0, reserve_gb=0, host_budget_gb=0, resident_bytes=0,
+                           num_layers=len(experts_names), experts_per_layer=config.num_experts,
+                           row_bytes=layout.row_bytes, top_k=config.num_experts_per_tok,
+                           slots_override=config.num_experts // 4)
+    model.eval()
+    variants = [("offload lru + prefetch", "lru", True), ("offload lru", "lru", False),
+                ("offload lfu + prefetch", "lfu", True)]
+    results = []
+    for label, policy, prefetch in variants:
+        caches = install_offload(model, experts_names, host_rows, layout, device, dtype, plan.slots_per_layer, policy,
+                                 prefetch, config)
+        decode_run(model, config, device, 4, clock)  # warm-up; also fills the cache
+        for cache in caches:
+            cache.stats = type(cache.stats)()
+        run = decode_run(model, config, device, args.tokens, clock)
+        stats = type(caches[0].stats)()
+        for cache in caches:
+            stats.add(cache.stats)
+        run.update(label=label, hit_rate=stats.hit_rate, cache=asdict(stats),
+                   copy_gb_per_s=stats.bytes_copied / run["decode_seconds"] / 1e9,
+                   gpu_peak_gb=torch.cuda.max_memory_allocated(device) / _GIB if device.type == "cuda" else None)
+        results.append(run)
+        del caches
+
+    act_fn = ACT2FN[config.hidden_act]
+    bandwidth = measure_bandwidth(device, 256 * 1024 * 1024 if not args.smoke else 8 * 1024 * 1024, clock)
+    on_device = host_rows[0][: config.num_experts_per_tok].to(device)
+    expert_compute_s = measure_expert_compute(layout, on_device, dtype, config.num_experts_per_tok, act_fn, clock)
+    naive_layers = min(args.naive_layers, len(experts_names))
+    naive_layer_s = naive_layer_seconds(layout, host_rows, device, dtype, config.num_experts_per_tok, act_fn,
+                                        clock, naive_layers, tokens=2)
+    best = results[0]
+    non_expert_s = (best["decode_seconds"] / best["decode_tokens"]) - best["expert_ms_per_token"] / 1000
+    naive_tok_s = 1 / (non_expert_s + naive_layer_s * len(experts_names))
+
+    report = {
+        "card": card, "device": str(device), "budget_gb": args.budget_gb, "smoke": args.smoke,
+        "shapes": shapes, "quant": args.quant, "row_bytes": layout.row_bytes,
+        "slots_per_layer": plan.slots_per_layer, "resident_gb": resident_bytes / _GIB,
+        "h2d_gb_per_s": bandwidth, "expert_copy_ms": layout.row_bytes / (bandwidth * 1e9) * 1000,
+        "expert_compute_ms": expert_compute_s * 1000, "non_expert_ms_per_token": non_expert_s * 1000,
+        "variants": results,
+        "naive": {"tok_per_s": naive_tok_s, "layer_ms": naive_layer_s * 1000,
+                  "note": f"timed on {naive_layers} layers x 2 tokens, scaled to {len(experts_names)} layers"},
+    }
+    _print_table(report)
+    out = args.out or RESULTS / f"moe_offload_gpu-{card.replace(' ', '_')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(f"# wrote {out}")
+    return report
+
+
+def _print_table(report: dict) -> None:
+    print(f"\nslots/layer {report['slots_per_layer']}, resident {report['resident_gb']:.2f} GB, "
+          f"H2D {report['h2d_gb_per_s']:.1f} GB/s, expert copy {report['expert_copy_ms']:.3f} ms, "
+          f"expert compute {report['expert_compute_ms']:.3f} ms, "
+          f"non-expert {report['non_expert_ms_per_token']:.1f} ms/token")
+    print(f"| {'engine':<24} | {'decode tok/s':>12} | {'hit rate':>8} | {'copy GB/s':>9} | {'experts ms/tok':>14} |")
+    print(f"|{'-' * 26}|{'-' * 14}|{'-' * 10}|{'-' * 11}|{'-' * 16}|")
+    for run in report["variants"]:
+        print(f"| {run['label']:<24} | {run['tok_per_s']:>12.2f} | {run['hit_rate']:>8.1%} | "
+              f"{run['copy_gb_per_s']:>9.2f} | {run['expert_ms_per_token']:>14.1f} |")
+    naive = report["naive"]
+    print(f"| {'naive whole-layer':<24} | {naive['tok_per_s']:>12.2f} | {'-':>8} | {'-':>9} | "
+          f"{naive['layer_ms'] * len(report['variants'][0]['layer_ms']):>14.1f} |  ({naive['note']})")
+    layer_types = report["variants"][0]["layer_types"]
+    for kind in sorted(set(layer_types)):
+        times = [t for t, k in zip(report["variants"][0]["layer_ms"], layer_types, strict=True) if k == kind]
+        print(f"# {kind}: {len(times)} layers, {sum(times) / len(times):.2f} ms per layer per token (first variant)")
+
+
+if __name__ == "__main__":
+    main()

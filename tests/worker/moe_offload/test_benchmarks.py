@@ -1,0 +1,41 @@
+"""The GPU benchmark and the cost model stay runnable between the rare sessions that have a GPU."""
+
+import json
+
+import pytest
+
+from benchmarks import moe_cost_model, moe_offload_gpu
+
+
+def test_gpu_benchmark_runs_end_to_end_in_smoke_mode_on_the_cpu(tmp_path):
+    out = tmp_path / "smoke.json"
+    report = moe_offload_gpu.main(["--smoke", "--device", "cpu", "--tokens", "4", "--out", str(out)])
+    assert json.loads(out.read_text())["smoke"] is True
+    assert [run["label"] for run in report["variants"]] == [
+        "offload lru + prefetch", "offload lru", "offload lfu + prefetch"]
+    for run in report["variants"]:
+        assert run["decode_tokens"] == 3 and run["tok_per_s"] > 0
+        assert 0 < run["hit_rate"] < 1 and run["cache"]["misses"] > 0
+        assert len(run["layer_ms"]) == 4
+    assert report["variants"][0]["cache"]["prefetched"] > 0
+    assert report["variants"][1]["cache"]["prefetched"] == 0
+    assert report["naive"]["tok_per_s"] > 0 and report["h2d_gb_per_s"] > 0
+
+
+def test_cost_model_predictions_follow_hit_rate_and_bandwidth():
+    base = moe_cost_model.Inputs()
+    assert base.slots == int(base.uniform_hit_rate * moe_cost_model.EXPERTS) > moe_cost_model.TOP_K
+    assert moe_cost_model.tok_per_s(base, 0.8) > moe_cost_model.tok_per_s(base, 0.2)
+    faster_bus = moe_cost_model.Inputs(pcie_gb_per_s=50.0)
+    assert moe_cost_model.tok_per_s(faster_bus, 0.2) > moe_cost_model.tok_per_s(base, 0.2)
+    # the bus-bound ceiling with no cache and free compute: 1 / (L * k * copy time)
+    free_compute = moe_cost_model.Inputs(gpu_expert_ms=0.0, dense_ms=0.0, sync_ms=0.0)
+    ceiling = 1000 / (moe_cost_model.LAYERS * moe_cost_model.TOP_K * free_compute.copy_ms)
+    assert moe_cost_model.tok_per_s(free_compute, 0.0) == pytest.approx(ceiling)
+
+
+def test_cost_model_refuses_a_smoke_measurement(tmp_path):
+    smoke = tmp_path / "smoke.json"
+    smoke.write_text(json.dumps({"smoke": True}))
+    with pytest.raises(SystemExit):
+        moe_cost_model.main(["--measured", str(smoke)])
