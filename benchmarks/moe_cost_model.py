@@ -34,7 +34,7 @@ ROW_BYTES = ExpertLayout(2048, 512, "nf4").row_bytes
 class Inputs:
     gpu_budget_gb: float = 16.0
     reserve_gb: float = 1.5
-    resident_gb: float = 4.6  # 2.4B non-expert parameters in bf16, minus the embedding's unused share
+    resident_gb: float = 4.41  # the 2.36B non-expert parameters in bf16 (counted from the real config)
     pcie_gb_per_s: float = 25.0  # PCIe 4.0 x16, as FreeToken measured it
     host_ram_gb_per_s: float = 40.0  # what a desktop's dual-channel DDR5 gives one process
     gpu_expert_ms: float = 0.03  # dequantize + two matvecs of one expert (assumed until measured)

@@ -10,10 +10,11 @@
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 from worker.engine.moe_offload.budget import MemoryPlan
 from worker.engine.moe_offload.builder import build_offloaded_model
+from worker.engine.moe_offload.converter import convert_checkpoint
 from worker.engine.moe_offload.offloaded_experts import OffloadedExperts
 from worker.engine.moe_offload.packing import unpack_experts
 
@@ -81,3 +82,19 @@ def test_lfu_policy_gives_the_same_tokens(tiny_checkpoint, converted):
     lfu = _offloaded(converted("nf4"), slots=5, policy="lfu")
     prompt = _prompt(seed=3)
     assert torch.equal(_greedy(lru.model, prompt, 20), _greedy(lfu.model, prompt, 20))
+
+
+@torch.inference_mode()
+def test_another_fused_experts_family_qwen3_moe_offloads_the_same_way(tmp_path):
+    config = Qwen3MoeConfig(vocab_size=390, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_experts=16,
+                            num_experts_per_tok=2, moe_intermediate_size=64, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    Qwen3MoeForCausalLM(config).save_pretrained(tmp_path / "qwen3-moe", max_shard_size="200KB")
+    folder = convert_checkpoint(tmp_path / "qwen3-moe", tmp_path / "out", "nf4", 0, show_progress=False)
+    offloaded = _offloaded(folder, slots=4)
+    reference = _reference(tmp_path / "qwen3-moe", experts_from=offloaded)
+    prompt = _prompt()
+    torch.testing.assert_close(offloaded.model(prompt).logits, reference(prompt).logits, rtol=1e-4, atol=1e-4)
+    assert torch.equal(_greedy(offloaded.model, prompt), _greedy(reference, prompt))
+    assert offloaded.cache_stats().misses > 0
