@@ -77,6 +77,8 @@ class Settings(BaseSettings):
             )
         if self.max_tokens_default > self.max_tokens_limit:
             raise ValueError("MAX_TOKENS_DEFAULT must not exceed MAX_TOKENS_LIMIT")
+        if self.gpu_memory_gb and self.gpu_reserve_gb >= self.gpu_memory_gb:
+            raise ValueError("GPU_RESERVE_GB must be less than GPU_MEMORY_GB, or no memory is left for weights")
         if self.heartbeat_stale_s <= self.heartbeat_interval_s:
             raise ValueError("HEARTBEAT_STALE_S must exceed HEARTBEAT_INTERVAL_S")
         return self

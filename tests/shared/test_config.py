@@ -14,6 +14,12 @@ def test_default_max_tokens_must_fit_the_limit():
         Settings(max_tokens_default=500, max_tokens_limit=100, _env_file=None)
 
 
+def test_gpu_reserve_must_leave_room_for_weights():
+    with pytest.raises(ValidationError, match="GPU_RESERVE_GB"):
+        Settings(gpu_memory_gb=2, gpu_reserve_gb=2, _env_file=None)
+    assert Settings(gpu_memory_gb=0, gpu_reserve_gb=2, _env_file=None).gpu_reserve_gb == 2  # 0 = whole GPU
+
+
 def test_settings_read_the_environment(monkeypatch):
     monkeypatch.setenv("MODEL_ID", "Qwen/Qwen3-Next-80B-A3B-Instruct")
     monkeypatch.setenv("MAX_QUEUE_DEPTH", "7")
