@@ -27,12 +27,10 @@ from transformers import Qwen3NextConfig
 from transformers.activations import ACT2FN
 
 from worker.engine.moe_offload.budget import plan_memory
-from worker.engine.moe_offload.builder import link_predictors
+from worker.engine.moe_offload.builder import install_offloaded_experts
 from worker.engine.moe_offload.checkpoint import build_skeleton, find_fused_experts
-from worker.engine.moe_offload.expert_cache import ExpertCache
-from worker.engine.moe_offload.offloaded_experts import OffloadedExperts
+from worker.engine.moe_offload.expert_cache import CacheStats
 from worker.engine.moe_offload.packing import ExpertLayout, pack_expert, unpack_experts
-from worker.engine.moe_offload.transfer import CopyStream
 
 RESULTS = Path(__file__).parent / "results"
 _GIB = 1024**3
@@ -109,22 +107,6 @@ def synthetic_host_rows(layout: ExpertLayout, layers: int, experts: int, pin: bo
         layer_rows.copy_(pool_rows[(torch.arange(experts) + layer) % pool])
         rows.append(layer_rows)
     return rows
-
-
-def install_offload(model, names, host_rows, layout, device, dtype, slots, policy, prefetch,
-                    config) -> list[ExpertCache]:
-    copier = CopyStream(device)
-    act_fn = ACT2FN[config.hidden_act]
-    caches, modules = [], []
-    for name, rows in zip(names, host_rows, strict=True):
-        cache = ExpertCache(rows, slots, device, copier, policy)
-        module = OffloadedExperts(layout, cache, act_fn, dtype)
-        model.set_submodule(name, module)
-        caches.append(cache)
-        modules.append(module)
-    if prefetch:
-        link_predictors(model, modules, config)
-    return caches
 
 
 def decode_run(model, config, device, tokens: int, clock: Clock) -> dict:
@@ -270,17 +252,16 @@ def main(argv: list[str] | None = None) -> dict:
     model.eval()
     variants = [("offload lru + prefetch", "lru", True), ("offload lru", "lru", False),
                 ("offload lfu + prefetch", "lfu", True)]
+    experts = [(name, layout, rows) for name, rows in zip(experts_names, host_rows, strict=True)]
     results = []
     for label, policy, prefetch in variants:
-        caches = install_offload(model, experts_names, host_rows, layout, device, dtype, plan.slots_per_layer, policy,
-                                 prefetch, config)
+        caches = install_offloaded_experts(model, experts, device, dtype, plan.slots_per_layer, policy, prefetch,
+                                           config)
         decode_run(model, config, device, 4, clock)  # warm-up; also fills the cache
         for cache in caches:
-            cache.stats = type(cache.stats)()
+            cache.stats = CacheStats()
         run = decode_run(model, config, device, args.tokens, clock)
-        stats = type(caches[0].stats)()
-        for cache in caches:
-            stats.add(cache.stats)
+        stats = CacheStats.total(cache.stats for cache in caches)
         run.update(label=label, hit_rate=stats.hit_rate, cache=asdict(stats),
                    copy_gb_per_s=stats.bytes_copied / run["decode_seconds"] / 1e9,
                    gpu_peak_gb=torch.cuda.max_memory_allocated(device) / _GIB if device.type == "cuda" else None)

@@ -16,10 +16,6 @@ class MemoryPlan:
     cache_bytes: int
     host_expert_bytes: int
 
-    @property
-    def all_experts_resident(self) -> bool:
-        return self.cache_bytes >= self.host_expert_bytes
-
 
 def plan_memory(*, device_budget_gb: float, reserve_gb: float, host_budget_gb: float, resident_bytes: int,
                 num_layers: int, experts_per_layer: int, row_bytes: int, top_k: int,

@@ -26,10 +26,7 @@ class OffloadedModel:
     plan: MemoryPlan
 
     def cache_stats(self) -> CacheStats:
-        total = CacheStats()
-        for cache in self.caches:
-            total.add(cache.stats)
-        return total
+        return CacheStats.total(cache.stats for cache in self.caches)
 
 
 def load_host_rows(path: Path, pin: bool) -> torch.Tensor:
@@ -44,27 +41,34 @@ def build_offloaded_model(folder: Path, device: torch.device, dtype: torch.dtype
     manifest = read_manifest(folder)
     config = load_config(folder)
     model = build_skeleton(config, dtype)
-    copier = CopyStream(device)
     pin = device.type == "cuda"
-    act_fn = ACT2FN[config.hidden_act]
-
-    caches, modules = [], []
-    for entry in manifest["experts"]:
-        layout = ExpertLayout.from_json(entry["layout"])
-        host_rows = load_host_rows(folder / entry["file"], pin)
-        cache = ExpertCache(host_rows, plan.slots_per_layer, device, copier, policy)
-        module = OffloadedExperts(layout, cache, act_fn, dtype)
-        model.set_submodule(entry["module"], module)
-        caches.append(cache)
-        modules.append(module)
-    if prefetch and plan.slots_per_layer < caches[0].host_rows.shape[0]:
-        link_predictors(model, modules, config)
-
+    experts = [(entry["module"], ExpertLayout.from_json(entry["layout"]), load_host_rows(folder / entry["file"], pin))
+               for entry in manifest["experts"]]
+    caches = install_offloaded_experts(model, experts, device, dtype, plan.slots_per_layer, policy, prefetch, config)
     _load_resident(model, folder, manifest["resident_files"], dtype)
     model.to(device).eval()
     log.info("Offloaded model ready: %d MoE layers, %d of %d expert slots per layer on %s",
              len(caches), plan.slots_per_layer, caches[0].host_rows.shape[0], device)
     return OffloadedModel(model, caches, plan)
+
+
+def install_offloaded_experts(model: torch.nn.Module, experts: list[tuple[str, ExpertLayout, torch.Tensor]],
+                              device: torch.device, dtype: torch.dtype, slots: int, policy: CachePolicyName,
+                              prefetch: bool, config) -> list[ExpertCache]:
+    """Swap each (module name, layout, host rows) experts module for `OffloadedExperts` over a slot cache;
+    with `prefetch`, and fewer slots than experts, link each layer to the next one's router."""
+    copier = CopyStream(device)
+    act_fn = ACT2FN[config.hidden_act]
+    caches, modules = [], []
+    for name, layout, host_rows in experts:
+        cache = ExpertCache(host_rows, slots, device, copier, policy)
+        module = OffloadedExperts(layout, cache, act_fn, dtype)
+        model.set_submodule(name, module)
+        caches.append(cache)
+        modules.append(module)
+    if prefetch and slots < caches[0].host_rows.shape[0]:
+        link_predictors(model, modules, config)
+    return caches
 
 
 def link_predictors(model: torch.nn.Module, modules: list[OffloadedExperts], config) -> None:

@@ -135,9 +135,10 @@ def convert_checkpoint(checkpoint_dir: Path, output_dir: Path, quant: ExpertQuan
         for shard in shards:
             with safe_open(str(shard), framework="pt") as reader:
                 keys = list(reader.keys())
+                bytes_per_key = shard.stat().st_size / max(1, len(keys))
                 for key in keys:
                     writer.add(model_key(key), reader.get_tensor(key))
-                    bar.update(shard.stat().st_size / len(keys))
+                    bar.update(bytes_per_key)
     writer.finish()
 
     for pattern in SIDE_FILE_PATTERNS:

@@ -1,6 +1,7 @@
 """A per-layer cache of expert rows in device slots, filled from host RAM on demand or ahead of need."""
 
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -64,9 +65,13 @@ class CacheStats:
     prefetched: int = 0
     prefetch_hits: int = 0  # prefetched experts that a token then used
 
-    def add(self, other: "CacheStats") -> None:
-        for name in self.__dataclass_fields__:
-            setattr(self, name, getattr(self, name) + getattr(other, name))
+    @classmethod
+    def total(cls, parts: Iterable["CacheStats"]) -> "CacheStats":
+        total = cls()
+        for part in parts:
+            for name in cls.__dataclass_fields__:
+                setattr(total, name, getattr(total, name) + getattr(part, name))
+        return total
 
     @property
     def hit_rate(self) -> float:
