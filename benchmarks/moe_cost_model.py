@@ -40,6 +40,7 @@ class Inputs:
     gpu_expert_ms: float = 0.03  # dequantize + two matvecs of one expert (assumed until measured)
     dense_ms: float = 12.0  # everything but the routed experts, per token (assumed until measured)
     sync_ms: float = 0.05  # the per-layer device-to-host sync that tells the host what to copy
+    measured_cpu_expert_ms: float | None = None  # the CPU's 4-bit matvec per expert, when a run timed it
 
     @property
     def slots(self) -> int:
@@ -56,6 +57,8 @@ class Inputs:
 
     @property
     def cpu_expert_ms(self) -> float:
+        if self.measured_cpu_expert_ms is not None:
+            return self.measured_cpu_expert_ms
         return ROW_BYTES / (self.host_ram_gb_per_s * 1e9) * 1000
 
 
@@ -79,7 +82,8 @@ def tok_per_s(inputs: Inputs, hit_rate: float, hybrid: bool = False) -> float:
 
 def inputs_from_measurement(report: dict, budget_gb: float) -> Inputs:
     return Inputs(gpu_budget_gb=budget_gb, resident_gb=report["resident_gb"], pcie_gb_per_s=report["h2d_gb_per_s"],
-                  gpu_expert_ms=report["expert_compute_ms"], dense_ms=report["non_expert_ms_per_token"])
+                  gpu_expert_ms=report["expert_compute_ms"], dense_ms=report["non_expert_ms_per_token"],
+                  measured_cpu_expert_ms=report.get("cpu_expert_ms"))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -88,6 +92,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--budget-gb", type=float, default=16.0)
     parser.add_argument("--pcie-gb-per-s", type=float, default=None)
     parser.add_argument("--host-ram-gb-per-s", type=float, default=Inputs.host_ram_gb_per_s)
+    parser.add_argument("--cpu-expert-ms", type=float, default=None,
+                        help="a CPU's measured time per 4-bit expert (default: the run's, else row bytes / host RAM)")
     args = parser.parse_args(argv)
 
     measured = None
@@ -104,6 +110,8 @@ def main(argv: list[str] | None = None) -> dict:
         inputs = Inputs(gpu_budget_gb=args.budget_gb)
         source = "assumed times (no GPU measurement committed yet)"
     overrides = {"host_ram_gb_per_s": args.host_ram_gb_per_s}
+    if args.cpu_expert_ms is not None:
+        overrides["measured_cpu_expert_ms"] = args.cpu_expert_ms
     if args.pcie_gb_per_s:
         overrides["pcie_gb_per_s"] = args.pcie_gb_per_s
     elif measured:

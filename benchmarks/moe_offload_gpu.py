@@ -27,7 +27,7 @@ from transformers import Qwen3NextConfig
 from transformers.activations import ACT2FN
 
 from worker.engine.moe_offload.budget import plan_memory
-from worker.engine.moe_offload.builder import install_offloaded_experts
+from worker.engine.moe_offload.builder import install_offloaded_experts, pin_in_place
 from worker.engine.moe_offload.checkpoint import build_skeleton, find_fused_experts
 from worker.engine.moe_offload.expert_cache import CacheStats
 from worker.engine.moe_offload.packing import ExpertLayout, pack_expert, unpack_experts
@@ -103,9 +103,8 @@ def synthetic_host_rows(layout: ExpertLayout, layers: int, experts: int, pin: bo
         pack_expert(layout, gate_up, down, pool_rows[i])
     rows = []
     for layer in range(layers):
-        layer_rows = torch.empty((experts, layout.row_bytes), dtype=torch.uint8, pin_memory=pin)
-        layer_rows.copy_(pool_rows[(torch.arange(experts) + layer) % pool])
-        rows.append(layer_rows)
+        layer_rows = pool_rows[(torch.arange(experts) + layer) % pool]  # a new tensor, not a view
+        rows.append(pin_in_place(layer_rows) if pin else layer_rows)
     return rows
 
 
@@ -250,19 +249,19 @@ def main(argv: list[str] | None = None) -> dict:
                            row_bytes=layout.row_bytes, top_k=config.num_experts_per_tok,
                            slots_override=config.num_experts // 4)
     model.eval()
-    variants = [("offload lru + prefetch", "lru", True), ("offload lru", "lru", False),
-                ("offload lfu + prefetch", "lfu", True)]
+    variants = [("offload lru + prefetch", "lru", True, "copy"), ("offload lru", "lru", False, "copy"),
+                ("offload lfu + prefetch", "lfu", True, "copy"), ("hybrid lru + prefetch", "lru", True, "hybrid")]
     experts = [(name, layout, rows) for name, rows in zip(experts_names, host_rows, strict=True)]
     results = []
-    for label, policy, prefetch in variants:
-        caches = install_offloaded_experts(model, experts, device, dtype, plan.slots_per_layer, policy, prefetch,
-                                           config)
+    for label, policy, prefetch, misses in variants:
+        caches, split = install_offloaded_experts(model, experts, device, dtype, plan.slots_per_layer, policy,
+                                                  prefetch, config, misses)
         decode_run(model, config, device, 4, clock)  # warm-up; also fills the cache
         for cache in caches:
             cache.stats = CacheStats()
         run = decode_run(model, config, device, args.tokens, clock)
         stats = CacheStats.total(cache.stats for cache in caches)
-        run.update(label=label, hit_rate=stats.hit_rate, cache=asdict(stats),
+        run.update(label=label, hit_rate=stats.hit_rate, cache=asdict(stats), miss_split=asdict(split),
                    copy_gb_per_s=stats.bytes_copied / run["decode_seconds"] / 1e9,
                    gpu_peak_gb=torch.cuda.max_memory_allocated(device) / _GIB if device.type == "cuda" else None)
         results.append(run)
@@ -289,6 +288,7 @@ def main(argv: list[str] | None = None) -> dict:
         "slots_per_layer": plan.slots_per_layer, "resident_gb": resident_bytes / _GIB,
         "h2d_gb_per_s": bandwidth, "expert_copy_ms": layout.row_bytes / (bandwidth * 1e9) * 1000,
         "expert_compute_ms": expert_compute_s * 1000, "non_expert_ms_per_token": non_expert_s * 1000,
+        "cpu_expert_ms": next(run["miss_split"]["cpu_ms"] for run in results if run["miss_split"]["cpu_ms"]),
         "variants": results,
         "naive": {"tok_per_s": naive_tok_s, "layer_ms": naive_layer_s * 1000,
                   "note": f"timed on {naive_layers} layers x 2 tokens, scaled to {len(experts_names)} layers"},
@@ -306,13 +306,20 @@ def _print_table(report: dict) -> None:
           f"H2D {report['h2d_gb_per_s']:.1f} GB/s, expert copy {report['expert_copy_ms']:.3f} ms, "
           f"expert compute {report['expert_compute_ms']:.3f} ms, "
           f"non-expert {report['non_expert_ms_per_token']:.1f} ms/token")
-    print(f"| {'engine':<24} | {'decode tok/s':>12} | {'hit rate':>8} | {'copy GB/s':>9} | {'experts ms/tok':>14} |")
-    print(f"|{'-' * 26}|{'-' * 14}|{'-' * 10}|{'-' * 11}|{'-' * 16}|")
+    print(f"| {'engine':<24} | {'decode tok/s':>12} | {'hit rate':>8} | {'CPU share':>9} | {'copy GB/s':>9} | "
+          f"{'experts ms/tok':>14} |")
+    print(f"|{'-' * 26}|{'-' * 14}|{'-' * 10}|{'-' * 11}|{'-' * 11}|{'-' * 16}|")
     for run in report["variants"]:
-        print(f"| {run['label']:<24} | {run['tok_per_s']:>12.2f} | {run['hit_rate']:>8.1%} | "
+        cache = run["cache"]
+        cpu_share = cache["computed_on_host"] / cache["misses"] if cache["misses"] else 0.0
+        print(f"| {run['label']:<24} | {run['tok_per_s']:>12.2f} | {run['hit_rate']:>8.1%} | {cpu_share:>9.1%} | "
               f"{run['copy_gb_per_s']:>9.2f} | {run['expert_ms_per_token']:>14.1f} |")
+        if run["miss_split"]["cpu_ms"] is not None:
+            split = run["miss_split"]
+            print(f"#   {run['label']}: timed at load: expert copy {split['copy_ms']:.3f} ms, CPU expert "
+                  f"{split['cpu_ms']:.3f} ms -> {split['cpu_share']:.1%} of misses to the CPU")
     naive = report["naive"]
-    print(f"| {'naive whole-layer':<24} | {naive['tok_per_s']:>12.2f} | {'-':>8} | {'-':>9} | "
+    print(f"| {'naive whole-layer':<24} | {naive['tok_per_s']:>12.2f} | {'-':>8} | {'-':>9} | {'-':>9} | "
           f"{naive['layer_ms'] * len(report['variants'][0]['layer_ms']):>14.1f} |  ({naive['note']})")
     layer_types = report["variants"][0]["layer_types"]
     for kind in sorted(set(layer_types)):

@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     expert_cache_policy: Literal["lru", "lfu"] = "lru"
     expert_slots: int = Field(0, ge=0, description="device expert slots per layer; 0 = as many as fit")
     expert_prefetch: bool = True
+    # An expert a token needs that has no device slot: copy it into one over PCIe, compute it on the CPU from
+    # host RAM, or split (hybrid) by speeds timed at load; auto = hybrid on a GPU, copy on the CPU.
+    expert_misses: Literal["auto", "copy", "cpu", "hybrid"] = "auto"
 
     # --- request limits ---
     max_tokens_default: int = Field(100, ge=1)

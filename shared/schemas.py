@@ -1,10 +1,11 @@
 """Pydantic models for the HTTP contract (`../shared/spec/api-spec.md`) and for jobs on the queue."""
 
+import json
 from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, computed_field, field_validator
 
 StrictFloat = Annotated[float, Field(strict=True)]
 
@@ -142,6 +143,37 @@ class EventType(StrEnum):
 # ---------------------------------------------------------------- metrics / health
 
 
+class ExpertOffloadStats(BaseModel):
+    """The MoE offload engine's expert cache since the model loaded, summed over its layers."""
+
+    slots_per_layer: int
+    experts_per_layer: int
+    miss_mode: str = Field(description="copy | cpu | hybrid: what happens to an expert with no device slot")
+    cpu_share: float = Field(description="share of misses computed on the CPU, as decided at load")
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    computed_on_host: int = Field(0, description="misses computed on the CPU instead of copied")
+    prefetched: int = 0
+    prefetch_hits: int = 0
+    bytes_copied: int = 0
+
+    @computed_field
+    @property
+    def hit_rate(self) -> float:
+        used = self.hits + self.misses
+        return round(self.hits / used, 4) if used else 0.0
+
+    @classmethod
+    def total(cls, parts: list["ExpertOffloadStats"]) -> "ExpertOffloadStats | None":
+        """Counters summed over workers (their layout and mode taken from the first)."""
+        if not parts:
+            return None
+        counters = ("hits", "misses", "evictions", "computed_on_host", "prefetched", "prefetch_hits", "bytes_copied")
+        summed = {name: sum(getattr(part, name) for part in parts) for name in counters}
+        return parts[0].model_copy(update=summed)
+
+
 class MetricsResponse(BaseModel):
     model_loaded: bool
     gpu_memory_used_gb: float
@@ -150,6 +182,8 @@ class MetricsResponse(BaseModel):
     avg_tokens_per_second: float
     total_inferences: int
     uptime_seconds: float
+    expert_offload: ExpertOffloadStats | None = Field(
+        None, description="expert cache counters of the workers serving an offloaded MoE model; null otherwise")
 
 
 class HealthResponse(BaseModel):
@@ -207,9 +241,21 @@ class WorkerHeartbeat(BaseModel):
     gpu_name: str = ""
     gpu_memory_used_gb: float = 0.0
     gpu_memory_total_gb: float = 0.0
+    expert_offload: ExpertOffloadStats | None = None
+
+    @field_validator("expert_offload", mode="before")
+    @classmethod
+    def _from_redis_json(cls, value):
+        if isinstance(value, str):  # a hash field holds it as JSON; "" = none
+            return json.loads(value) if value else None
+        return value
 
     def to_redis(self) -> dict[str, str]:
-        return {key: str(value) for key, value in self.model_dump(mode="json").items()}
+        fields = self.model_dump(mode="json")
+        offload = fields.pop("expert_offload")
+        fields = {key: str(value) for key, value in fields.items()}
+        fields["expert_offload"] = json.dumps(offload) if offload else ""
+        return fields
 
     @property
     def model_loaded(self) -> bool:

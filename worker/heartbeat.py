@@ -56,6 +56,7 @@ class Heartbeat:
             gpu_name=gpu.name if gpu else "",
             gpu_memory_used_gb=gpu.used_gb if gpu else 0.0,
             gpu_memory_total_gb=gpu.total_gb if gpu else 0.0,
+            expert_offload=engine.expert_offload_stats() if engine is not None else None,
             **host_memory(),
         )
 

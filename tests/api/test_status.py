@@ -1,7 +1,10 @@
-from shared.schemas import WorkerState
+from types import SimpleNamespace
+
+from shared.schemas import ExpertOffloadStats, WorkerState
+from worker.heartbeat import Heartbeat
 
 METRICS_FIELDS = {"model_loaded", "gpu_memory_used_gb", "gpu_memory_total_gb", "system_memory_used_gb",
-                  "avg_tokens_per_second", "total_inferences", "uptime_seconds"}
+                  "avg_tokens_per_second", "total_inferences", "uptime_seconds", "expert_offload"}
 HEALTH_FIELDS = {"status", "model_ready", "gpu_available", "memory_sufficient", "last_inference"}
 
 
@@ -43,6 +46,7 @@ def test_metrics_count_each_job_and_average_its_speed(client, heartbeat, celery,
     before = client.get("/metrics").json()
     assert set(before) == METRICS_FIELDS
     assert before["total_inferences"] == 0 and before["model_loaded"] is True
+    assert before["expert_offload"] is None  # the plain engine offloads nothing
     for tokens in (2, 4):
         record_inference(sync_redis, keys, GenerationOutcome.model_validate(outcome("x", tokens)))
     after = client.get("/metrics").json()
@@ -55,3 +59,18 @@ def test_dead_workers_are_pruned_from_the_directory(client, heartbeat, sync_redi
     sync_redis.delete(keys.worker_heartbeat("worker-1"))
     assert client.get("/metrics").json()["model_loaded"] is False
     assert sync_redis.smembers(keys.workers()) == set()
+
+
+def test_metrics_sum_the_expert_cache_counters_of_offloading_workers(client, sync_redis, keys, settings):
+    for worker_id, hits, misses in (("worker-1", 30, 10), ("worker-2", 50, 10)):
+        stats = ExpertOffloadStats(slots_per_layer=127, experts_per_layer=512, miss_mode="hybrid", cpu_share=0.25,
+                                   hits=hits, misses=misses, computed_on_host=4, bytes_copied=1000)
+        beat = Heartbeat(sync_redis, keys, settings, worker_id)
+        beat.engine = SimpleNamespace(device="cuda", dtype="bfloat16", context_length=4096,
+                                      expert_offload_stats=lambda stats=stats: stats)
+        beat.state = WorkerState.READY
+        beat.beat()
+    offload = client.get("/metrics").json()["expert_offload"]
+    assert offload["hits"] == 80 and offload["misses"] == 20 and offload["hit_rate"] == 0.8
+    assert offload["computed_on_host"] == 8 and offload["bytes_copied"] == 2000
+    assert offload["slots_per_layer"] == 127 and offload["miss_mode"] == "hybrid"

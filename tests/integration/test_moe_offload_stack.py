@@ -1,6 +1,7 @@
 """The offload engine behind the unchanged API and queue: a real worker serving a tiny Qwen3-Next with
 its experts offloaded (6 of 32 slots per layer), against the plain engine on the same checkpoint."""
 
+import time
 import uuid
 
 import pytest
@@ -22,7 +23,8 @@ def moe_stack(tmp_path_factory):
     stack = LocalStack(
         f"it-moe-{uuid.uuid4().hex[:8]}", tmp_path_factory.mktemp("moe-stack"),
         MODEL_ID=str(checkpoint), MODEL_CACHE_DIR=str(tmp_path_factory.mktemp("cache")), OFFLOAD="experts",
-        EXPERT_QUANT="bf16", EXPERT_SLOTS="6", DEVICE="cpu", MODEL_DTYPE="float32", APPLY_CHAT_TEMPLATE="false",
+        EXPERT_QUANT="bf16", EXPERT_SLOTS="6", EXPERT_MISSES="hybrid", DEVICE="cpu", MODEL_DTYPE="float32",
+        APPLY_CHAT_TEMPLATE="false",
         HEARTBEAT_INTERVAL_S="0.5", HEARTBEAT_STALE_S="3", TORCH_THREADS="1",
     )
     try:
@@ -47,3 +49,14 @@ def test_offloaded_moe_serves_through_the_queue_the_text_the_plain_engine_genera
     assert body["tokens_generated"] == expected.tokens_generated > 0
     assert body["text"] == expected.text
     assert stack.http.get("/health").json()["model_ready"] is True
+
+    # The worker's heartbeat carries the expert cache's counters to /metrics (within a beat or two).
+    deadline = time.monotonic() + 10
+    while True:
+        offload = stack.http.get("/metrics").json()["expert_offload"]
+        if (offload and offload["hits"] + offload["misses"] > 0) or time.monotonic() > deadline:
+            break
+        time.sleep(0.25)
+    assert offload["slots_per_layer"] == 6 and offload["experts_per_layer"] == 32
+    assert offload["misses"] > 0 and offload["bytes_copied"] > 0 and 0 < offload["hit_rate"] < 1
+    assert offload["miss_mode"] == "hybrid" and 0 < offload["cpu_share"] < 1  # timed at load

@@ -3,7 +3,7 @@
 from abc import ABC, abstractmethod
 from typing import Protocol
 
-from shared.schemas import GenerationOutcome, GenerationParams
+from shared.schemas import ExpertOffloadStats, GenerationOutcome, GenerationParams
 
 
 class InvalidGenerationInput(ValueError):
@@ -51,3 +51,7 @@ class Engine(ABC):
     @abstractmethod
     def memory_used_gb(self) -> float:
         """Memory the model occupies on its device (GPU allocation, or process RSS on the CPU)."""
+
+    def expert_offload_stats(self) -> ExpertOffloadStats | None:
+        """The expert cache's counters, for engines that offload MoE experts; None for the rest."""
+        return None

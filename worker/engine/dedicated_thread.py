@@ -8,7 +8,7 @@ its own too: load, warm-up and every generation happen there, whichever thread a
 
 from concurrent.futures import ThreadPoolExecutor
 
-from shared.schemas import GenerationOutcome, GenerationParams
+from shared.schemas import ExpertOffloadStats, GenerationOutcome, GenerationParams
 from worker.engine.base import Engine, GenerationControl
 
 
@@ -29,3 +29,6 @@ class DedicatedThreadEngine(Engine):
 
     def memory_used_gb(self) -> float:
         return self.inner.memory_used_gb()
+
+    def expert_offload_stats(self) -> ExpertOffloadStats | None:
+        return self.inner.expert_offload_stats()

@@ -40,16 +40,19 @@ def test_offload_engine_converts_once_and_generates_what_the_plain_engine_does(t
     plain_outcome, plain_text = _generate(plain)
     assert outcome.tokens_generated == plain_outcome.tokens_generated > 0
     assert text == outcome.text == plain_text
-    stats = engine.inner.cache_stats()
-    assert stats.misses > 0 and stats.hits > 0
+    stats = engine.expert_offload_stats()  # what the heartbeat publishes
+    assert stats.misses > 0 and stats.hits > 0 and stats.slots_per_layer == 6 and stats.experts_per_layer == 32
+    assert stats.miss_mode == "copy" and stats.cpu_share == 0 and stats.computed_on_host == 0  # auto on a CPU: copy
 
-    # A restart finds the converted folder and does not convert again.
-    again = create_engine(settings)
+    # A restart finds the converted folder and does not convert again; misses computed from host rows
+    # (EXPERT_MISSES=cpu) give the same text.
+    again = create_engine(settings.model_copy(update={"expert_misses": "cpu"}))
     folder = converted_folder(tmp_path / "offload", str(tiny_checkpoint), "bf16")
     marker = (folder / "offload-manifest.json").stat().st_mtime_ns
     again.load()
     assert (folder / "offload-manifest.json").stat().st_mtime_ns == marker
     assert _generate(again)[1] == text
+    assert again.expert_offload_stats().computed_on_host > 0
 
 
 def test_auto_offloads_a_moe_only_when_it_does_not_fit(tiny_checkpoint, tmp_path):

@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausal
 from worker.engine.moe_offload.budget import MemoryPlan
 from worker.engine.moe_offload.builder import build_offloaded_model
 from worker.engine.moe_offload.converter import convert_checkpoint
+from worker.engine.moe_offload.cpu_experts import MissSplit
 from worker.engine.moe_offload.offloaded_experts import OffloadedExperts
 from worker.engine.moe_offload.packing import unpack_experts
 
@@ -34,8 +35,8 @@ def _reference(checkpoint, experts_from=None):
     return model
 
 
-def _offloaded(folder, slots: int, prefetch: bool = True, policy: str = "lru"):
-    return build_offloaded_model(folder, CPU, torch.float32, MemoryPlan(slots, 0, 0, 0), policy, prefetch)
+def _offloaded(folder, slots: int, prefetch: bool = True, policy: str = "lru", misses: str = "copy"):
+    return build_offloaded_model(folder, CPU, torch.float32, MemoryPlan(slots, 0, 0, 0), policy, prefetch, misses)
 
 
 def _prompt(length: int = 14, seed: int = 0) -> torch.Tensor:
@@ -64,6 +65,27 @@ def test_offloaded_model_matches_transformers_with_the_same_expert_weights(tiny_
         # fewer slots than experts: every layer missed, evicted and copied rows in, and still matched
         assert stats.misses > 0 and stats.evictions > 0 and stats.bytes_copied > 0
     assert (stats.prefetched > 0) == (prefetch and slots < 32)
+
+
+@pytest.mark.parametrize("quant", ["bf16", "nf4"])
+@pytest.mark.parametrize("cpu_share", [1.0, 0.5])
+@torch.inference_mode()
+def test_misses_computed_on_the_cpu_from_host_rows_give_the_same_model(tiny_checkpoint, converted, quant, cpu_share):
+    offloaded = _offloaded(converted(quant), slots=6, misses="cpu")
+    if cpu_share < 1:  # hybrid's share is timed at load; pin it so the test knows what it runs
+        for module in offloaded.model.modules():
+            if isinstance(module, OffloadedExperts):
+                module.miss_split = MissSplit("hybrid", cpu_share)
+    reference = _reference(tiny_checkpoint, experts_from=offloaded)
+    prompt = _prompt(seed=4)
+    torch.testing.assert_close(offloaded.model(prompt).logits, reference(prompt).logits, rtol=1e-4, atol=1e-4)
+    assert torch.equal(_greedy(offloaded.model, prompt), _greedy(reference, prompt))
+    stats = offloaded.cache_stats()
+    # decode steps sent misses to the CPU; the prompt (many tokens) and prefetch still copied rows
+    assert 0 < stats.computed_on_host <= stats.misses
+    assert stats.bytes_copied > 0
+    if cpu_share < 1:
+        assert stats.computed_on_host < stats.misses - stats.misses // 4  # some decode misses were copied
 
 
 @torch.inference_mode()

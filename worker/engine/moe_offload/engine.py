@@ -3,15 +3,17 @@ transformers engine, with the model built by the offload loader."""
 
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from shared.schemas import ExpertOffloadStats
 from worker.engine.moe_offload.budget import plan_memory
 from worker.engine.moe_offload.builder import OffloadedModel, build_offloaded_model
 from worker.engine.moe_offload.checkpoint import load_config, resolve_checkpoint_dir
 from worker.engine.moe_offload.converter import convert_checkpoint, is_converted, read_manifest
+from worker.engine.moe_offload.cpu_experts import MissMode
 from worker.engine.moe_offload.expert_cache import CachePolicyName, CacheStats
 from worker.engine.moe_offload.packing import ExpertLayout, ExpertQuant
 from worker.engine.transformers_engine import TransformersEngine
@@ -31,6 +33,7 @@ class OffloadOptions:
     cache_policy: CachePolicyName = "lru"
     slots: int = 0
     prefetch: bool = True
+    misses: MissMode = "auto"
 
 
 def converted_folder(root: Path, model_id: str, quant: ExpertQuant) -> Path:
@@ -74,7 +77,8 @@ class MoEOffloadEngine(TransformersEngine):
             slots_override=self.options.slots,
         )
         self.offloaded = build_offloaded_model(folder, device, self.torch_dtype, plan,
-                                               self.options.cache_policy, self.options.prefetch)
+                                               self.options.cache_policy, self.options.prefetch,
+                                               self.options.misses)
         return self.offloaded.model
 
     def _cap_gpu_memory(self) -> float:
@@ -86,3 +90,13 @@ class MoEOffloadEngine(TransformersEngine):
 
     def cache_stats(self) -> CacheStats:
         return self.offloaded.cache_stats() if self.offloaded else CacheStats()
+
+    def expert_offload_stats(self) -> ExpertOffloadStats | None:
+        if self.offloaded is None:
+            return None
+        split = self.offloaded.miss_split
+        return ExpertOffloadStats(
+            slots_per_layer=self.offloaded.plan.slots_per_layer,
+            experts_per_layer=self.offloaded.caches[0].host_rows.shape[0],
+            miss_mode=split.mode, cpu_share=round(split.cpu_share, 4), **asdict(self.cache_stats()),
+        )

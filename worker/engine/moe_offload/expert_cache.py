@@ -64,6 +64,7 @@ class CacheStats:
     bytes_copied: int = 0
     prefetched: int = 0
     prefetch_hits: int = 0  # prefetched experts that a token then used
+    computed_on_host: int = 0  # misses applied on the CPU from their host rows instead of copied (also misses)
 
     @classmethod
     def total(cls, parts: Iterable["CacheStats"]) -> "CacheStats":
@@ -129,6 +130,14 @@ class ExpertCache:
     @property
     def resident_experts(self) -> set[int]:
         return set(self._slot_of)
+
+    def holds(self, expert: int) -> bool:
+        return expert in self._slot_of
+
+    def record_computed_on_host(self, count: int) -> None:
+        """`count` misses were computed where their rows are, not copied into slots."""
+        self.stats.misses += count
+        self.stats.computed_on_host += count
 
     def acquire(self, experts: list[int]) -> Acquired:
         """Slots for `experts` (distinct, at most `capacity`), copying the missing ones in."""

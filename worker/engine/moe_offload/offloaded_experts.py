@@ -1,9 +1,11 @@
 """A drop-in for transformers' fused experts module (`forward(hidden_states, top_k_index, top_k_weights)`)
-whose weights live in host RAM and come to the device through an `ExpertCache`."""
+whose weights live in host RAM and come to the device through an `ExpertCache`, or, for a share of the
+misses, are applied on the CPU where they are (see `cpu_experts`)."""
 
 import torch
 from torch import nn
 
+from worker.engine.moe_offload.cpu_experts import MissSplit, cpu_expert_forward
 from worker.engine.moe_offload.expert_cache import ExpertCache
 from worker.engine.moe_offload.packing import ExpertLayout, unpack_experts
 
@@ -26,6 +28,41 @@ class NextLayerPredictor:
         return torch.topk(logits, self.top_k, dim=-1).indices
 
 
+def to_device(values: torch.Tensor | list[int], device: torch.device) -> torch.Tensor:
+    """A small host index tensor on `device` without blocking the host: a plain `torch.tensor(..., device=cuda)`
+    copies from pageable memory, which waits for all queued GPU work and so breaks the copy/compute overlap."""
+    values = torch.as_tensor(values, dtype=torch.long)
+    if device.type != "cuda":
+        return values
+    return values.pin_memory().to(device, non_blocking=True)
+
+
+class Routing:
+    """Which tokens use which expert, with what weight, from the host copy of `top_k_index` (no more syncs).
+
+    Positions index the flattened [tokens * top_k] routing: token = position // top_k."""
+
+    def __init__(self, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, host_ids: list[int]):
+        self.top_k = top_k_index.shape[-1]
+        self.flat_weights = top_k_weights.reshape(-1)
+        self.positions: dict[int, list[int]] = {}
+        for position, expert in enumerate(host_ids):
+            self.positions.setdefault(expert, []).append(position)
+        self._spans: dict[int, tuple[int, int]] = {}
+        self._on_device: torch.Tensor | None = None
+
+    def device_positions(self, expert: int) -> torch.Tensor:
+        """`expert`'s positions on the device; every expert's go over in one copy, on first use."""
+        if self._on_device is None:
+            flat: list[int] = []
+            for expert_id, positions in self.positions.items():
+                self._spans[expert_id] = (len(flat), len(positions))
+                flat.extend(positions)
+            self._on_device = to_device(flat, self.flat_weights.device)
+        start, count = self._spans[expert]
+        return self._on_device[start:start + count]
+
+
 class OffloadedExperts(nn.Module):
     def __init__(self, layout: ExpertLayout, cache: ExpertCache, act_fn, compute_dtype: torch.dtype):
         super().__init__()
@@ -35,6 +72,7 @@ class OffloadedExperts(nn.Module):
         self.compute_dtype = compute_dtype
         self.num_experts = cache.host_rows.shape[0]
         self.next_layer: NextLayerPredictor | None = None
+        self.miss_split = MissSplit("copy", 0.0)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
@@ -46,45 +84,75 @@ class OffloadedExperts(nn.Module):
             guess_count = guess.numel()
             wanted = torch.cat([wanted, guess.to(wanted.dtype)])
         ids = wanted.tolist()  # the one device-to-host sync per layer: the host decides what to copy
-        routed = sorted(set(ids[: len(ids) - guess_count]))
+        routed_ids = ids[: len(ids) - guess_count]
         predicted = ids[len(ids) - guess_count:]
+        routing = Routing(top_k_index, top_k_weights, routed_ids)
+        routed = sorted(set(routed_ids))
+
+        on_cpu = self._pick_cpu_experts(routed) if decoding else []
+        if on_cpu:  # read while the device is idle, before it is given this layer's work
+            host_x = hidden_states.to("cpu", self.compute_dtype)
+            host_weights = top_k_weights.reshape(-1).tolist()
+            routed = [e for e in routed if e not in on_cpu]
 
         output = torch.zeros_like(hidden_states)
         for start in range(0, len(routed), self.cache.capacity):
             group = routed[start:start + self.cache.capacity]
             acquired = self.cache.acquire(group)
             # Hits compute while the misses are still on their way.
-            self._accumulate(output, hidden_states, top_k_index, top_k_weights,
-                             acquired.hit_experts, acquired.hit_slots)
-            if predicted and start == 0:
+            self._accumulate(output, hidden_states, routing, acquired.hit_experts, acquired.hit_slots)
+            if predicted:
                 self.next_layer.cache.prefetch(predicted)
+                predicted = []
             self.cache.wait(acquired)
-            self._accumulate(output, hidden_states, top_k_index, top_k_weights,
-                             acquired.miss_experts, acquired.miss_slots)
+            self._accumulate(output, hidden_states, routing, acquired.miss_experts, acquired.miss_slots)
             self.cache.mark_read()
+        if predicted:
+            self.next_layer.cache.prefetch(predicted)
+        if on_cpu:  # the device works through what was queued above while the CPU does its share
+            from_cpu = self._compute_on_cpu(host_x, host_weights, routing, on_cpu).to(output.dtype)
+            if output.is_cuda:
+                from_cpu = from_cpu.pin_memory()
+            output += from_cpu.to(output.device, non_blocking=True)
         return output
 
-    def _accumulate(self, output: torch.Tensor, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                    top_k_weights: torch.Tensor, experts: list[int], slots: list[int]) -> None:
+    def _pick_cpu_experts(self, routed: list[int]) -> list[int]:
+        misses = [e for e in routed if not self.cache.holds(e)]
+        count = self.miss_split.cpu_count(len(misses))
+        chosen = misses[len(misses) - count:] if count else []
+        self.cache.record_computed_on_host(len(chosen))
+        return chosen
+
+    def _compute_on_cpu(self, x: torch.Tensor, weights: list[float], routing: Routing,
+                        experts: list[int]) -> torch.Tensor:
+        total = torch.zeros(x.shape, dtype=torch.float32)
+        for expert in experts:
+            weight = sum(weights[position] for position in routing.positions[expert])
+            total += weight * cpu_expert_forward(self.layout, self.cache.host_rows[expert], x, self.act_fn).float()
+        return total
+
+    def _accumulate(self, output: torch.Tensor, hidden_states: torch.Tensor, routing: Routing,
+                    experts: list[int], slots: list[int]) -> None:
         if not experts:
             return
-        device = hidden_states.device
-        rows = self.cache.buffer.index_select(0, torch.tensor(slots, device=device))
+        decoding = hidden_states.shape[0] == 1
+        # Decode also needs each expert's one routing position: both lists travel in one copy.
+        positions = [routing.positions[e][0] for e in experts] if decoding else []
+        indices = to_device(slots + positions, hidden_states.device)
+        rows = self.cache.buffer.index_select(0, indices[:len(slots)])
         gate_up, down = unpack_experts(self.layout, rows, self.compute_dtype)
-        expert_ids = torch.tensor(experts, device=device, dtype=top_k_index.dtype)
-        # weights[t, j]: how much token t routes to experts[j] (0 where it does not)
-        match = top_k_index.unsqueeze(-1) == expert_ids
-        weights = (top_k_weights.unsqueeze(-1) * match).sum(dim=1)
         x = hidden_states.to(self.compute_dtype)
-        if hidden_states.shape[0] == 1:
-            # Decode: every expert in the group sees the one token; batch them into two bmm calls.
+        if decoding:
+            # Every expert in the group sees the one token; batch them into two bmm calls.
+            weights = routing.flat_weights.index_select(0, indices[len(slots):])
             gate, up = torch.matmul(gate_up, x[0]).chunk(2, dim=-1)
             expert_out = torch.bmm(down, (self.act_fn(gate) * up).unsqueeze(-1)).squeeze(-1)
-            output[0] += (weights[0].to(expert_out.dtype) @ expert_out).to(output.dtype)
+            output[0] += (weights.to(expert_out.dtype) @ expert_out).to(output.dtype)
             return
-        for j in range(len(experts)):
-            token_idx = torch.nonzero(match[:, :, j].any(dim=1)).squeeze(-1)
+        for j, expert in enumerate(experts):
+            positions = routing.device_positions(expert)
+            token_idx = positions // routing.top_k
             gate, up = nn.functional.linear(x[token_idx], gate_up[j]).chunk(2, dim=-1)
             expert_out = nn.functional.linear(self.act_fn(gate) * up, down[j])
-            expert_out = expert_out * weights[token_idx, j, None].to(expert_out.dtype)
+            expert_out = expert_out * routing.flat_weights[positions, None].to(expert_out.dtype)
             output.index_add_(0, token_idx, expert_out.to(output.dtype))
