@@ -50,8 +50,9 @@ def test_hybrid_splits_by_the_measured_times():
     assert "computed on the CPU" in split.describe()
 
 
-def test_cpu_count_rounds_the_share_of_each_steps_misses():
+def test_cpu_count_rounds_the_share_of_each_steps_misses_down():
     assert MissSplit("hybrid", 0.3).cpu_count(10) == 3
-    assert MissSplit("hybrid", 0.04).cpu_count(8) == 0  # a slow CPU gets nothing
+    assert MissSplit("hybrid", 0.5).cpu_count(7) == 3  # 4 on the CPU would outlast 3 copies
+    assert MissSplit("hybrid", 0.1).cpu_count(8) == 0  # a slow CPU gets nothing
     assert MissSplit("cpu", 1.0).cpu_count(7) == 7
     assert MissSplit("copy", 0.0).cpu_count(7) == 0

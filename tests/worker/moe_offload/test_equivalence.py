@@ -1,4 +1,4 @@
-"""The offloaded model against the plain transformers model, on the CPU tier.
+"""The offloaded model against the plain transformers model, on the CPU tier (or on MOE_TEST_DEVICE).
 
 - bf16 rows against the reference whose experts are rounded to bf16: same logits to float32 noise
   and the same greedy tokens.
@@ -12,6 +12,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
+from tests.worker.moe_offload.conftest import TEST_DEVICE
+from tests.worker.moe_offload.deferred_copies import DeferredCopyStream
+from worker.engine.moe_offload import builder
 from worker.engine.moe_offload.budget import MemoryPlan
 from worker.engine.moe_offload.builder import build_offloaded_model
 from worker.engine.moe_offload.converter import convert_checkpoint
@@ -19,16 +22,14 @@ from worker.engine.moe_offload.cpu_experts import MissSplit
 from worker.engine.moe_offload.offloaded_experts import OffloadedExperts
 from worker.engine.moe_offload.packing import unpack_experts
 
-CPU = torch.device("cpu")
-
 
 def _reference(checkpoint, experts_from=None):
     """The plain model; with `experts_from`, its experts replaced by that offloaded model's rows, unpacked."""
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).to(TEST_DEVICE).eval()
     if experts_from is not None:
         for name, module in experts_from.model.named_modules():
             if isinstance(module, OffloadedExperts):
-                gate_up, down = unpack_experts(module.layout, module.cache.host_rows, torch.float32)
+                gate_up, down = unpack_experts(module.layout, module.cache.host_rows.cpu(), torch.float32)
                 target = model.get_submodule(name)
                 target.gate_up_proj.data.copy_(gate_up)
                 target.down_proj.data.copy_(down)
@@ -36,11 +37,12 @@ def _reference(checkpoint, experts_from=None):
 
 
 def _offloaded(folder, slots: int, prefetch: bool = True, policy: str = "lru", misses: str = "copy"):
-    return build_offloaded_model(folder, CPU, torch.float32, MemoryPlan(slots, 0, 0, 0), policy, prefetch, misses)
+    plan = MemoryPlan(slots, 0, 0, 0)
+    return build_offloaded_model(folder, TEST_DEVICE, torch.float32, plan, policy, prefetch, misses)
 
 
 def _prompt(length: int = 14, seed: int = 0) -> torch.Tensor:
-    return torch.randint(1, 390, (1, length), generator=torch.Generator().manual_seed(seed))
+    return torch.randint(1, 390, (1, length), generator=torch.Generator().manual_seed(seed)).to(TEST_DEVICE)
 
 
 def _greedy(model, prompt, new_tokens: int = 12) -> torch.Tensor:
@@ -86,6 +88,23 @@ def test_misses_computed_on_the_cpu_from_host_rows_give_the_same_model(tiny_chec
     assert stats.bytes_copied > 0
     if cpu_share < 1:
         assert stats.computed_on_host < stats.misses - stats.misses // 4  # some decode misses were copied
+
+
+@pytest.mark.parametrize("misses", ["copy", "cpu"])
+@torch.inference_mode()
+def test_every_read_of_a_slot_waits_for_its_copy(tiny_checkpoint, converted, monkeypatch, misses):
+    """With copies that land only when waited for (as on a side CUDA stream), the model still matches:
+    no compute reads a slot whose copy, miss or prefetch, it did not wait for."""
+    monkeypatch.setattr(builder, "CopyStream", DeferredCopyStream)
+    offloaded = _offloaded(converted("nf4"), slots=6, prefetch=True, misses=misses)
+    reference = _reference(tiny_checkpoint, experts_from=offloaded)
+    prompt = _prompt(seed=5)
+    kwargs = dict(max_new_tokens=16, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    got, want = offloaded.model.generate(prompt, **kwargs), reference.generate(prompt, **kwargs)
+    assert torch.equal(got.sequences, want.sequences)
+    torch.testing.assert_close(torch.stack(got.logits), torch.stack(want.logits), rtol=1e-4, atol=1e-4)
+    stats = offloaded.cache_stats()
+    assert stats.prefetch_hits > 0 and stats.evictions > 0
 
 
 @torch.inference_mode()

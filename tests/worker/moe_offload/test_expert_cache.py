@@ -3,34 +3,43 @@ import random
 import pytest
 import torch
 
+from tests.worker.moe_offload.conftest import TEST_DEVICE
 from worker.engine.moe_offload.expert_cache import ExpertCache
 from worker.engine.moe_offload.transfer import CopyStream
 
 EXPERTS, ROW_BYTES = 16, 64
-CPU = torch.device("cpu")
 
 
 def _host_rows() -> torch.Tensor:
     # Row e is filled with byte e, so a slot's content tells which expert it holds.
-    return torch.arange(EXPERTS, dtype=torch.uint8).unsqueeze(1).repeat(1, ROW_BYTES)
+    rows = torch.arange(EXPERTS, dtype=torch.uint8).unsqueeze(1).repeat(1, ROW_BYTES)
+    return rows.pin_memory() if TEST_DEVICE.type == "cuda" else rows
 
 
 def _cache(slots: int, policy: str = "lru") -> ExpertCache:
-    return ExpertCache(_host_rows(), slots, CPU, CopyStream(CPU), policy)
+    return ExpertCache(_host_rows(), slots, TEST_DEVICE, CopyStream(TEST_DEVICE), policy)
+
+
+def _wait(cache: ExpertCache, acquired) -> None:
+    cache.wait_hits(acquired)
+    cache.wait_misses(acquired)
 
 
 def _assert_present(cache: ExpertCache, experts: list[int], slots: list[int]) -> None:
     for expert, slot in zip(experts, slots, strict=True):
         assert cache.expert_in_slot(slot) == expert
-        assert torch.equal(cache.buffer[slot], cache.host_rows[expert])
+        # read on the compute stream, after the wait the copies' event asked for
+        assert torch.equal(cache.buffer[slot].cpu(), cache.host_rows[expert])
 
 
 def test_misses_then_hits_count_copies_and_bytes():
     cache = _cache(slots=4)
     first = cache.acquire([1, 2, 3])
+    _wait(cache, first)
     assert first.miss_experts == [1, 2, 3] and first.hit_experts == []
     _assert_present(cache, first.miss_experts, first.miss_slots)
     second = cache.acquire([2, 3, 5])
+    _wait(cache, second)
     assert second.hit_experts == [2, 3] and second.miss_experts == [5]
     _assert_present(cache, second.hit_experts + second.miss_experts, second.hit_slots + second.miss_slots)
     stats = cache.stats
@@ -44,6 +53,7 @@ def test_lru_evicts_the_least_recently_used_and_never_a_requested_expert():
     cache.acquire([0, 1, 2])
     cache.acquire([0])  # 1 is now the least recently used
     acquired = cache.acquire([0, 7])
+    _wait(cache, acquired)
     assert cache.stats.evictions == 1
     assert cache.resident_experts == {0, 2, 7}
     _assert_present(cache, [0, 7], acquired.hit_slots + acquired.miss_slots)
@@ -67,7 +77,7 @@ def test_every_routed_expert_is_present_when_used_under_random_traffic(policy):
             cache.prefetch(rng.sample(range(EXPERTS), 3))
         experts = rng.sample(range(EXPERTS), rng.randint(1, 5))
         acquired = cache.acquire(experts)
-        cache.wait(acquired)
+        _wait(cache, acquired)
         assert sorted(acquired.hit_experts + acquired.miss_experts) == sorted(experts)
         _assert_present(cache, acquired.hit_experts + acquired.miss_experts, acquired.hit_slots + acquired.miss_slots)
         assert len(cache.resident_experts) <= 5
@@ -92,6 +102,6 @@ def test_asking_for_more_experts_than_slots_is_refused():
 
 def test_a_cache_with_a_slot_for_every_expert_never_misses_and_shares_host_rows_on_the_cpu():
     cache = _cache(slots=EXPERTS)
-    assert cache.buffer is cache.host_rows
+    assert (cache.buffer is cache.host_rows) == (TEST_DEVICE.type == "cpu")
     acquired = cache.acquire(list(range(EXPERTS)))
     assert len(acquired.hit_experts) == EXPERTS and cache.stats.misses == 0

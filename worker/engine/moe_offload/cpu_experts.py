@@ -53,7 +53,9 @@ class MissSplit:
     cpu_ms: float | None = None  # measured per expert, one token
 
     def cpu_count(self, misses: int) -> int:
-        return min(misses, round(misses * self.cpu_share))
+        """Rounded down: the CPU's n experts must not outlast the bus's (misses - n) copies, which holds
+        while n <= misses * copy / (copy + cpu) = misses * cpu_share."""
+        return min(misses, int(misses * self.cpu_share + 1e-9))
 
     def describe(self) -> str:
         timing = ""

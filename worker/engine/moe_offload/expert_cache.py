@@ -82,12 +82,14 @@ class CacheStats:
 
 @dataclass
 class Acquired:
-    """Where the requested experts are: hits are usable now, misses once `misses_ready` fires."""
+    """Where the requested experts are: hits are usable once `hits_ready` fires (set when a hit is a prefetch
+    whose copy may still be on its way), misses once `misses_ready` fires."""
 
     hit_experts: list[int] = field(default_factory=list)
     hit_slots: list[int] = field(default_factory=list)
     miss_experts: list[int] = field(default_factory=list)
     miss_slots: list[int] = field(default_factory=list)
+    hits_ready: object = None
     misses_ready: object = None
 
 
@@ -113,7 +115,8 @@ class ExpertCache:
         self._slot_of: dict[int, int] = {}
         self._expert_in: list[int | None] = [None] * slots
         self._free = list(range(slots - 1, -1, -1))
-        self._prefetched: set[int] = set()
+        self._prefetched: set[int] = set()  # prefetched, not used since: their copies may not have landed
+        self._prefetches_landed = None  # event after the latest prefetch's copies
         self._last_read = None  # compute event after which this layer's slots may be overwritten
         if slots == num_experts:  # everything fits: load once, never miss
             self._fill_all()
@@ -152,6 +155,7 @@ class ExpertCache:
                 if expert in self._prefetched:
                     self.stats.prefetch_hits += 1
                     self._prefetched.discard(expert)
+                    result.hits_ready = self._prefetches_landed
                 result.hit_experts.append(expert)
                 result.hit_slots.append(slot)
             else:
@@ -177,6 +181,8 @@ class ExpertCache:
             self._prefetched.add(expert)
             started += 1
         self.stats.prefetched += started
+        if started:
+            self._prefetches_landed = self.copier.record()
         return started
 
     def _load(self, expert: int, protected: set[int]) -> int:
@@ -194,7 +200,10 @@ class ExpertCache:
         self.stats.bytes_copied += self.row_bytes
         return slot
 
-    def wait(self, acquired: Acquired) -> None:
+    def wait_hits(self, acquired: Acquired) -> None:
+        self.copier.wait(acquired.hits_ready)
+
+    def wait_misses(self, acquired: Acquired) -> None:
         self.copier.wait(acquired.misses_ready)
 
     def mark_read(self) -> None:

@@ -100,11 +100,12 @@ class OffloadedExperts(nn.Module):
             group = routed[start:start + self.cache.capacity]
             acquired = self.cache.acquire(group)
             # Hits compute while the misses are still on their way.
+            self.cache.wait_hits(acquired)
             self._accumulate(output, hidden_states, routing, acquired.hit_experts, acquired.hit_slots)
             if predicted:
                 self.next_layer.cache.prefetch(predicted)
                 predicted = []
-            self.cache.wait(acquired)
+            self.cache.wait_misses(acquired)
             self._accumulate(output, hidden_states, routing, acquired.miss_experts, acquired.miss_slots)
             self.cache.mark_read()
         if predicted:

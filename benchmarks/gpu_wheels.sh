@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Fill .whl/ (ignored by git) with the wheels the lent GPU machine's image lacks, at the versions of this
+# checkout's venv, for its Python 3.12. Run here once per checkout, before benchmarks/gpu_check.sh.
+# The image has torch (CUDA), transformers, accelerate, safetensors, tokenizers, psutil, nvidia-ml-py,
+# pytest (see /work/.library/device/KINDS.md); the offload engine and its tests also import these:
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
+rm -rf .whl && mkdir .whl
+specs=()
+for name in bitsandbytes pydantic pydantic-core pydantic-settings python-dotenv typing-inspection annotated-types redis; do
+    specs+=("$name==$("$PY" -m pip show "$name" | sed -n 's/^Version: //p')")
+done
+"$PY" -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
+    --platform manylinux2014_x86_64 --platform any -d .whl "${specs[@]}"
+du -sh .whl && ls .whl
