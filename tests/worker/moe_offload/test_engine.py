@@ -1,5 +1,8 @@
 """The offload engine behind the worker's Engine interface: the same text as the plain engine."""
 
+import os
+import shutil
+
 import pytest
 
 from shared.config import Settings
@@ -68,3 +71,18 @@ def test_host_budget_smaller_than_the_experts_is_refused_clearly(tiny_checkpoint
                               apply_chat_template=False)
     with pytest.raises(MemoryBudgetError, match="host RAM"):
         engine.load()
+
+
+def test_a_changed_local_checkpoint_is_converted_again(tiny_checkpoint, tmp_path):
+    checkpoint = shutil.copytree(tiny_checkpoint, tmp_path / "checkpoint")
+    settings = _settings(checkpoint, tmp_path, offload="experts", expert_quant="bf16", expert_slots=6)
+    manifest = converted_folder(tmp_path / "offload", str(checkpoint), "bf16") / "offload-manifest.json"
+    create_engine(settings).load()
+    first = manifest.stat().st_mtime_ns
+    create_engine(settings).load()
+    assert manifest.stat().st_mtime_ns == first  # unchanged: loaded as converted
+
+    shard = sorted(checkpoint.glob("*.safetensors"))[0]
+    os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))
+    create_engine(settings).load()
+    assert manifest.stat().st_mtime_ns != first

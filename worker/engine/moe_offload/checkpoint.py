@@ -1,5 +1,6 @@
 """What a checkpoint holds, read without loading it: config, shard files, and which modules are fused experts."""
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -90,6 +91,13 @@ def weight_files(checkpoint_dir: Path) -> list[Path]:
     if single.exists():
         return [single]
     raise FileNotFoundError(f"no safetensors weights in {checkpoint_dir} (only .safetensors checkpoints load)")
+
+
+def fingerprint(checkpoint_dir: Path) -> str:
+    """Names, sizes and modification times of the weights and config: changes when the checkpoint does."""
+    files = [*weight_files(checkpoint_dir), checkpoint_dir / "config.json"]
+    stamp = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.exists()]
+    return hashlib.sha256(json.dumps(stamp).encode()).hexdigest()[:16]
 
 
 def model_key(checkpoint_key: str) -> str:

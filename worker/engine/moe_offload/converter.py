@@ -30,6 +30,7 @@ from worker.engine.moe_offload.checkpoint import (
     ExpertsModuleInfo,
     build_skeleton,
     classify,
+    fingerprint,
     load_config,
     model_key,
     require_fused_experts,
@@ -148,6 +149,7 @@ def convert_checkpoint(checkpoint_dir: Path, output_dir: Path, quant: ExpertQuan
     manifest = {
         "format_version": FORMAT_VERSION,
         "source": str(checkpoint_dir),
+        "source_fingerprint": fingerprint(checkpoint_dir),
         "quant": quant,
         "experts": writer.experts_entries,
         "resident_files": writer.resident_files,

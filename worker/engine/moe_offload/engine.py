@@ -11,8 +11,8 @@ import torch
 from shared.schemas import ExpertOffloadStats
 from worker.engine.moe_offload.budget import plan_memory
 from worker.engine.moe_offload.builder import OffloadedModel, build_offloaded_model
-from worker.engine.moe_offload.checkpoint import load_config, resolve_checkpoint_dir
-from worker.engine.moe_offload.converter import convert_checkpoint, is_converted, read_manifest
+from worker.engine.moe_offload.checkpoint import fingerprint, load_config, resolve_checkpoint_dir
+from worker.engine.moe_offload.converter import ConversionError, convert_checkpoint, is_converted, read_manifest
 from worker.engine.moe_offload.cpu_experts import MissMode
 from worker.engine.moe_offload.expert_cache import CachePolicyName, CacheStats
 from worker.engine.moe_offload.packing import ExpertLayout, ExpertQuant
@@ -51,11 +51,27 @@ class MoEOffloadEngine(TransformersEngine):
         folder = Path(self.model_path).expanduser()
         if not is_converted(folder):  # MODEL_ID may name an already converted folder
             folder = converted_folder(self.options.converted_root, self.model_path, self.options.quant)
-        if not is_converted(folder):
-            checkpoint_dir = resolve_checkpoint_dir(self.model_path)
-            convert_checkpoint(checkpoint_dir, folder, self.options.quant, self.options.host_memory_gb)
+            if self._needs_conversion(folder):
+                checkpoint_dir = resolve_checkpoint_dir(self.model_path)
+                convert_checkpoint(checkpoint_dir, folder, self.options.quant, self.options.host_memory_gb)
         self.model_path = str(folder)  # tokenizer and config load from the converted folder
         super().load()
+
+    def _needs_conversion(self, folder: Path) -> bool:
+        """No conversion yet, one in an older format, or one of a local checkpoint that has changed since
+        (a hub id's conversion stands: its snapshot is fixed, and the download may be gone)."""
+        if not is_converted(folder):
+            return True
+        try:
+            manifest = read_manifest(folder)
+        except ConversionError as error:
+            log.warning("%s; converting again", error)
+            return True
+        source = Path(self.model_path).expanduser()
+        if source.is_dir() and manifest.get("source_fingerprint") != fingerprint(source):
+            log.warning("%s changed since it was converted into %s; converting again", source, folder)
+            return True
+        return False
 
     def _load_model(self) -> torch.nn.Module:
         folder = Path(self.model_path)
