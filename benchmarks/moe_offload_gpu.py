@@ -27,10 +27,11 @@ from transformers import Qwen3NextConfig
 from transformers.activations import ACT2FN
 
 from worker.engine.moe_offload.budget import plan_memory
-from worker.engine.moe_offload.builder import install_offloaded_experts, pin_in_place
+from worker.engine.moe_offload.builder import install_offloaded_experts
 from worker.engine.moe_offload.checkpoint import build_skeleton, find_fused_experts
 from worker.engine.moe_offload.expert_cache import CacheStats
 from worker.engine.moe_offload.packing import ExpertLayout, pack_expert, unpack_experts
+from worker.engine.moe_offload.pinning import pin_in_place
 
 RESULTS = Path(__file__).parent / "results"
 _GIB = 1024**3
@@ -108,8 +109,9 @@ def synthetic_host_rows(layout: ExpertLayout, layers: int, experts: int, pin: bo
     return rows
 
 
-def decode_run(model, config, device, tokens: int, clock: Clock) -> dict:
-    """Greedy decode of `tokens` tokens after a 16-token prompt; per-layer device time via hooks."""
+def decode_run(model, config, device, tokens: int, clock: Clock, on_prefill_done=None) -> dict:
+    """Greedy decode of `tokens` tokens after a 16-token prompt; per-layer device time via hooks.
+    `on_prefill_done` runs once the prompt's forward is over, before the first decode step."""
     layers = model.model.layers
     marks: dict[int, list] = {i: [] for i in range(len(layers))}
     expert_marks: list = []
@@ -126,6 +128,8 @@ def decode_run(model, config, device, tokens: int, clock: Clock) -> dict:
         def put(self, value):
             clock.sync()
             stamps.append(time.perf_counter())
+            if len(stamps) == 2 and on_prefill_done is not None:  # the prompt, then the prefill's token
+                on_prefill_done()
 
         def end(self):
             pass
@@ -257,9 +261,14 @@ def main(argv: list[str] | None = None) -> dict:
         caches, split = install_offloaded_experts(model, experts, device, dtype, plan.slots_per_layer, policy,
                                                   prefetch, config, misses)
         decode_run(model, config, device, 4, clock)  # warm-up; also fills the cache
-        for cache in caches:
-            cache.stats = CacheStats()
-        run = decode_run(model, config, device, args.tokens, clock)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+
+        def decode_only(caches=caches):  # the prompt's copies would inflate decode GB/s and hit rate
+            for cache in caches:
+                cache.stats = CacheStats()
+
+        run = decode_run(model, config, device, args.tokens, clock, on_prefill_done=decode_only)
         stats = CacheStats.total(cache.stats for cache in caches)
         run.update(label=label, hit_rate=stats.hit_rate, cache=asdict(stats), miss_split=asdict(split),
                    copy_gb_per_s=stats.bytes_copied / run["decode_seconds"] / 1e9,

@@ -15,6 +15,7 @@ from worker.engine.moe_offload.cpu_experts import MissMode, MissSplit, calibrate
 from worker.engine.moe_offload.expert_cache import CachePolicyName, CacheStats, ExpertCache
 from worker.engine.moe_offload.offloaded_experts import NextLayerPredictor, OffloadedExperts
 from worker.engine.moe_offload.packing import ExpertLayout
+from worker.engine.moe_offload.pinning import pin_in_place
 from worker.engine.moe_offload.transfer import CopyStream
 
 log = logging.getLogger(__name__)
@@ -36,18 +37,6 @@ def load_host_rows(path: Path, pin: bool) -> torch.Tensor:
         rows = reader.get_tensor("rows")  # a private map of the file: pages come in as they are read
     # Pinned (page-locked) memory is what lets host-to-device copies run asynchronously at full speed.
     return pin_in_place(torch.empty_like(rows).copy_(rows)) if pin else rows
-
-
-def pin_in_place(rows: torch.Tensor) -> torch.Tensor:
-    """Page-lock `rows` where they are. `Tensor.pin_memory()` would copy them into torch's caching host
-    allocator, which rounds every block up to a power of two: a Qwen3-Next layer's 0.84 GiB of rows would
-    take 1 GiB, 7.5 GiB lost over 48 layers. Falls back to that copy if registering fails."""
-    nbytes = rows.numel() * rows.element_size()
-    status = int(torch.cuda.cudart().cudaHostRegister(rows.data_ptr(), nbytes, 0))
-    if status == 0 and rows.is_pinned():
-        return rows  # stays registered for the life of the process, as the model does
-    log.warning("cudaHostRegister of %d bytes failed (CUDA error %d): using a pinned copy", nbytes, status)
-    return rows.pin_memory()
 
 
 def build_offloaded_model(folder: Path, device: torch.device, dtype: torch.dtype, plan: MemoryPlan,
@@ -101,10 +90,9 @@ def link_predictors(model: torch.nn.Module, modules: list[OffloadedExperts], con
     for current, following in zip(modules, modules[1:], strict=False):
         parent_name = names[id(following)].rsplit(".", 1)[0]
         router = getattr(model.get_submodule(parent_name), "gate", None)
-        weight = getattr(router, "weight", None)
-        if weight is None or top_k == 0:
+        if getattr(router, "weight", None) is None or top_k == 0:
             return  # a router this predictor does not know: no prefetch, nothing wrong
-        current.next_layer = NextLayerPredictor(weight, top_k, following.cache)
+        current.next_layer = NextLayerPredictor(router, top_k, following.cache)
 
 
 def _load_resident(model: torch.nn.Module, folder: Path, files: list[str], dtype: torch.dtype) -> None:

@@ -117,7 +117,10 @@ class ExpertCache:
         self._free = list(range(slots - 1, -1, -1))
         self._prefetched: set[int] = set()  # prefetched, not used since: their copies may not have landed
         self._prefetches_landed = None  # event after the latest prefetch's copies
-        self._last_read = None  # compute event after which this layer's slots may be overwritten
+        # Compute event after which this layer's slots may be overwritten; at first, the work queued before the
+        # buffer was allocated (its memory may have been freed by kernels still running).
+        self._last_read = copier.compute_done()
+        copier.adopt(self.buffer)
         if slots == num_experts:  # everything fits: load once, never miss
             self._fill_all()
 

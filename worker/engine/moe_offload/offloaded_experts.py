@@ -18,13 +18,13 @@ class NextLayerPredictor:
     layer's compute and the next layer's attention.
     """
 
-    def __init__(self, router_weight: nn.Parameter, top_k: int, cache: ExpertCache):
-        self.router_weight = router_weight
+    def __init__(self, router: nn.Module, top_k: int, cache: ExpertCache):
+        self.router = router  # the module, not its weight: loading assigns the weight after linking
         self.top_k = top_k
         self.cache = cache
 
     def predict(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        logits = nn.functional.linear(hidden_states, self.router_weight)
+        logits = nn.functional.linear(hidden_states, self.router.weight)
         return torch.topk(logits, self.top_k, dim=-1).indices
 
 

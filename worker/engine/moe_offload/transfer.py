@@ -11,6 +11,12 @@ class CopyStream:
         self.is_cuda = device.type == "cuda"
         self._stream = torch.cuda.Stream(device=device) if self.is_cuda else None
 
+    def adopt(self, buffer: torch.Tensor) -> None:
+        """`buffer` (allocated on the compute stream) is written on the side stream: keep the caching allocator
+        from handing its memory out again while copies into it may still be running."""
+        if self.is_cuda and buffer.is_cuda:
+            buffer.record_stream(self._stream)
+
     def copy(self, destination: torch.Tensor, source: torch.Tensor, after: "torch.cuda.Event | None") -> None:
         """Copy `source` (pinned host memory) into `destination` once `after` (the slot's last read) is done."""
         if not self.is_cuda:
@@ -28,7 +34,6 @@ class CopyStream:
         event = torch.cuda.Event()
         event.record(self._stream)
         return event
-
 
     def wait(self, event: "torch.cuda.Event | None") -> None:
         """Make the compute stream wait for `event` (copies landed) without blocking the host."""
