@@ -104,6 +104,8 @@ def main(argv: list[str] | None = None) -> dict:
         measured = json.loads(args.measured.read_text())
         if measured["smoke"]:
             parser.error(f"{args.measured} is a --smoke run (tiny shapes): it says nothing about the real model")
+        if not measured["variants"]:
+            parser.error(f"{args.measured} holds no finished decode run")
         inputs = inputs_from_measurement(measured, args.budget_gb)
         source = f"times measured on {measured['card']} ({args.measured.name})"
     else:

@@ -253,10 +253,28 @@ def main(argv: list[str] | None = None) -> dict:
                            row_bytes=layout.row_bytes, top_k=config.num_experts_per_tok,
                            slots_override=config.num_experts // 4)
     model.eval()
-    variants = [("offload lru + prefetch", "lru", True, "copy"), ("offload lru", "lru", False, "copy"),
-                ("offload lfu + prefetch", "lfu", True, "copy"), ("hybrid lru + prefetch", "lru", True, "hybrid")]
+    act_fn = ACT2FN[config.hidden_act]
+    bandwidth = measure_bandwidth(device, 256 * 1024 * 1024 if not args.smoke else 8 * 1024 * 1024, clock)
+    on_device = host_rows[0][: config.num_experts_per_tok].to(device)
+    expert_compute_s = measure_expert_compute(layout, on_device, dtype, config.num_experts_per_tok, act_fn, clock)
+    del on_device
+    report = {
+        "card": card, "device": str(device), "budget_gb": args.budget_gb, "smoke": args.smoke, "complete": False,
+        "shapes": shapes, "quant": args.quant, "row_bytes": layout.row_bytes,
+        "slots_per_layer": plan.slots_per_layer, "resident_gb": resident_bytes / _GIB,
+        "h2d_gb_per_s": bandwidth, "expert_copy_ms": layout.row_bytes / (bandwidth * 1e9) * 1000,
+        "expert_compute_ms": expert_compute_s * 1000, "non_expert_ms_per_token": None, "cpu_expert_ms": None,
+        "variants": [], "naive": None,
+    }
+    out = args.out or RESULTS / f"moe_offload_gpu-{card.replace(' ', '_')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    print(f"# H2D {bandwidth:.1f} GB/s; one expert: copy {report['expert_copy_ms']:.3f} ms, "
+          f"dequantize + compute {report['expert_compute_ms']:.3f} ms")
+
+    # Most telling first: the JSON is rewritten after each, so a run cut short still reports what it measured.
+    variants = [("offload lru + prefetch", "lru", True, "copy"), ("hybrid lru + prefetch", "lru", True, "hybrid"),
+                ("offload lru", "lru", False, "copy"), ("offload lfu + prefetch", "lfu", True, "copy")]
     experts = [(name, layout, rows) for name, rows in zip(experts_names, host_rows, strict=True)]
-    results = []
     for label, policy, prefetch, misses in variants:
         caches, split = install_offloaded_experts(model, experts, device, dtype, plan.slots_per_layer, policy,
                                                   prefetch, config, misses)
@@ -273,13 +291,15 @@ def main(argv: list[str] | None = None) -> dict:
         run.update(label=label, hit_rate=stats.hit_rate, cache=asdict(stats), miss_split=asdict(split),
                    copy_gb_per_s=stats.bytes_copied / run["decode_seconds"] / 1e9,
                    gpu_peak_gb=torch.cuda.max_memory_allocated(device) / _GIB if device.type == "cuda" else None)
-        results.append(run)
+        report["variants"].append(run)
+        if report["non_expert_ms_per_token"] is None:
+            report["non_expert_ms_per_token"] = run["decode_seconds"] / run["decode_tokens"] * 1000 - run[
+                "expert_ms_per_token"]
+        report["cpu_expert_ms"] = report["cpu_expert_ms"] or split.cpu_ms
+        out.write_text(json.dumps(report, indent=2))
+        print(f"# {label}: {run['tok_per_s']:.2f} tok/s, hit rate {stats.hit_rate:.1%}")
         del caches
 
-    act_fn = ACT2FN[config.hidden_act]
-    bandwidth = measure_bandwidth(device, 256 * 1024 * 1024 if not args.smoke else 8 * 1024 * 1024, clock)
-    on_device = host_rows[0][: config.num_experts_per_tok].to(device)
-    expert_compute_s = measure_expert_compute(layout, on_device, dtype, config.num_experts_per_tok, act_fn, clock)
     naive_layers = min(args.naive_layers, len(experts_names))
     for name in experts_names:  # free the last variant's slots: the naive path needs a whole layer's room
         model.set_submodule(name, torch.nn.Identity())
@@ -287,24 +307,12 @@ def main(argv: list[str] | None = None) -> dict:
         torch.cuda.empty_cache()
     naive_layer_s = naive_layer_seconds(layout, host_rows, device, dtype, config.num_experts_per_tok, act_fn,
                                         clock, naive_layers, tokens=2)
-    best = results[0]
-    non_expert_s = (best["decode_seconds"] / best["decode_tokens"]) - best["expert_ms_per_token"] / 1000
-    naive_tok_s = 1 / (non_expert_s + naive_layer_s * len(experts_names))
-
-    report = {
-        "card": card, "device": str(device), "budget_gb": args.budget_gb, "smoke": args.smoke,
-        "shapes": shapes, "quant": args.quant, "row_bytes": layout.row_bytes,
-        "slots_per_layer": plan.slots_per_layer, "resident_gb": resident_bytes / _GIB,
-        "h2d_gb_per_s": bandwidth, "expert_copy_ms": layout.row_bytes / (bandwidth * 1e9) * 1000,
-        "expert_compute_ms": expert_compute_s * 1000, "non_expert_ms_per_token": non_expert_s * 1000,
-        "cpu_expert_ms": next(run["miss_split"]["cpu_ms"] for run in results if run["miss_split"]["cpu_ms"]),
-        "variants": results,
-        "naive": {"tok_per_s": naive_tok_s, "layer_ms": naive_layer_s * 1000,
-                  "note": f"timed on {naive_layers} layers x 2 tokens, scaled to {len(experts_names)} layers"},
-    }
+    non_expert_s = report["non_expert_ms_per_token"] / 1000
+    report["naive"] = {"tok_per_s": 1 / (non_expert_s + naive_layer_s * len(experts_names)),
+                       "layer_ms": naive_layer_s * 1000,
+                       "note": f"timed on {naive_layers} layers x 2 tokens, scaled to {len(experts_names)} layers"}
+    report["complete"] = True
     _print_table(report)
-    out = args.out or RESULTS / f"moe_offload_gpu-{card.replace(' ', '_')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     print(f"# wrote {out}")
     return report

@@ -4,9 +4,10 @@ A missed expert can cross the bus (one row copy) or stay in host RAM and be appl
 hidden state (a 4-bit matvec, bound by reading the row). Which wins depends on the machine: the PCIe
 bandwidth against the CPU's 4-bit matvec speed. `calibrate_miss_split` times both once at load and
 splits the misses so that both sides finish together (the hybrid path of the cost model).
-bitsandbytes' `gemv_4bit` fuses dequantization into the matvec on CPUs with AVX512-BF16 and falls back to
-dequantize + matmul elsewhere (measured here: ~3 ms per Qwen3-Next expert on 2 AVX2 cores, against ~0.07 ms
-to copy it over PCIe 4.0, so such a machine copies everything).
+bitsandbytes' `gemv_4bit` fuses dequantization into the matvec only in its CPU-only build on AVX512-BF16
+CPUs (a CUDA install loads a library without that kernel) and dequantizes then multiplies elsewhere
+(measured: 2.65 ms per Qwen3-Next expert on 2 AVX2 cores, against 0.07 ms to copy it over PCIe 4.0, so
+such a machine copies everything).
 """
 
 import logging
