@@ -113,7 +113,7 @@ def test_prefetch_asks_the_next_layers_loaded_router(converted):
     layers = [m for m in offloaded.model.modules() if isinstance(m, OffloadedExperts)]
     for module, following in zip(layers, layers[1:], strict=False):
         router = module.next_layer.router
-        assert router.weight.device == TEST_DEVICE  # the loaded weight, not the skeleton's meta placeholder
+        assert router.weight.device.type == TEST_DEVICE.type  # the loaded weight, not the skeleton's meta placeholder
         assert module.next_layer.cache is following.cache
     offloaded.model.generate(_prompt(seed=6), max_new_tokens=40, do_sample=False, pad_token_id=0)
     stats = offloaded.cache_stats()
