@@ -105,3 +105,13 @@ def test_a_cache_with_a_slot_for_every_expert_never_misses_and_shares_host_rows_
     assert (cache.buffer is cache.host_rows) == (TEST_DEVICE.type == "cpu")
     acquired = cache.acquire(list(range(EXPERTS)))
     assert len(acquired.hit_experts) == EXPERTS and cache.stats.misses == 0
+
+
+def test_copies_can_start_after_the_caller_sends_its_indices():
+    cache = _cache(slots=4)
+    acquired = cache.acquire([3, 4], start_copies=False)
+    assert acquired.miss_slots and cache.stats.bytes_copied == 0 and acquired.misses_ready is None
+    cache.start_copies(acquired)
+    _wait(cache, acquired)
+    assert cache.stats.bytes_copied == 2 * ROW_BYTES
+    _assert_present(cache, acquired.miss_experts, acquired.miss_slots)

@@ -91,6 +91,7 @@ class Acquired:
     miss_slots: list[int] = field(default_factory=list)
     hits_ready: object = None
     misses_ready: object = None
+    copies_to_start: list[tuple[int, int]] = field(default_factory=list)  # (slot, expert), when deferred
 
 
 class ExpertCache:
@@ -145,8 +146,10 @@ class ExpertCache:
         self.stats.misses += count
         self.stats.computed_on_host += count
 
-    def acquire(self, experts: list[int]) -> Acquired:
-        """Slots for `experts` (distinct, at most `capacity`), copying the missing ones in."""
+    def acquire(self, experts: list[int], start_copies: bool = True) -> Acquired:
+        """Slots for `experts` (distinct, at most `capacity`), copying the missing ones in; with
+        `start_copies=False` the copies wait for `start_copies(acquired)` (the caller has a small copy to send
+        first, which would otherwise queue behind the rows on the bus)."""
         if len(experts) > self.capacity:
             raise ValueError(f"{len(experts)} experts requested at once, but the cache has {self.capacity} slots")
         protected = set(experts)
@@ -163,12 +166,21 @@ class ExpertCache:
                 result.hit_slots.append(slot)
             else:
                 self.stats.misses += 1
+                slot = self._assign_slot(expert, protected)
                 result.miss_experts.append(expert)
-                result.miss_slots.append(self._load(expert, protected))
+                result.miss_slots.append(slot)
+                result.copies_to_start.append((slot, expert))
             self._policy.touch(expert)
-        if result.miss_experts:
-            result.misses_ready = self.copier.record()
+        if start_copies:
+            self.start_copies(result)
         return result
+
+    def start_copies(self, acquired: Acquired) -> None:
+        for slot, expert in acquired.copies_to_start:
+            self._copy_in(slot, expert)
+        if acquired.copies_to_start:
+            acquired.misses_ready = self.copier.record()
+        acquired.copies_to_start = []
 
     def prefetch(self, experts: list[int]) -> int:
         """Start copying in experts a token is likely to need soon; returns how many copies started."""
@@ -179,7 +191,7 @@ class ExpertCache:
                 continue
             if not self._free and all(e in protected for e in self._slot_of):
                 break  # nothing left that may be evicted
-            self._load(expert, protected)
+            self._copy_in(self._assign_slot(expert, protected), expert)
             self._policy.touch(expert)
             self._prefetched.add(expert)
             started += 1
@@ -188,7 +200,8 @@ class ExpertCache:
             self._prefetches_landed = self.copier.record()
         return started
 
-    def _load(self, expert: int, protected: set[int]) -> int:
+    def _assign_slot(self, expert: int, protected: set[int]) -> int:
+        """A free slot, or the policy's victim's, now recorded as `expert`'s (its bytes come with `_copy_in`)."""
         if self._free:
             slot = self._free.pop()
         else:
@@ -197,11 +210,13 @@ class ExpertCache:
             self._policy.forget(evicted)
             self._prefetched.discard(evicted)
             self.stats.evictions += 1
-        self.copier.copy(self.buffer[slot], self.host_rows[expert], after=self._last_read)
         self._slot_of[expert] = slot
         self._expert_in[slot] = expert
-        self.stats.bytes_copied += self.row_bytes
         return slot
+
+    def _copy_in(self, slot: int, expert: int) -> None:
+        self.copier.copy(self.buffer[slot], self.host_rows[expert], after=self._last_read)
+        self.stats.bytes_copied += self.row_bytes
 
     def wait_hits(self, acquired: Acquired) -> None:
         self.copier.wait(acquired.hits_ready)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from worker.engine.moe_offload.cpu_experts import MissSplit, cpu_expert_forward
-from worker.engine.moe_offload.expert_cache import ExpertCache
+from worker.engine.moe_offload.expert_cache import Acquired, ExpertCache
 from worker.engine.moe_offload.packing import ExpertLayout, unpack_experts
 
 
@@ -98,15 +98,17 @@ class OffloadedExperts(nn.Module):
         output = torch.zeros_like(hidden_states)
         for start in range(0, len(routed), self.cache.capacity):
             group = routed[start:start + self.cache.capacity]
-            acquired = self.cache.acquire(group)
+            acquired = self.cache.acquire(group, start_copies=False)
+            hits, misses = self._device_indices(acquired, routing, decoding)  # on the bus ahead of the rows
+            self.cache.start_copies(acquired)
             # Hits compute while the misses are still on their way.
             self.cache.wait_hits(acquired)
-            self._accumulate(output, hidden_states, routing, acquired.hit_experts, acquired.hit_slots)
+            self._accumulate(output, hidden_states, routing, acquired.hit_experts, *hits)
             if predicted:
                 self.next_layer.cache.prefetch(predicted)
                 predicted = []
             self.cache.wait_misses(acquired)
-            self._accumulate(output, hidden_states, routing, acquired.miss_experts, acquired.miss_slots)
+            self._accumulate(output, hidden_states, routing, acquired.miss_experts, *misses)
             self.cache.mark_read()
         if predicted:
             self.next_layer.cache.prefetch(predicted)
@@ -132,20 +134,28 @@ class OffloadedExperts(nn.Module):
             total += weight * cpu_expert_forward(self.layout, self.cache.host_rows[expert], x, self.act_fn).float()
         return total
 
-    def _accumulate(self, output: torch.Tensor, hidden_states: torch.Tensor, routing: Routing,
-                    experts: list[int], slots: list[int]) -> None:
+    @staticmethod
+    def _device_indices(acquired: Acquired, routing: Routing, decoding: bool):
+        """(slots, routing positions) of the hits and of the misses on the device, in one copy; decode
+        needs each expert's one routing position, prefill finds its tokens through `routing`."""
+        parts = []
+        for experts, slots in ((acquired.hit_experts, acquired.hit_slots),
+                               (acquired.miss_experts, acquired.miss_slots)):
+            parts += [slots, [routing.positions[e][0] for e in experts] if decoding else []]
+        on_device = to_device([i for part in parts for i in part], routing.flat_weights.device)
+        hit_slots, hit_positions, miss_slots, miss_positions = on_device.split([len(part) for part in parts])
+        return (hit_slots, hit_positions), (miss_slots, miss_positions)
+
+    def _accumulate(self, output: torch.Tensor, hidden_states: torch.Tensor, routing: Routing, experts: list[int],
+                    slot_index: torch.Tensor, position_index: torch.Tensor) -> None:
         if not experts:
             return
-        decoding = hidden_states.shape[0] == 1
-        # Decode also needs each expert's one routing position: both lists travel in one copy.
-        positions = [routing.positions[e][0] for e in experts] if decoding else []
-        indices = to_device(slots + positions, hidden_states.device)
-        rows = self.cache.buffer.index_select(0, indices[:len(slots)])
+        rows = self.cache.buffer.index_select(0, slot_index)
         gate_up, down = unpack_experts(self.layout, rows, self.compute_dtype)
         x = hidden_states.to(self.compute_dtype)
-        if decoding:
-            # Every expert in the group sees the one token; batch them into two bmm calls.
-            weights = routing.flat_weights.index_select(0, indices[len(slots):])
+        if hidden_states.shape[0] == 1:
+            # Decode: every expert in the group sees the one token; batch them into two bmm calls.
+            weights = routing.flat_weights.index_select(0, position_index)
             gate, up = torch.matmul(gate_up, x[0]).chunk(2, dim=-1)
             expert_out = torch.bmm(down, (self.act_fn(gate) * up).unsqueeze(-1)).squeeze(-1)
             output[0] += (weights.to(expert_out.dtype) @ expert_out).to(output.dtype)
