@@ -16,6 +16,7 @@ Random routers route near uniformly, the worst case for a cache; the hit rate pr
 """
 
 import argparse
+import gc
 import json
 import platform
 import time
@@ -220,6 +221,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
+    if device.type == "cuda" and device.index is None:  # memory caps and stats want an indexed device
+        device = torch.device("cuda", torch.cuda.current_device())
     clock = Clock(device)
     shapes = SMOKE_SHAPES if args.smoke else REAL_SHAPES
     config = Qwen3NextConfig(**shapes)
@@ -298,7 +301,8 @@ def main(argv: list[str] | None = None) -> dict:
         report["cpu_expert_ms"] = report["cpu_expert_ms"] or split.cpu_ms
         out.write_text(json.dumps(report, indent=2))
         print(f"# {label}: {run['tok_per_s']:.2f} tok/s, hit rate {stats.hit_rate:.1%}")
-        del caches
+        del caches, decode_only  # free this variant's slots (10 GiB at real shapes) before the next installs
+        gc.collect()
 
     naive_layers = min(args.naive_layers, len(experts_names))
     for name in experts_names:  # free the last variant's slots: the naive path needs a whole layer's room

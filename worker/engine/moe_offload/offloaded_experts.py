@@ -99,8 +99,10 @@ class OffloadedExperts(nn.Module):
         for start in range(0, len(routed), self.cache.capacity):
             group = routed[start:start + self.cache.capacity]
             acquired = self.cache.acquire(group, start_copies=False)
-            hits, misses = self._device_indices(acquired, routing, decoding)  # on the bus ahead of the rows
-            self.cache.start_copies(acquired)
+            try:
+                hits, misses = self._device_indices(acquired, routing, decoding)  # on the bus ahead of the rows
+            finally:  # the slots are already promised to these experts: their bytes must come
+                self.cache.start_copies(acquired)
             # Hits compute while the misses are still on their way.
             self.cache.wait_hits(acquired)
             self._accumulate(output, hidden_states, routing, acquired.hit_experts, *hits)

@@ -9,6 +9,7 @@ the process, as the worker keeps its model.
 
 import ctypes
 import logging
+import os
 
 import torch
 
@@ -21,10 +22,11 @@ def pin_in_place(rows: torch.Tensor) -> torch.Tensor:
     """`rows`, page-locked; a pinned copy if registering fails."""
     nbytes = rows.numel() * rows.element_size()
     status = int(torch.cuda.cudart().cudaHostRegister(rows.data_ptr(), nbytes, 0))
-    if status == 0 and rows.is_pinned():
-        _registered.append(rows)
-        return rows
-    if status != 0:
+    if status == 0:
+        _registered.append(rows)  # registered: never freed, whatever follows
+        if rows.is_pinned():
+            return rows
+    else:
         _clear_last_cuda_error()
     log.warning("cudaHostRegister of %d bytes failed (CUDA error %d): using a pinned copy", nbytes, status)
     return rows.pin_memory()
@@ -35,6 +37,7 @@ def _clear_last_cuda_error() -> None:
     torch's cudart binding has no cudaGetLastError, so ask the runtime library torch loaded (same soname)."""
     version = (torch.version.cuda or "").split(".")[0]
     try:
-        ctypes.CDLL(f"libcudart.so.{version}").cudaGetLastError()
+        # RTLD_NOLOAD: only the runtime already in this process, never a second copy with its own error state
+        ctypes.CDLL(f"libcudart.so.{version}", mode=os.RTLD_NOLOAD).cudaGetLastError()
     except OSError as error:
         raise RuntimeError(f"cudaHostRegister failed and its error could not be cleared: {error}") from error
