@@ -16,9 +16,12 @@ Random routers route near uniformly, the worst case for a cache; the hit rate pr
 """
 
 import argparse
+import cProfile
 import gc
+import io
 import json
 import platform
+import pstats
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -30,6 +33,7 @@ from transformers.activations import ACT2FN
 from worker.engine.moe_offload.budget import plan_memory
 from worker.engine.moe_offload.builder import install_offloaded_experts
 from worker.engine.moe_offload.checkpoint import build_skeleton, find_fused_experts
+from worker.engine.moe_offload.cpu_experts import MissSplit
 from worker.engine.moe_offload.expert_cache import CacheStats
 from worker.engine.moe_offload.packing import ExpertLayout, pack_expert, unpack_experts
 from worker.engine.moe_offload.pinning import pin_in_place
@@ -208,6 +212,34 @@ def naive_layer_seconds(layout, host_rows, device, dtype, top_k, act_fn, clock, 
     return total / count
 
 
+VARIANTS = {
+    "lru+prefetch": ("offload lru + prefetch", "lru", True, "copy"),
+    "hybrid": ("hybrid lru + prefetch", "lru", True, "hybrid"),
+    "lru": ("offload lru", "lru", False, "copy"),
+    "lfu+prefetch": ("offload lfu + prefetch", "lfu", True, "copy"),
+}
+
+
+class NoExperts(torch.nn.Module):
+    """The experts' output left out: what the rest of the model (attention, DeltaNet, shared expert, routers)
+    costs per token on its own."""
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        return torch.zeros_like(hidden_states)
+
+
+def _profile_host(model, config, device, tokens: int, clock: Clock, path: Path) -> None:
+    """Where the host's time goes in `tokens` decode steps (cProfile, by own time), printed and saved."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    decode_run(model, config, device, tokens, clock)
+    profiler.disable()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(30)
+    path.write_text(text.getvalue())
+    print(text.getvalue())
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda")
@@ -218,6 +250,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--naive-layers", type=int, default=4, help="layers timed for the naive baseline")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, to check the script on a CPU")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help=f"comma-separated, in order, repeats allowed: {', '.join(VARIANTS)}, no-experts "
+                             "(experts output zeros: the rest of the model alone)")
+    parser.add_argument("--skip-naive", action="store_true")
+    parser.add_argument("--profile", type=int, default=0, metavar="TOKENS",
+                        help="after the first variant, profile the host side of this many decode steps")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -274,13 +312,17 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"# H2D {bandwidth:.1f} GB/s; one expert: copy {report['expert_copy_ms']:.3f} ms, "
           f"dequantize + compute {report['expert_compute_ms']:.3f} ms")
 
-    # Most telling first: the JSON is rewritten after each, so a run cut short still reports what it measured.
-    variants = [("offload lru + prefetch", "lru", True, "copy"), ("hybrid lru + prefetch", "lru", True, "hybrid"),
-                ("offload lru", "lru", False, "copy"), ("offload lfu + prefetch", "lfu", True, "copy")]
+    # The JSON is rewritten after each variant, so a run cut short still reports what it measured.
     experts = [(name, layout, rows) for name, rows in zip(experts_names, host_rows, strict=True)]
-    for label, policy, prefetch, misses in variants:
-        caches, split = install_offloaded_experts(model, experts, device, dtype, plan.slots_per_layer, policy,
-                                                  prefetch, config, misses)
+    for index, name in enumerate(args.variants.split(",")):
+        if name == "no-experts":
+            label, caches, split = "no experts (rest alone)", [], MissSplit("copy", 0.0)
+            for module_name in experts_names:
+                model.set_submodule(module_name, NoExperts())
+        else:
+            label, policy, prefetch, misses = VARIANTS[name]
+            caches, split = install_offloaded_experts(model, experts, device, dtype, plan.slots_per_layer, policy,
+                                                      prefetch, config, misses)
         decode_run(model, config, device, 4, clock)  # warm-up; also fills the cache
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -301,9 +343,14 @@ def main(argv: list[str] | None = None) -> dict:
         report["cpu_expert_ms"] = report["cpu_expert_ms"] or split.cpu_ms
         out.write_text(json.dumps(report, indent=2))
         print(f"# {label}: {run['tok_per_s']:.2f} tok/s, hit rate {stats.hit_rate:.1%}")
+        if index == 0 and args.profile:
+            _profile_host(model, config, device, args.profile, clock, out.with_suffix(".profile.txt"))
         del caches, decode_only  # free this variant's slots (10 GiB at real shapes) before the next installs
         gc.collect()
 
+    if args.skip_naive:
+        _print_table(report)
+        return report
     naive_layers = min(args.naive_layers, len(experts_names))
     for name in experts_names:  # free the last variant's slots: the naive path needs a whole layer's room
         model.set_submodule(name, torch.nn.Identity())
@@ -340,8 +387,9 @@ def _print_table(report: dict) -> None:
             print(f"#   {run['label']}: timed at load: expert copy {split['copy_ms']:.3f} ms, CPU expert "
                   f"{split['cpu_ms']:.3f} ms -> {split['cpu_share']:.1%} of misses to the CPU")
     naive = report["naive"]
-    print(f"| {'naive whole-layer':<24} | {naive['tok_per_s']:>12.2f} | {'-':>8} | {'-':>9} | {'-':>9} | "
-          f"{naive['layer_ms'] * len(report['variants'][0]['layer_ms']):>14.1f} |  ({naive['note']})")
+    if naive:
+        print(f"| {'naive whole-layer':<24} | {naive['tok_per_s']:>12.2f} | {'-':>8} | {'-':>9} | {'-':>9} | "
+              f"{naive['layer_ms'] * len(report['variants'][0]['layer_ms']):>14.1f} |  ({naive['note']})")
     layer_types = report["variants"][0]["layer_types"]
     for kind in sorted(set(layer_types)):
         times = [t for t, k in zip(report["variants"][0]["layer_ms"], layer_types, strict=True) if k == kind]
