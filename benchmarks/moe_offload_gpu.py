@@ -229,10 +229,10 @@ class NoExperts(torch.nn.Module):
 
 
 def _profile_host(model, config, device, tokens: int, clock: Clock, path: Path) -> None:
-    """Where the host's time goes in `tokens` decode steps (cProfile, by own time), printed and saved."""
+    """Where the host's time goes in `tokens` decode steps, prompt left out (cProfile, by own time), printed
+    and saved."""
     profiler = cProfile.Profile()
-    profiler.enable()
-    decode_run(model, config, device, tokens, clock)
+    decode_run(model, config, device, tokens, clock, on_prefill_done=profiler.enable)
     profiler.disable()
     text = io.StringIO()
     pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(30)

@@ -18,9 +18,9 @@ class DeferredCopyStream(CopyStream):
         self._issued = 0
         self._landed = 0
 
-    def copy(self, destination: torch.Tensor, source: torch.Tensor, after=None) -> None:
-        self._pending.append((destination, source))
-        self._issued += 1
+    def copy(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], after=None) -> None:
+        self._pending.extend(pairs)
+        self._issued += len(pairs)
 
     def record(self) -> int:
         return self._issued  # the event: "the first n copies have landed"

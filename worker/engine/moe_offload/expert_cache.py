@@ -176,29 +176,28 @@ class ExpertCache:
         return result
 
     def start_copies(self, acquired: Acquired) -> None:
-        for slot, expert in acquired.copies_to_start:
-            self._copy_in(slot, expert)
         if acquired.copies_to_start:
+            self._copy_in(acquired.copies_to_start)
             acquired.misses_ready = self.copier.record()
         acquired.copies_to_start = []
 
     def prefetch(self, experts: list[int]) -> int:
         """Start copying in experts a token is likely to need soon; returns how many copies started."""
         protected = set(experts)
-        started = 0
+        copies = []
         for expert in experts:
             if expert in self._slot_of:
                 continue
             if not self._free and all(e in protected for e in self._slot_of):
                 break  # nothing left that may be evicted
-            self._copy_in(self._assign_slot(expert, protected), expert)
+            copies.append((self._assign_slot(expert, protected), expert))
             self._policy.touch(expert)
             self._prefetched.add(expert)
-            started += 1
-        self.stats.prefetched += started
-        if started:
+        self.stats.prefetched += len(copies)
+        if copies:
+            self._copy_in(copies)
             self._prefetches_landed = self.copier.record()
-        return started
+        return len(copies)
 
     def _assign_slot(self, expert: int, protected: set[int]) -> int:
         """A free slot, or the policy's victim's, now recorded as `expert`'s (its bytes come with `_copy_in`)."""
@@ -214,9 +213,11 @@ class ExpertCache:
         self._expert_in[slot] = expert
         return slot
 
-    def _copy_in(self, slot: int, expert: int) -> None:
-        self.copier.copy(self.buffer[slot], self.host_rows[expert], after=self._last_read)
-        self.stats.bytes_copied += self.row_bytes
+    def _copy_in(self, copies: list[tuple[int, int]]) -> None:
+        """Bring each (slot, expert)'s row into its slot."""
+        self.copier.copy([(self.buffer[slot], self.host_rows[expert]) for slot, expert in copies],
+                         after=self._last_read)
+        self.stats.bytes_copied += self.row_bytes * len(copies)
 
     def wait_hits(self, acquired: Acquired) -> None:
         self.copier.wait(acquired.hits_ready)
