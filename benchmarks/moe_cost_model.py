@@ -3,7 +3,7 @@
 Per token, each of the L MoE layers routes to k experts; a fraction h of them is already in a device slot.
   misses       m = k (1 - h)
   copy path    the hits compute while the misses cross the bus, then the misses compute:
-               t_layer = max(m * t_copy, (k - m) * t_gpu) + m * t_gpu + t_sync
+               t_layer = max(m * t_copy, (k - m) * t_gpu) + m * t_gpu + t_host
   hybrid path  some misses are copied, the rest computed on the CPU at host-RAM speed in parallel;
                the best split copies m * t_cpu / (t_copy + t_cpu) of them:
                t_layer = max(m * t_copy * t_cpu / (t_copy + t_cpu), (k - m) * t_gpu) + ... (same tail)
@@ -39,7 +39,9 @@ class Inputs:
     host_ram_gb_per_s: float = 40.0  # what a desktop's dual-channel DDR5 gives one process
     gpu_expert_ms: float = 0.03  # dequantize + two matvecs of one expert (assumed until measured)
     dense_ms: float = 12.0  # everything but the routed experts, per token (assumed until measured)
-    sync_ms: float = 0.05  # the per-layer device-to-host sync that tells the host what to copy
+    # Host time per MoE layer that nothing overlaps: the device-to-host sync that tells the host what to copy,
+    # Python, kernel launches. Assumed until measured; an H200 run measured ~0.9 ms (decode is host-bound).
+    layer_host_ms: float = 0.05
     measured_cpu_expert_ms: float | None = None  # the CPU's 4-bit matvec per expert, when a run timed it
 
     @property
@@ -73,17 +75,28 @@ def layer_ms(inputs: Inputs, hit_rate: float, hybrid: bool) -> float:
     else:
         arrival = misses * inputs.copy_ms
         tail = misses * inputs.gpu_expert_ms
-    return max(arrival, hits_compute) + tail + inputs.sync_ms
+    return max(arrival, hits_compute) + tail + inputs.layer_host_ms
 
 
 def tok_per_s(inputs: Inputs, hit_rate: float, hybrid: bool = False) -> float:
     return 1000 / (inputs.dense_ms + LAYERS * layer_ms(inputs, hit_rate, hybrid))
 
 
+def measured_dense_ms(report: dict) -> float:
+    """Per token, what is not the routed experts: a decode step's time less its experts' time, at the least
+    over the variants (a variant's first steps can be slow: warm-up)."""
+    return min(1000 / run["tok_per_s"] - run["expert_ms_per_token"] for run in report["variants"])
+
+
 def inputs_from_measurement(report: dict, budget_gb: float) -> Inputs:
-    return Inputs(gpu_budget_gb=budget_gb, resident_gb=report["resident_gb"], pcie_gb_per_s=report["h2d_gb_per_s"],
-                  gpu_expert_ms=report["expert_compute_ms"], dense_ms=report["non_expert_ms_per_token"],
-                  measured_cpu_expert_ms=report.get("cpu_expert_ms"))
+    measured = Inputs(gpu_budget_gb=budget_gb, resident_gb=report["resident_gb"],
+                      pcie_gb_per_s=report["h2d_gb_per_s"], gpu_expert_ms=report["expert_compute_ms"],
+                      dense_ms=measured_dense_ms(report), measured_cpu_expert_ms=report.get("cpu_expert_ms"),
+                      layer_host_ms=0.0)
+    # What the run's experts took per layer beyond the modelled copy and compute is the host's share.
+    layer_host_ms = min(run["expert_ms_per_token"] / LAYERS - layer_ms(measured, run["hit_rate"], hybrid=False)
+                        for run in report["variants"] if run["hit_rate"] > 0)
+    return Inputs(**{**measured.__dict__, "layer_host_ms": max(0.0, layer_host_ms)})
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -123,7 +136,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"# Qwen3-Next-80B-A3B decode, {inputs.gpu_budget_gb:g} GB GPU, PCIe {inputs.pcie_gb_per_s:g} GB/s, "
           f"host RAM {inputs.host_ram_gb_per_s:g} GB/s; {source}")
     print(f"# {inputs.slots} slots per layer; expert row {ROW_BYTES / 2**20:.2f} MiB: copy {inputs.copy_ms:.3f} ms, "
-          f"CPU {inputs.cpu_expert_ms:.3f} ms, GPU {inputs.gpu_expert_ms:.3f} ms; dense part {inputs.dense_ms:.1f} ms")
+          f"CPU {inputs.cpu_expert_ms:.3f} ms, GPU {inputs.gpu_expert_ms:.3f} ms; host {inputs.layer_host_ms:.2f} ms "
+          f"per MoE layer; dense part {inputs.dense_ms:.1f} ms")
     rows = [("uniform routing (random weights)", inputs.uniform_hit_rate), ("real routing, low skew", 0.67),
             ("real routing, high skew", 0.81), ("every expert a miss", 0.0)]
     print(f"| {'routing':<34} | {'hit rate':>8} | {'copy tok/s':>10} | {'hybrid tok/s':>12} |")

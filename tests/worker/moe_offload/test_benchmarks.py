@@ -33,7 +33,7 @@ def test_cost_model_predictions_follow_hit_rate_and_bandwidth():
     faster_bus = moe_cost_model.Inputs(pcie_gb_per_s=50.0)
     assert moe_cost_model.tok_per_s(faster_bus, 0.2) > moe_cost_model.tok_per_s(base, 0.2)
     # the bus-bound ceiling with no cache and free compute: 1 / (L * k * copy time)
-    free_compute = moe_cost_model.Inputs(gpu_expert_ms=0.0, dense_ms=0.0, sync_ms=0.0)
+    free_compute = moe_cost_model.Inputs(gpu_expert_ms=0.0, dense_ms=0.0, layer_host_ms=0.0)
     ceiling = 1000 / (moe_cost_model.LAYERS * moe_cost_model.TOP_K * free_compute.copy_ms)
     assert moe_cost_model.tok_per_s(free_compute, 0.0) == pytest.approx(ceiling)
 
