@@ -94,8 +94,8 @@ def inputs_from_measurement(report: dict, budget_gb: float) -> Inputs:
                       dense_ms=measured_dense_ms(report), measured_cpu_expert_ms=report.get("cpu_expert_ms"),
                       layer_host_ms=0.0)
     # What the run's experts took per layer beyond the modelled copy and compute is the host's share.
-    layer_host_ms = min(run["expert_ms_per_token"] / LAYERS - layer_ms(measured, run["hit_rate"], hybrid=False)
-                        for run in report["variants"] if run["hit_rate"] > 0)
+    layer_host_ms = min((run["expert_ms_per_token"] / LAYERS - layer_ms(measured, run["hit_rate"], hybrid=False)
+                         for run in report["variants"] if run["hit_rate"] > 0), default=0.0)
     return Inputs(**{**measured.__dict__, "layer_host_ms": max(0.0, layer_host_ms)})
 
 
