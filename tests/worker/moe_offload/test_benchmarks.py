@@ -43,3 +43,15 @@ def test_cost_model_refuses_a_smoke_measurement(tmp_path):
     smoke.write_text(json.dumps({"smoke": True}))
     with pytest.raises(SystemExit):
         moe_cost_model.main(["--measured", str(smoke)])
+
+
+def test_cost_model_calibrated_on_a_run_reproduces_it():
+    run = {"tok_per_s": 7.0, "expert_ms_per_token": 40.0, "hit_rate": 0.85}
+    report = {"resident_gb": 4.41, "h2d_gb_per_s": 55.0, "expert_compute_ms": 0.03, "cpu_expert_ms": 5.0,
+              "variants": [run, {"tok_per_s": 13.0, "expert_ms_per_token": 1.0, "hit_rate": 0.0}]}
+    inputs = moe_cost_model.inputs_from_measurement(report, budget_gb=16)
+    assert inputs.dense_ms == pytest.approx(1000 / 13.0 - 1.0)  # the least over the variants
+    assert inputs.layer_host_ms > 0
+    # dense part from the fastest variant, host time per layer from the experts' share: the run comes back
+    predicted = moe_cost_model.tok_per_s(inputs, run["hit_rate"])
+    assert predicted == pytest.approx(1000 / (inputs.dense_ms + run["expert_ms_per_token"]))
