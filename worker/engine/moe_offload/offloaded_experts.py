@@ -48,19 +48,17 @@ class Routing:
         self.positions: dict[int, list[int]] = {}
         for position, expert in enumerate(host_ids):
             self.positions.setdefault(expert, []).append(position)
-        self._spans: dict[int, tuple[int, int]] = {}
-        self._on_device: torch.Tensor | None = None
 
-    def device_positions(self, expert: int) -> torch.Tensor:
-        """`expert`'s positions on the device; every expert's go over in one copy, on first use."""
-        if self._on_device is None:
-            flat: list[int] = []
-            for expert_id, positions in self.positions.items():
-                self._spans[expert_id] = (len(flat), len(positions))
-                flat.extend(positions)
-            self._on_device = to_device(flat, self.flat_weights.device)
-        start, count = self._spans[expert]
-        return self._on_device[start:start + count]
+    def padded(self, experts: list[int]) -> list[int]:
+        """For prefill: each expert's positions padded to the busiest one's count, then 1/0 marks of which are
+        real, flattened ([2, experts, most] as a list): the whole group computes in two bmm calls."""
+        most = max(len(self.positions[e]) for e in experts)
+        positions, real = [], []
+        for expert in experts:
+            own = self.positions[expert]
+            positions += own + [own[0]] * (most - len(own))  # padding repeats a real position, weighted 0
+            real += [1] * len(own) + [0] * (most - len(own))
+        return positions + real
 
 
 class OffloadedExperts(nn.Module):
@@ -141,11 +139,14 @@ class OffloadedExperts(nn.Module):
 
     @staticmethod
     def _device_indices(acquired: Acquired, routing: Routing, decoding: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """The slots of the hits then the misses, and (decode) each one's routing position, in one copy;
-        prefill finds its tokens through `routing` instead."""
+        """The slots of the hits then the misses, and their routing positions (decode: one each; prefill:
+        `Routing.padded`), in one copy."""
         slots = acquired.hit_slots + acquired.miss_slots
         experts = acquired.hit_experts + acquired.miss_experts
-        positions = [routing.positions[e][0] for e in experts] if decoding else []
+        if decoding:
+            positions = [routing.positions[e][0] for e in experts]
+        else:
+            positions = routing.padded(experts) if experts else []
         on_device = to_device(slots + positions, routing.flat_weights.device)
         return on_device[:len(slots)], on_device[len(slots):]
 
@@ -163,10 +164,11 @@ class OffloadedExperts(nn.Module):
             expert_out = torch.bmm(down, (self.act_fn(gate) * up).unsqueeze(-1)).squeeze(-1)
             output[0] += (weights.to(expert_out.dtype) @ expert_out).to(output.dtype)
             return
-        for j, expert in enumerate(experts):
-            positions = routing.device_positions(expert)
-            token_idx = positions // routing.top_k
-            gate, up = nn.functional.linear(x[token_idx], gate_up[j]).chunk(2, dim=-1)
-            expert_out = nn.functional.linear(self.act_fn(gate) * up, down[j])
-            expert_out = expert_out * routing.flat_weights[positions, None].to(expert_out.dtype)
-            output.index_add_(0, token_idx, expert_out.to(output.dtype))
+        # Prefill: every expert's tokens, padded to the busiest expert's count, through two bmm calls.
+        positions, real = position_index.view(2, len(experts), -1)
+        token_idx = positions // routing.top_k
+        gate, up = torch.bmm(x[token_idx], gate_up.transpose(1, 2)).chunk(2, dim=-1)
+        expert_out = torch.bmm(self.act_fn(gate) * up, down.transpose(1, 2))
+        weights = routing.flat_weights[positions] * real
+        expert_out = expert_out * weights.unsqueeze(-1).to(expert_out.dtype)
+        output.index_add_(0, token_idx.reshape(-1), expert_out.reshape(-1, output.shape[-1]).to(output.dtype))
