@@ -9,8 +9,9 @@ Per token, each of the L MoE layers routes to k experts; a fraction h of them is
                t_layer = max(m * t_copy * t_cpu / (t_copy + t_cpu), (k - m) * t_gpu) + ... (same tail)
   token        t = t_dense + L * t_layer        (t_dense: attention, DeltaNet, shared experts, lm_head)
 with t_copy = row_bytes / PCIe bandwidth and t_cpu = row_bytes / host-RAM bandwidth (a 4-bit expert
-matvec on the CPU is bound by reading its row). Under uniform routing (random weights) the hit rate is
-the fraction of experts that have a slot: slots / 512.
+matvec on the CPU is bound by reading its row). Under uniform, independent routing the hit rate is
+the fraction of experts that have a slot, slots / 512 (random-weight runs hit more: consecutive tokens
+route alike).
 
     python -m benchmarks.moe_cost_model [--measured benchmarks/results/moe_offload_gpu-<card>.json]
 """

@@ -9,7 +9,8 @@ baseline, the naive whole-layer offload: every layer's experts copied to the GPU
 `--naive-layers` layers and scaled to all, which the output says). It also measures what the cost model
 needs: raw host-to-device bandwidth and the per-expert copy and compute times.
 
-Random routers route near uniformly, the worst case for a cache; the hit rate printed is that case.
+Random routers use every expert about equally, yet consecutive tokens route alike: on an H200 run LRU alone
+hit 50% of routed experts with slots for 25% of them, and 85% with prefetch.
 
     python -m benchmarks.moe_offload_gpu                     # on a GPU: the real thing (~42 GB host RAM)
     python -m benchmarks.moe_offload_gpu --smoke --device cpu   # tiny shapes: checks the script runs
