@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"# {inputs.slots} slots per layer; expert row {ROW_BYTES / 2**20:.2f} MiB: copy {inputs.copy_ms:.3f} ms, "
           f"CPU {inputs.cpu_expert_ms:.3f} ms, GPU {inputs.gpu_expert_ms:.3f} ms; host {inputs.layer_host_ms:.2f} ms "
           f"per MoE layer; dense part {inputs.dense_ms:.1f} ms")
-    rows = [("uniform routing (random weights)", inputs.uniform_hit_rate), ("real routing, low skew", 0.67),
+    rows = [("uniform, independent routing", inputs.uniform_hit_rate), ("real routing, low skew", 0.67),
             ("real routing, high skew", 0.81), ("every expert a miss", 0.0)]
     print(f"| {'routing':<34} | {'hit rate':>8} | {'copy tok/s':>10} | {'hybrid tok/s':>12} |")
     print(f"|{'-' * 36}|{'-' * 10}|{'-' * 12}|{'-' * 14}|")
