@@ -14,7 +14,7 @@ from worker.engine.moe_offload.builder import OffloadedModel, build_offloaded_mo
 from worker.engine.moe_offload.checkpoint import fingerprint, load_config, resolve_checkpoint_dir
 from worker.engine.moe_offload.converter import ConversionError, convert_checkpoint, is_converted, read_manifest
 from worker.engine.moe_offload.cpu_experts import MissMode
-from worker.engine.moe_offload.expert_cache import CachePolicyName, CacheStats
+from worker.engine.moe_offload.expert_cache import CachePolicyName
 from worker.engine.moe_offload.packing import ExpertLayout, ExpertQuant
 from worker.engine.transformers_engine import TransformersEngine
 
@@ -104,9 +104,6 @@ class MoEOffloadEngine(TransformersEngine):
         torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total_gb))
         return min(budget, total_gb)
 
-    def cache_stats(self) -> CacheStats:
-        return self.offloaded.cache_stats() if self.offloaded else CacheStats()
-
     def expert_offload_stats(self) -> ExpertOffloadStats | None:
         if self.offloaded is None:
             return None
@@ -114,5 +111,5 @@ class MoEOffloadEngine(TransformersEngine):
         return ExpertOffloadStats(
             slots_per_layer=self.offloaded.plan.slots_per_layer,
             experts_per_layer=self.offloaded.caches[0].host_rows.shape[0],
-            miss_mode=split.mode, cpu_share=round(split.cpu_share, 4), **asdict(self.cache_stats()),
+            miss_mode=split.mode, cpu_share=round(split.cpu_share, 4), **asdict(self.offloaded.cache_stats()),
         )

@@ -99,7 +99,7 @@ class OffloadedExperts(nn.Module):
             acquired = self.cache.acquire(group, start_copies=False)
             experts = acquired.hit_experts + acquired.miss_experts
             try:
-                slots, positions = self._device_indices(acquired, routing, decoding)  # on the bus ahead of the rows
+                slots, positions = self._device_indices(acquired, experts, routing, decoding)  # ahead of the rows
             finally:  # the slots are already promised to these experts: their bytes must come
                 self.cache.start_copies(acquired)
             if predicted:  # queued behind this layer's misses, which are all it waits for
@@ -138,11 +138,11 @@ class OffloadedExperts(nn.Module):
         return total
 
     @staticmethod
-    def _device_indices(acquired: Acquired, routing: Routing, decoding: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """The slots of the hits then the misses, and their routing positions (decode: one each; prefill:
-        `Routing.padded`), in one copy."""
+    def _device_indices(acquired: Acquired, experts: list[int], routing: Routing,
+                        decoding: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The slots of `experts` (the hits then the misses) and their routing positions (decode: one each;
+        prefill: `Routing.padded`), in one copy."""
         slots = acquired.hit_slots + acquired.miss_slots
-        experts = acquired.hit_experts + acquired.miss_experts
         if decoding:
             positions = [routing.positions[e][0] for e in experts]
         else:

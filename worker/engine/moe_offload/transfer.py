@@ -35,11 +35,7 @@ class CopyStream:
 
     def record(self) -> "torch.cuda.Event | None":
         """An event that fires when every copy issued so far has landed (None on the CPU: already done)."""
-        if not self.is_cuda:
-            return None
-        event = torch.cuda.Event()
-        event.record(self._stream)
-        return event
+        return self._event_on(self._stream)
 
     def wait(self, event: "torch.cuda.Event | None") -> None:
         """Make the compute stream wait for `event` (copies landed) without blocking the host."""
@@ -48,8 +44,11 @@ class CopyStream:
 
     def compute_done(self) -> "torch.cuda.Event | None":
         """An event on the compute stream: slots read by compute issued so far may be overwritten after it."""
+        return self._event_on(self._compute)
+
+    def _event_on(self, stream: "torch.cuda.Stream | None") -> "torch.cuda.Event | None":
         if not self.is_cuda:
             return None
         event = torch.cuda.Event()
-        event.record(self._compute)
+        event.record(stream)
         return event
