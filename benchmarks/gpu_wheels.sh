@@ -9,10 +9,16 @@ PY=${PY:-.venv/bin/python}
 grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
 rm -rf .whl && mkdir .whl
 specs=()
-for name in bitsandbytes pydantic pydantic-core pydantic-settings python-dotenv typing-inspection annotated-types redis; do
+# transformers: this checkout's, newer than the image's 5.17 (static cache and compile paths differ); regex: its
+# floor is above the image's. fla/ (flash-linear-attention: Triton kernels for Gated DeltaNet) goes on the path
+# only for the benchmark run that measures it, since transformers picks it up at import.
+for name in bitsandbytes pydantic pydantic-core pydantic-settings python-dotenv typing-inspection annotated-types redis \
+        transformers regex; do
     specs+=("$name==$("$PY" -m pip show "$name" | sed -n 's/^Version: //p')")
 done
 "$PY" -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 --platform any -d .whl "${specs[@]}"
-du -sh .whl && ls .whl
+"$PY" -m pip download --quiet --no-deps --only-binary=:all: -d .whl/fla flash-linear-attention==0.6.0 fla-core==0.6.0 \
+    einops
+du -sh .whl && ls .whl .whl/fla

@@ -24,6 +24,7 @@ import json
 import platform
 import pstats
 import time
+import traceback
 from dataclasses import asdict
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from transformers import Qwen3NextConfig
 from transformers.activations import ACT2FN
 
 from benchmarks.moe_cost_model import measured_dense_ms
+from worker.engine.compiled_decode import CompiledDecode
 from worker.engine.moe_offload.budget import plan_memory
 from worker.engine.moe_offload.builder import install_offloaded_experts
 from worker.engine.moe_offload.checkpoint import build_skeleton, find_fused_experts
@@ -116,19 +118,38 @@ def synthetic_host_rows(layout: ExpertLayout, layers: int, experts: int, pin: bo
     return rows
 
 
-def decode_run(model, config, device, tokens: int, clock: Clock, on_prefill_done=None) -> dict:
-    """Greedy decode of `tokens` tokens after a 16-token prompt; per-layer device time via hooks.
+class TimedExperts(torch.nn.Module):
+    """Wraps a layer's experts to time them (`marks`: [start, end] per call). A compiled decode breaks its
+    graph here as it does at the experts themselves, so the wrapper changes nothing it measures."""
+
+    def __init__(self, inner: torch.nn.Module, clock: Clock):
+        super().__init__()
+        self.inner = inner
+        self.clock = clock
+        self.marks: list[list] = []
+
+    @torch.compiler.disable
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        start = self.clock.mark()
+        output = self.inner(hidden_states, top_k_index, top_k_weights)
+        self.marks.append([start, self.clock.mark()])
+        return output
+
+
+def decode_run(model, config, device, tokens: int, clock: Clock, on_prefill_done=None,
+               compiled: CompiledDecode | None = None) -> dict:
+    """Greedy decode of `tokens` tokens after a 16-token prompt, with the experts' device time (`TimedExperts`
+    installed) and, in eager mode, each layer's (hooks; a compiled decode has no layer boundaries to time).
     `on_prefill_done` runs once the prompt's forward is over, before the first decode step."""
     layers = model.model.layers
+    timed = [layer.mlp.experts for layer in layers]
+    for experts in timed:
+        experts.marks.clear()
     marks: dict[int, list] = {i: [] for i in range(len(layers))}
-    expert_marks: list = []
     hooks = []
-    for i, layer in enumerate(layers):
+    for i, layer in enumerate(layers if compiled is None else []):
         hooks.append(layer.register_forward_pre_hook(lambda m, a, i=i: marks[i].append([clock.mark()])))
         hooks.append(layer.register_forward_hook(lambda m, a, o, i=i: marks[i][-1].append(clock.mark())))
-        experts = layer.mlp.experts
-        hooks.append(experts.register_forward_pre_hook(lambda m, a: expert_marks.append([clock.mark()])))
-        hooks.append(experts.register_forward_hook(lambda m, a, o: expert_marks[-1].append(clock.mark())))
     stamps: list[float] = []
 
     class Stamp:
@@ -144,20 +165,20 @@ def decode_run(model, config, device, tokens: int, clock: Clock, on_prefill_done
     prompt = torch.randint(0, config.vocab_size, (1, 16), device=device)
     with torch.inference_mode():
         model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=tokens, min_new_tokens=tokens,
-                       do_sample=False, streamer=Stamp(), pad_token_id=0, eos_token_id=None)
+                       do_sample=False, streamer=Stamp(), pad_token_id=0, eos_token_id=None,
+                       **(compiled.generate_kwargs() if compiled is not None else {}))
     clock.sync()
     for hook in hooks:
         hook.remove()
     decode_steps = len(stamps) - 2  # the first put is the prompt, the second the prefill's token
     decode_seconds = stamps[-1] - stamps[1]
-    # per-layer averages over decode steps only (the first call of each layer is the prefill)
+    # per-layer and experts' averages over decode steps only (the first call of each is the prefill)
     layer_ms = [sum(clock.seconds(s, e) for s, e in marks[i][1:]) / max(1, len(marks[i]) - 1) * 1000
-                for i in range(len(layers))]
-    per_step = len(layers)
-    expert_ms = sum(clock.seconds(s, e) for s, e in expert_marks[per_step:]) / max(1, decode_steps) * 1000
+                for i in range(len(layers))] if compiled is None else None
+    expert_ms = sum(clock.seconds(s, e) for experts in timed for s, e in experts.marks[1:]) / max(1, decode_steps)
     return {"decode_tokens": decode_steps, "decode_seconds": decode_seconds,
-            "tok_per_s": decode_steps / decode_seconds, "layer_ms": layer_ms,
-            "expert_ms_per_token": expert_ms, "layer_types": list(config.layer_types)}
+            "tok_per_s": decode_steps / decode_seconds, "layer_ms": layer_ms, "compiled": compiled is not None,
+            "expert_ms_per_token": expert_ms * 1000, "layer_types": list(config.layer_types)}
 
 
 def measure_bandwidth(device: torch.device, nbytes: int, clock: Clock) -> float:
@@ -220,6 +241,8 @@ VARIANTS = {
     "lru": ("offload lru", "lru", False, "copy"),
     "lfu+prefetch": ("offload lfu + prefetch", "lfu", True, "copy"),
 }
+# Any variant (no-experts too) with this suffix decodes compiled (`CompiledDecode`: CUDA graphs on a GPU).
+COMPILED = ":compiled"
 
 
 class NoExperts(torch.nn.Module):
@@ -254,11 +277,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--variants", default=",".join(VARIANTS),
                         help=f"comma-separated, in order, repeats allowed: {', '.join(VARIANTS)}, no-experts "
-                             "(experts output zeros: the rest of the model alone)")
+                             f"(experts output zeros: the rest of the model alone); each may end in {COMPILED}")
     parser.add_argument("--skip-naive", action="store_true")
     parser.add_argument("--profile", type=int, default=0, metavar="TOKENS",
                         help="after the first variant, profile the host side of this many decode steps")
     args = parser.parse_args(argv)
+    known = [*VARIANTS, "no-experts"]
+    unknown = [name for name in args.variants.split(",") if name.removesuffix(COMPILED) not in known]
+    if unknown:
+        parser.error(f"unknown variants: {', '.join(unknown)}")
 
     device = torch.device(args.device)
     if device.type == "cuda" and device.index is None:  # memory caps and stats want an indexed device
@@ -307,7 +334,7 @@ def main(argv: list[str] | None = None) -> dict:
         "slots_per_layer": plan.slots_per_layer, "resident_gb": resident_bytes / _GIB,
         "h2d_gb_per_s": bandwidth, "expert_copy_ms": layout.row_bytes / (bandwidth * 1e9) * 1000,
         "expert_compute_ms": expert_compute_s * 1000, "non_expert_ms_per_token": None, "cpu_expert_ms": None,
-        "variants": [], "naive": None,
+        "variants": [], "failed": [], "naive": None,
     }
     out = args.out or RESULTS / f"moe_offload_gpu-{card.replace(' ', '_')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -316,39 +343,61 @@ def main(argv: list[str] | None = None) -> dict:
 
     # The JSON is rewritten after each variant, so a run cut short still reports what it measured.
     experts = [(name, layout, rows) for name, rows in zip(experts_names, host_rows, strict=True)]
-    for index, name in enumerate(args.variants.split(",")):
-        if name == "no-experts":
+    compiled: CompiledDecode | None = None  # one static cache for every compiled variant
+
+    def measure(index: int, name: str) -> dict:
+        nonlocal compiled
+        base, is_compiled = name.removesuffix(COMPILED), name.endswith(COMPILED)
+        if base == "no-experts":
             label, caches, split = "no experts (rest alone)", [], MissSplit("copy", 0.0)
             for module_name in experts_names:
                 model.set_submodule(module_name, NoExperts())
         else:
-            label, policy, prefetch, misses = VARIANTS[name]
+            label, policy, prefetch, misses = VARIANTS[base]
             caches, split = install_offloaded_experts(model, experts, device, dtype, plan.slots_per_layer, policy,
                                                       prefetch, config, misses)
-        # Warm-up, which also fills the cache. On an H200 the first variant ran 40% slower than the same one
-        # repeated after a 4-token warm-up (4.35 against 7.04 tok/s), so the first gets a longer one.
-        decode_run(model, config, device, 16 if index == 0 else 4, clock)
+        for module_name in experts_names:
+            model.set_submodule(module_name, TimedExperts(model.get_submodule(module_name), clock))
+        if is_compiled:
+            label += ", compiled"
+            if compiled is None:
+                compiled = CompiledDecode(model, max_len=16 + max(args.tokens, 16) + 1)
+            compiled.attach(model)  # this variant's experts
+        # Warm-up, which also fills the cache and compiles. On an H200 the first variant ran 40% slower than the
+        # same one repeated after a 4-token warm-up (4.35 against 7.04 tok/s), so the first gets a longer one.
+        warm_up_started = time.perf_counter()
+        decode_run(model, config, device, 16 if index == 0 or is_compiled else 4, clock,
+                   compiled=compiled if is_compiled else None)
+        warm_up_s = time.perf_counter() - warm_up_started
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
 
-        def decode_only(caches=caches):  # the prompt's copies would inflate decode GB/s and hit rate
+        def decode_only():  # the prompt's copies would inflate decode GB/s and hit rate
             for cache in caches:
                 cache.stats = CacheStats()
 
-        run = decode_run(model, config, device, args.tokens, clock, on_prefill_done=decode_only)
+        run = decode_run(model, config, device, args.tokens, clock, on_prefill_done=decode_only,
+                         compiled=compiled if is_compiled else None)
         stats = CacheStats.total(cache.stats for cache in caches)
         run.update(label=label, hit_rate=stats.hit_rate, cache=asdict(stats), miss_split=asdict(split),
-                   copy_gb_per_s=stats.bytes_copied / run["decode_seconds"] / 1e9,
+                   warm_up_s=warm_up_s, copy_gb_per_s=stats.bytes_copied / run["decode_seconds"] / 1e9,
                    gpu_peak_gb=torch.cuda.max_memory_allocated(device) / _GIB if device.type == "cuda" else None)
-        report["variants"].append(run)
-        report["non_expert_ms_per_token"] = measured_dense_ms(report)
         report["cpu_expert_ms"] = report["cpu_expert_ms"] or split.cpu_ms
+        print(f"# {label}: {run['tok_per_s']:.2f} tok/s, hit rate {stats.hit_rate:.1%}, warm-up {warm_up_s:.0f} s")
+        return run  # this variant's slots (10 GiB at real shapes) go with its caches, before the next installs
+
+    for index, name in enumerate(args.variants.split(",")):
+        try:
+            report["variants"].append(measure(index, name))
+        except Exception as error:  # a variant that fails (a compile error, say) leaves the others measured
+            traceback.print_exc()
+            report["failed"].append({"variant": name, "error": repr(error)})
+        gc.collect()
+        if report["variants"]:
+            report["non_expert_ms_per_token"] = measured_dense_ms(report)
         out.write_text(json.dumps(report, indent=2))
-        print(f"# {label}: {run['tok_per_s']:.2f} tok/s, hit rate {stats.hit_rate:.1%}")
         if index == 0 and args.profile:
             _profile_host(model, config, device, args.profile, clock, out.with_suffix(".profile.txt"))
-        del caches, decode_only  # free this variant's slots (10 GiB at real shapes) before the next installs
-        gc.collect()
 
     if args.skip_naive:
         _print_table(report)
@@ -372,30 +421,36 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _print_table(report: dict) -> None:
+    for failure in report["failed"]:
+        print(f"# FAILED {failure['variant']}: {failure['error']}")
+    if not report["variants"]:
+        return
     print(f"\nslots/layer {report['slots_per_layer']}, resident {report['resident_gb']:.2f} GB, "
           f"H2D {report['h2d_gb_per_s']:.1f} GB/s, expert copy {report['expert_copy_ms']:.3f} ms, "
           f"expert compute {report['expert_compute_ms']:.3f} ms, "
           f"non-expert {report['non_expert_ms_per_token']:.1f} ms/token")
-    print(f"| {'engine':<24} | {'decode tok/s':>12} | {'hit rate':>8} | {'CPU share':>9} | {'copy GB/s':>9} | "
+    print(f"| {'engine':<34} | {'decode tok/s':>12} | {'hit rate':>8} | {'CPU share':>9} | {'copy GB/s':>9} | "
           f"{'experts ms/tok':>14} |")
-    print(f"|{'-' * 26}|{'-' * 14}|{'-' * 10}|{'-' * 11}|{'-' * 11}|{'-' * 16}|")
+    print(f"|{'-' * 36}|{'-' * 14}|{'-' * 10}|{'-' * 11}|{'-' * 11}|{'-' * 16}|")
     for run in report["variants"]:
         cache = run["cache"]
         cpu_share = cache["computed_on_host"] / cache["misses"] if cache["misses"] else 0.0
-        print(f"| {run['label']:<24} | {run['tok_per_s']:>12.2f} | {run['hit_rate']:>8.1%} | {cpu_share:>9.1%} | "
+        print(f"| {run['label']:<34} | {run['tok_per_s']:>12.2f} | {run['hit_rate']:>8.1%} | {cpu_share:>9.1%} | "
               f"{run['copy_gb_per_s']:>9.2f} | {run['expert_ms_per_token']:>14.1f} |")
         if run["miss_split"]["cpu_ms"] is not None:
             split = run["miss_split"]
             print(f"#   {run['label']}: timed at load: expert copy {split['copy_ms']:.3f} ms, CPU expert "
                   f"{split['cpu_ms']:.3f} ms -> {split['cpu_share']:.1%} of misses to the CPU")
+    layer_types = report["variants"][0]["layer_types"]
     naive = report["naive"]
     if naive:
-        print(f"| {'naive whole-layer':<24} | {naive['tok_per_s']:>12.2f} | {'-':>8} | {'-':>9} | {'-':>9} | "
-              f"{naive['layer_ms'] * len(report['variants'][0]['layer_ms']):>14.1f} |  ({naive['note']})")
-    layer_types = report["variants"][0]["layer_types"]
-    for kind in sorted(set(layer_types)):
-        times = [t for t, k in zip(report["variants"][0]["layer_ms"], layer_types, strict=True) if k == kind]
-        print(f"# {kind}: {len(times)} layers, {sum(times) / len(times):.2f} ms per layer per token (first variant)")
+        print(f"| {'naive whole-layer':<34} | {naive['tok_per_s']:>12.2f} | {'-':>8} | {'-':>9} | {'-':>9} | "
+              f"{naive['layer_ms'] * len(layer_types):>14.1f} |  ({naive['note']})")
+    timed = next((run for run in report["variants"] if run["layer_ms"]), None)
+    for kind in sorted(set(layer_types)) if timed else []:
+        times = [t for t, k in zip(timed["layer_ms"], layer_types, strict=True) if k == kind]
+        print(f"# {kind}: {len(times)} layers, {sum(times) / len(times):.2f} ms per layer per token "
+              f"({timed['label']})")
 
 
 if __name__ == "__main__":

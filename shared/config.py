@@ -29,6 +29,11 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     apply_chat_template: bool = True
     torch_threads: int = Field(0, ge=0, description="0 = torch's default (all cores)")
+    # on: the decode step runs compiled (torch.compile; CUDA graphs on a GPU) over a static cache, compiled while
+    # the model loads; auto = on for CUDA (falling back to eager if it fails), off on the CPU.
+    decode_compile: Literal["auto", "on", "off"] = "auto"
+    max_model_len: int = Field(0, ge=0, description="prompt + generated tokens per request; 0 = the model's "
+                                                     "context. Sizes the static cache of a compiled decode")
 
     # --- MoE expert offload (worker/engine/moe_offload) ---
     # auto: offload experts when the model is a fused-experts MoE too big for the device budget.

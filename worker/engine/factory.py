@@ -18,7 +18,8 @@ def create_engine(settings: Settings) -> Engine:
     from worker.engine.transformers_engine import TransformersEngine
 
     common = dict(model_path=resolve_model_path(settings), model_name=settings.model_id, device=settings.device,
-                  dtype=settings.model_dtype, apply_chat_template=settings.apply_chat_template)
+                  dtype=settings.model_dtype, apply_chat_template=settings.apply_chat_template,
+                  decode_compile=settings.decode_compile, max_model_len=settings.max_model_len)
     if should_offload_experts(settings):
         from worker.engine.moe_offload.engine import MoEOffloadEngine, OffloadOptions
 

@@ -10,6 +10,12 @@ from transformers.generation.streamers import BaseStreamer
 
 from shared.schemas import GenerationOutcome, GenerationParams
 from worker.engine.base import Engine, GenerationControl, InvalidGenerationInput
+from worker.engine.compiled_decode import (
+    CompiledDecode,
+    DecodeCompile,
+    set_module_decode_mode,
+    wants_compiled_decode,
+)
 from worker.engine.detokenizer import IncrementalDetokenizer
 
 log = logging.getLogger(__name__)
@@ -69,29 +75,60 @@ class _ControlStopping(StoppingCriteria):
 
 class TransformersEngine(Engine):
     def __init__(self, model_path: str, model_name: str, device: str = "auto", dtype: str = "auto",
-                 apply_chat_template: bool = True):
+                 apply_chat_template: bool = True, decode_compile: DecodeCompile = "off", max_model_len: int = 0):
         self.model_path = model_path
         self.model_name = model_name
         self.device = pick_device(device)
         self.torch_dtype = pick_dtype(dtype, self.device)
         self.dtype = str(self.torch_dtype).removeprefix("torch.")
         self.use_chat_template = apply_chat_template
+        self.decode_compile = decode_compile
+        self.max_model_len = max_model_len
         self.context_length = 0
         self.model = None
         self.tokenizer = None
+        self.compiled: CompiledDecode | None = None
 
     def load(self) -> None:
         started = time.perf_counter()
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         self.model = self._load_model()
-        config = self.model.config
-        self.context_length = int(getattr(config, "max_position_embeddings", 0) or 2048)
+        self.context_length = self._context_length(self.model.config)
         self._eos_ids = self._eos_token_ids()
         if self.use_chat_template and not self.tokenizer.chat_template:
             log.info("%s has no chat template; prompts go in as plain text", self.model_name)
             self.use_chat_template = False
+        if self.compiles_decode:
+            self.compiled = self._compile_decode()
         log.info("Loaded %s on %s (%s) in %.1f s", self.model_name, self.device, self.dtype,
                  time.perf_counter() - started)
+
+    @property
+    def compiles_decode(self) -> bool:
+        return wants_compiled_decode(self.decode_compile, self.device)
+
+    def _context_length(self, config) -> int:
+        """Prompt + generated tokens a request may hold: the model's context, or MAX_MODEL_LEN below it."""
+        model_context = int(getattr(config.get_text_config(decoder=True), "max_position_embeddings", 0) or 2048)
+        return min(model_context, self.max_model_len) if self.max_model_len else model_context
+
+    def _compile_decode(self) -> CompiledDecode | None:
+        """DECODE_COMPILE=on fails loudly; auto falls back to eager decode with a warning."""
+        try:
+            compiled = CompiledDecode(self.model, self.context_length)
+            prompt = torch.full((1, 8), next(iter(self._eos_ids), 0), device=self.device)
+            with torch.inference_mode():
+                compiled.warm_up(self.model.generate, prompt, pad_token_id=self._pad_token_id())
+            return compiled
+        except Exception:
+            if self.decode_compile == "on":
+                raise
+            log.warning("Compiling the decode step failed; decoding eagerly", exc_info=True)
+            set_module_decode_mode(self.model, None)
+            return None
+
+    def _pad_token_id(self) -> int | None:
+        return self.tokenizer.pad_token_id or next(iter(self._eos_ids), None)
 
     def _load_model(self) -> torch.nn.Module:
         model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=self.torch_dtype)
@@ -132,15 +169,17 @@ class TransformersEngine(Engine):
         )
         if self.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        with torch.inference_mode():
+        with torch.inference_mode():  # the cache's tensors were made in inference mode: reset them in it too
+            compiled = self.compiled.generate_kwargs() if self.compiled is not None else {}
             self.model.generate(
                 input_ids=input_ids.to(self.device),
                 attention_mask=torch.ones_like(input_ids).to(self.device),
                 max_new_tokens=params.max_tokens,
                 streamer=streamer,
                 stopping_criteria=StoppingCriteriaList([stopping]),
-                pad_token_id=self.tokenizer.pad_token_id or next(iter(self._eos_ids), None),
+                pad_token_id=self._pad_token_id(),
                 **sampling,
+                **compiled,
             )
         elapsed = time.perf_counter() - started
         tokens = streamer.token_ids

@@ -26,6 +26,15 @@ def test_gpu_benchmark_runs_end_to_end_in_smoke_mode_on_the_cpu(tmp_path):
     assert report["naive"]["tok_per_s"] > 0 and report["h2d_gb_per_s"] > 0
 
 
+def test_gpu_benchmark_decodes_compiled_variants(tmp_path):
+    report = moe_offload_gpu.main(["--smoke", "--device", "cpu", "--tokens", "4", "--out", str(tmp_path / "c.json"),
+                                   "--variants", "lru:compiled,no-experts:compiled", "--skip-naive"])
+    offload, rest = report["variants"]
+    assert offload["label"] == "offload lru, compiled" and offload["compiled"] and offload["layer_ms"] is None
+    assert offload["decode_tokens"] == 3 and offload["cache"]["misses"] > 0 and offload["expert_ms_per_token"] > 0
+    assert rest["compiled"] and rest["cache"]["hits"] == rest["cache"]["misses"] == 0 and rest["tok_per_s"] > 0
+
+
 def test_cost_model_predictions_follow_hit_rate_and_bandwidth():
     base = moe_cost_model.Inputs()
     assert base.slots == int(base.uniform_hit_rate * moe_cost_model.EXPERTS) > moe_cost_model.TOP_K

@@ -8,10 +8,13 @@ import pytest
 from shared.config import Settings
 from shared.schemas import GenerationParams
 from tests.worker.conftest import RecordingControl
+from tests.worker.moe_offload.conftest import TEST_DEVICE
+from worker.engine.base import InvalidGenerationInput
 from worker.engine.factory import create_engine, should_offload_experts
 from worker.engine.moe_offload.budget import MemoryBudgetError
 from worker.engine.moe_offload.converter import is_converted
 from worker.engine.moe_offload.engine import MoEOffloadEngine, OffloadOptions, converted_folder
+from worker.engine.moe_offload.offloaded_experts import OffloadedExperts
 from worker.engine.transformers_engine import TransformersEngine
 
 
@@ -86,3 +89,33 @@ def test_a_changed_local_checkpoint_is_converted_again(tiny_checkpoint, tmp_path
     os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))
     create_engine(settings).load()
     assert manifest.stat().st_mtime_ns != first
+
+
+def test_compiled_decode_generates_what_eager_decode_does_and_replays_the_same_graphs(tiny_checkpoint, tmp_path):
+    """DECODE_COMPILE=on on the CPU (inductor; CUDA graphs where MOE_TEST_DEVICE=cuda, via gpu_check.sh): the
+    graph breaks at the offloaded experts and the rest of each layer runs compiled over a static cache."""
+    import torch._dynamo.utils
+
+    settings = _settings(tiny_checkpoint, tmp_path, offload="experts", expert_quant="bf16", expert_slots=6,
+                         device=TEST_DEVICE.type, max_model_len=96)
+    eager = create_engine(settings.model_copy(update={"decode_compile": "off"}))
+    eager.load()
+    compiled = create_engine(settings.model_copy(update={"decode_compile": "on"}))
+    compiled.load()  # compiles here, with a warm-up generation
+    assert eager.inner.compiled is None and compiled.inner.compiled is not None
+    experts = [m for m in compiled.inner.model.modules() if isinstance(m, OffloadedExperts)]
+    assert experts and all(m.decode_compiled for m in experts)  # their decode math: a graph per layer
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert graphs > 1  # pieces between the experts' graph breaks
+
+    cache = compiled.inner.compiled.cache
+    for prompt in ("Hello world, tell me a story", "The quick brown fox"):
+        outcome, text = _generate(compiled, prompt, max_tokens=20)
+        assert outcome.tokens_generated > 0 and text == _generate(eager, prompt, max_tokens=20)[1]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # no recompiles for a new request
+    keys = [layer.keys for layer in cache.layers if getattr(layer, "keys", None) is not None]
+    assert keys and all(k.shape[2] == 96 for k in keys)  # the static cache, filled in place
+    assert compiled.expert_offload_stats().misses > 0  # the experts really ran eagerly, through the cache
+
+    with pytest.raises(InvalidGenerationInput, match="96 tokens"):  # MAX_MODEL_LEN bounds a request
+        _generate(compiled, max_tokens=90)

@@ -4,10 +4,10 @@ A missed expert can cross the bus (one row copy) or stay in host RAM and be appl
 hidden state (a 4-bit matvec, bound by reading the row). Which wins depends on the machine: the PCIe
 bandwidth against the CPU's 4-bit matvec speed. `calibrate_miss_split` times both once at load and
 splits the misses so that both sides finish together (the hybrid path of the cost model).
-bitsandbytes' `gemv_4bit` fuses dequantization into the matvec only in its CPU-only build on AVX512-BF16
-CPUs (a CUDA install loads a library without that kernel) and dequantizes then multiplies elsewhere
-(measured: 2.65 ms per Qwen3-Next expert on 2 AVX2 cores, against 0.07 ms to copy it over PCIe 4.0, so
-such a machine copies everything).
+The expert is dequantized, then multiplied (measured: 2.65 ms per Qwen3-Next expert on 2 AVX2 cores, against
+0.07 ms to copy it over PCIe 4.0, so such a machine copies everything). bitsandbytes' fused CPU `gemv_4bit`
+is not used: on AVX512-BF16 CPUs it expects weights repacked into its own CPU layout, and on our rows it gave
+wrong results (seen on an AMD EPYC); elsewhere it dequantizes then multiplies anyway.
 """
 
 import logging
@@ -15,10 +15,9 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
-import bitsandbytes.functional as bnbf
 import torch
 
-from worker.engine.moe_offload.packing import QUANT_BLOCKSIZE, ExpertLayout, section_view
+from worker.engine.moe_offload.packing import ExpertLayout, unpack_experts
 
 log = logging.getLogger(__name__)
 
@@ -27,21 +26,9 @@ MissMode = Literal["auto", "copy", "cpu", "hybrid"]
 
 def cpu_expert_forward(layout: ExpertLayout, row: torch.Tensor, x: torch.Tensor, act_fn) -> torch.Tensor:
     """One expert applied to `x` [tokens, hidden] on the CPU, from its host row; returns [tokens, hidden]."""
-    gate, up = _linear(layout, row, "gate_up", x, (2 * layout.intermediate, layout.hidden)).chunk(2, dim=-1)
-    return _linear(layout, row, "down", act_fn(gate) * up, (layout.hidden, layout.intermediate))
-
-
-def _linear(layout: ExpertLayout, row: torch.Tensor, name: str, x: torch.Tensor, shape: tuple[int, int]):
-    sections = layout.sections
-    rows = row.unsqueeze(0)
-    if not layout.is_4bit:
-        weight = section_view(rows, sections[f"{name}_weight"]).reshape(shape)
-        return torch.nn.functional.linear(x, weight.to(x.dtype))
-    packed = section_view(rows, sections[f"{name}_packed"]).reshape(-1, 1)
-    absmax = section_view(rows, sections[f"{name}_absmax"]).reshape(-1)
-    state = bnbf.QuantState(absmax=absmax, shape=torch.Size(shape), dtype=x.dtype, blocksize=QUANT_BLOCKSIZE,
-                            quant_type=layout.quant, code=bnbf.get_4bit_type(layout.quant, device="cpu"))
-    return bnbf.gemv_4bit(x, packed, state=state)
+    gate_up, down = unpack_experts(layout, row.unsqueeze(0), x.dtype)
+    gate, up = torch.nn.functional.linear(x, gate_up[0]).chunk(2, dim=-1)
+    return torch.nn.functional.linear(act_fn(gate) * up, down[0])
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from shared.schemas import ExpertOffloadStats
+from worker.engine.compiled_decode import DecodeCompile, static_cache_bytes
 from worker.engine.moe_offload.budget import plan_memory
 from worker.engine.moe_offload.builder import OffloadedModel, build_offloaded_model
 from worker.engine.moe_offload.checkpoint import fingerprint, load_config, resolve_checkpoint_dir
@@ -42,8 +43,9 @@ def converted_folder(root: Path, model_id: str, quant: ExpertQuant) -> Path:
 
 class MoEOffloadEngine(TransformersEngine):
     def __init__(self, model_path: str, model_name: str, options: OffloadOptions, device: str = "auto",
-                 dtype: str = "auto", apply_chat_template: bool = True):
-        super().__init__(model_path, model_name, device, dtype, apply_chat_template)
+                 dtype: str = "auto", apply_chat_template: bool = True, decode_compile: DecodeCompile = "off",
+                 max_model_len: int = 0):
+        super().__init__(model_path, model_name, device, dtype, apply_chat_template, decode_compile, max_model_len)
         self.options = options
         self.offloaded: OffloadedModel | None = None
 
@@ -80,15 +82,21 @@ class MoEOffloadEngine(TransformersEngine):
         layout = ExpertLayout.from_json(experts[0]["layout"])
         device = torch.device(self.device)
         device_budget = self._cap_gpu_memory() if device.type == "cuda" else 0.0
+        config = load_config(folder)
+        resident_bytes = manifest["resident_params"] * self.torch_dtype.itemsize
+        if self.compiles_decode:  # allocated up front for the whole length, unlike a growing cache
+            kv_bytes = static_cache_bytes(config, self._context_length(config), self.torch_dtype)
+            log.info("Static cache for a compiled decode: %.2f GB", kv_bytes / _GIB)
+            resident_bytes += kv_bytes
         plan = plan_memory(
             device_budget_gb=device_budget,
             reserve_gb=self.options.gpu_reserve_gb,
             host_budget_gb=self.options.host_memory_gb,
-            resident_bytes=manifest["resident_params"] * self.torch_dtype.itemsize,
+            resident_bytes=resident_bytes,
             num_layers=len(experts),
             experts_per_layer=experts[0]["num_experts"],
             row_bytes=layout.row_bytes,
-            top_k=int(getattr(load_config(folder), "num_experts_per_tok", 1) or 1),
+            top_k=int(getattr(config, "num_experts_per_tok", 1) or 1),
             share_host_rows=device.type == "cpu",
             slots_override=self.options.slots,
         )

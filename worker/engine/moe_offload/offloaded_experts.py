@@ -2,6 +2,8 @@
 whose weights live in host RAM and come to the device through an `ExpertCache`, or, for a share of the
 misses, are applied on the CPU where they are (see `cpu_experts`)."""
 
+from functools import partial
+
 import torch
 from torch import nn
 
@@ -61,6 +63,18 @@ class Routing:
         return positions + real
 
 
+def mix_decode(layout: ExpertLayout, act_fn, dtype: torch.dtype, buffer: torch.Tensor, slot_index: torch.Tensor,
+               position_index: torch.Tensor, flat_weights: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """One token `x` [H] through the experts whose rows sit at `slot_index` in `buffer`, each weighted by its
+    routing weight (`position_index` into `flat_weights`), summed: [H]. Every expert sees the same token, so
+    the group is two batched matmuls."""
+    gate_up, down = unpack_experts(layout, buffer.index_select(0, slot_index), dtype)
+    weights = flat_weights.index_select(0, position_index)
+    gate, up = torch.matmul(gate_up, x).chunk(2, dim=-1)
+    expert_out = torch.bmm(down, (act_fn(gate) * up).unsqueeze(-1)).squeeze(-1)
+    return weights.to(expert_out.dtype) @ expert_out
+
+
 class OffloadedExperts(nn.Module):
     def __init__(self, layout: ExpertLayout, cache: ExpertCache, act_fn, compute_dtype: torch.dtype):
         super().__init__()
@@ -71,7 +85,26 @@ class OffloadedExperts(nn.Module):
         self.num_experts = cache.host_rows.shape[0]
         self.next_layer: NextLayerPredictor | None = None
         self.miss_split = MissSplit("copy", 0.0)
+        self._mix_eager = partial(mix_decode, layout, act_fn, compute_dtype)
+        self._mix_decode = self._mix_eager
 
+    @property
+    def decode_compiled(self) -> bool:
+        return self._mix_decode is not self._mix_eager
+
+    def compile_decode(self, mode: str | None) -> None:
+        """Decode's expert math (~25 kernels: gather, dequantize, matmuls) as one compiled graph for this layer,
+        one CUDA graph launch with `mode="reduce-overhead"`; `None` goes back to eager."""
+        if mode is None:
+            self._mix_decode = self._mix_eager
+        elif self._mix_decode is self._mix_eager:
+            # The slot buffer is an input the graph must read in place: copying it in would move ~225 MB per call.
+            torch._dynamo.mark_static_address(self.cache.buffer)
+            self._mix_decode = torch.compile(self._mix_eager, mode=mode, dynamic=False, fullgraph=True)
+
+    # Host decisions (which experts to copy) need the routing on the host: a compiled decode breaks its graph
+    # here and runs this eagerly between the graph before and the graph after.
+    @torch.compiler.disable
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
         decoding = hidden_states.shape[0] == 1
@@ -154,16 +187,13 @@ class OffloadedExperts(nn.Module):
                     slot_index: torch.Tensor, position_index: torch.Tensor) -> None:
         if not experts:
             return
-        rows = self.cache.buffer.index_select(0, slot_index)
-        gate_up, down = unpack_experts(self.layout, rows, self.compute_dtype)
         x = hidden_states.to(self.compute_dtype)
         if hidden_states.shape[0] == 1:
-            # Decode: every expert in the group sees the one token; batch them into two bmm calls.
-            weights = routing.flat_weights.index_select(0, position_index)
-            gate, up = torch.matmul(gate_up, x[0]).chunk(2, dim=-1)
-            expert_out = torch.bmm(down, (self.act_fn(gate) * up).unsqueeze(-1)).squeeze(-1)
-            output[0] += (weights.to(expert_out.dtype) @ expert_out).to(output.dtype)
+            mixed = self._mix_decode(self.cache.buffer, slot_index, position_index, routing.flat_weights, x[0])
+            output[0] += mixed.to(output.dtype)
             return
+        rows = self.cache.buffer.index_select(0, slot_index)
+        gate_up, down = unpack_experts(self.layout, rows, self.compute_dtype)
         # Prefill: every expert's tokens, padded to the busiest expert's count, through two bmm calls.
         positions, real = position_index.view(2, len(experts), -1)
         token_idx = positions // routing.top_k
