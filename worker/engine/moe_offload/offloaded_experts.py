@@ -63,16 +63,17 @@ class Routing:
         return positions + real
 
 
-def mix_decode(layout: ExpertLayout, act_fn, dtype: torch.dtype, buffer: torch.Tensor, slot_index: torch.Tensor,
-               position_index: torch.Tensor, flat_weights: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """One token `x` [H] through the experts whose rows sit at `slot_index` in `buffer`, each weighted by its
-    routing weight (`position_index` into `flat_weights`), summed: [H]. Every expert sees the same token, so
-    the group is two batched matmuls."""
+def mix_decode(layout: ExpertLayout, act_fn, dtype: torch.dtype, buffer: torch.Tensor, indices: torch.Tensor,
+               flat_weights: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """One token `x` [1, H] through the experts whose rows sit in `buffer` at the slots of `indices` (slots, then
+    routing positions into `flat_weights`: one tensor, one copy in), each weighted by its routing weight,
+    summed: [1, H]. Every expert sees the same token, so the group is two batched matmuls."""
+    slot_index, position_index = indices.view(2, -1)
     gate_up, down = unpack_experts(layout, buffer.index_select(0, slot_index), dtype)
     weights = flat_weights.index_select(0, position_index)
-    gate, up = torch.matmul(gate_up, x).chunk(2, dim=-1)
+    gate, up = torch.matmul(gate_up, x[0]).chunk(2, dim=-1)
     expert_out = torch.bmm(down, (act_fn(gate) * up).unsqueeze(-1)).squeeze(-1)
-    return weights.to(expert_out.dtype) @ expert_out
+    return (weights.to(expert_out.dtype) @ expert_out).unsqueeze(0)
 
 
 class OffloadedExperts(nn.Module):
@@ -126,13 +127,13 @@ class OffloadedExperts(nn.Module):
             host_weights = top_k_weights.reshape(-1).tolist()
             routed = [e for e in routed if e not in on_cpu]
 
-        output = torch.zeros_like(hidden_states)
+        parts = []
         for start in range(0, len(routed), self.cache.capacity):
             group = routed[start:start + self.cache.capacity]
             acquired = self.cache.acquire(group, start_copies=False)
             experts = acquired.hit_experts + acquired.miss_experts
             try:
-                slots, positions = self._device_indices(acquired, experts, routing, decoding)  # ahead of the rows
+                indices = self._device_indices(acquired, experts, routing, decoding)  # ahead of the rows
             finally:  # the slots are already promised to these experts: their bytes must come
                 self.cache.start_copies(acquired)
             if predicted:  # queued behind this layer's misses, which are all it waits for
@@ -144,15 +145,20 @@ class OffloadedExperts(nn.Module):
             # host time than it hid (0.90 -> 0.58 ms per MoE layer with one pass).
             self.cache.wait_hits(acquired)
             self.cache.wait_misses(acquired)
-            self._accumulate(output, hidden_states, routing, experts, slots, positions)
+            if experts:
+                parts.append(self._mix(hidden_states, routing, len(experts), indices))
             self.cache.mark_read()
         if predicted:
             self.next_layer.cache.prefetch(predicted)
         if on_cpu:  # the device works through what was queued above while the CPU does its share
-            from_cpu = self._compute_on_cpu(host_x, host_weights, routing, on_cpu).to(output.dtype)
-            if output.is_cuda:
+            from_cpu = self._compute_on_cpu(host_x, host_weights, routing, on_cpu).to(hidden_states.dtype)
+            if hidden_states.is_cuda:
                 from_cpu = from_cpu.pin_memory()
-            output += from_cpu.to(output.device, non_blocking=True)
+            parts.append(from_cpu.to(hidden_states.device, non_blocking=True))
+        # Decode has one part (top-k fits the slots): no zeros to fill and add to, two launches fewer a layer.
+        output = parts[0] if parts else torch.zeros_like(hidden_states)
+        for part in parts[1:]:
+            output = output + part
         return output
 
     def _pick_cpu_experts(self, routed: list[int]) -> list[int]:
@@ -171,34 +177,29 @@ class OffloadedExperts(nn.Module):
         return total
 
     @staticmethod
-    def _device_indices(acquired: Acquired, experts: list[int], routing: Routing,
-                        decoding: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """The slots of `experts` (the hits then the misses) and their routing positions (decode: one each;
+    def _device_indices(acquired: Acquired, experts: list[int], routing: Routing, decoding: bool) -> torch.Tensor:
+        """The slots of `experts` (the hits then the misses), then their routing positions (decode: one each;
         prefill: `Routing.padded`), in one copy."""
         slots = acquired.hit_slots + acquired.miss_slots
         if decoding:
             positions = [routing.positions[e][0] for e in experts]
         else:
             positions = routing.padded(experts) if experts else []
-        on_device = to_device(slots + positions, routing.flat_weights.device)
-        return on_device[:len(slots)], on_device[len(slots):]
+        return to_device(slots + positions, routing.flat_weights.device)
 
-    def _accumulate(self, output: torch.Tensor, hidden_states: torch.Tensor, routing: Routing, experts: list[int],
-                    slot_index: torch.Tensor, position_index: torch.Tensor) -> None:
-        if not experts:
-            return
+    def _mix(self, hidden_states: torch.Tensor, routing: Routing, count: int, indices: torch.Tensor) -> torch.Tensor:
+        """The weighted sum of `count` experts' outputs (their slots and positions in `indices`) per token."""
         x = hidden_states.to(self.compute_dtype)
         if hidden_states.shape[0] == 1:
-            mixed = self._mix_decode(self.cache.buffer, slot_index, position_index, routing.flat_weights, x[0])
-            output[0] += mixed.to(output.dtype)
-            return
-        rows = self.cache.buffer.index_select(0, slot_index)
-        gate_up, down = unpack_experts(self.layout, rows, self.compute_dtype)
+            return self._mix_decode(self.cache.buffer, indices, routing.flat_weights, x).to(hidden_states.dtype)
+        slot_index, position_index = indices[:count], indices[count:]
+        gate_up, down = unpack_experts(self.layout, self.cache.buffer.index_select(0, slot_index), self.compute_dtype)
         # Prefill: every expert's tokens, padded to the busiest expert's count, through two bmm calls.
-        positions, real = position_index.view(2, len(experts), -1)
+        positions, real = position_index.view(2, count, -1)
         token_idx = positions // routing.top_k
         gate, up = torch.bmm(x[token_idx], gate_up.transpose(1, 2)).chunk(2, dim=-1)
         expert_out = torch.bmm(self.act_fn(gate) * up, down.transpose(1, 2))
         weights = routing.flat_weights[positions] * real
         expert_out = expert_out * weights.unsqueeze(-1).to(expert_out.dtype)
-        output.index_add_(0, token_idx.reshape(-1), expert_out.reshape(-1, output.shape[-1]).to(output.dtype))
+        output = torch.zeros_like(hidden_states)
+        return output.index_add_(0, token_idx.reshape(-1), expert_out.reshape(-1, output.shape[-1]).to(output.dtype))
