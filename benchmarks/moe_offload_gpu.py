@@ -383,6 +383,10 @@ def main(argv: list[str] | None = None) -> dict:
                    warm_up_s=warm_up_s, copy_gb_per_s=stats.bytes_copied / run["decode_seconds"] / 1e9,
                    gpu_peak_gb=torch.cuda.max_memory_allocated(device) / _GIB if device.type == "cuda" else None)
         report["cpu_expert_ms"] = report["cpu_expert_ms"] or split.cpu_ms
+        if is_compiled:  # did every layer compile, and into how many graphs
+            counters = torch._dynamo.utils.counters
+            run["dynamo"] = {"unique_graphs": counters["stats"]["unique_graphs"],
+                             "graph_breaks": sum(counters["graph_break"].values()), "frames": dict(counters["frames"])}
         print(f"# {label}: {run['tok_per_s']:.2f} tok/s, hit rate {stats.hit_rate:.1%}, warm-up {warm_up_s:.0f} s")
         return run  # this variant's slots (10 GiB at real shapes) go with its caches, before the next installs
 
