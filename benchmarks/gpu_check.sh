@@ -36,6 +36,7 @@ print('torch', torch.__version__, 'cuda', torch.version.cuda, '| transformers', 
       '| cpu', torch.backends.cpu.get_cpu_capability(), os.cpu_count(), 'cores')"
     if [ "$PART" = fla ]; then
         echo "## 2b. real shapes, 16 GB cap, flash-linear-attention kernels"
+        PYTHONPATH=/tmp/fla-site:$PYTHONPATH python3 -c "import fla; print('fla', fla.__version__)"
         PYTHONPATH=/tmp/fla-site:$PYTHONPATH bench --variants "no-experts,lru+prefetch,lru+prefetch:compiled" \
             --skip-naive --out "$OUT/moe_offload_gpu-fla.json"
     else

@@ -85,8 +85,11 @@ class MoEOffloadEngine(TransformersEngine):
         config = load_config(folder)
         resident_bytes = manifest["resident_params"] * self.torch_dtype.itemsize
         if self.compiles_decode:  # allocated up front for the whole length, unlike a growing cache
-            kv_bytes = static_cache_bytes(config, self._context_length(config), self.torch_dtype)
-            log.info("Static cache for a compiled decode: %.2f GB", kv_bytes / _GIB)
+            length = self._context_length(config)
+            kv_bytes = static_cache_bytes(config, length, self.torch_dtype)
+            log.log(logging.WARNING if kv_bytes > self.options.gpu_reserve_gb * _GIB else logging.INFO,
+                    "The static cache of a compiled decode holds %d tokens: %.2f GB of the GPU budget, taken from "
+                    "the expert slots (MAX_MODEL_LEN sets the length)", length, kv_bytes / _GIB)
             resident_bytes += kv_bytes
         plan = plan_memory(
             device_budget_gb=device_budget,
