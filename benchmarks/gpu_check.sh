@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The prepared runs for a session that has a lent GPU. Here first: benchmarks/gpu_wheels.sh. Then the device tool:
-#   run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=560)       # ~5 min
-#   run(command="bash benchmarks/gpu_check.sh fla", carry=[".whl"], timeout_s=400)   # ~3 min, right after
+#   run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=590)       # ~6 min
+#   run(command="bash benchmarks/gpu_check.sh fla", carry=[".whl"], timeout_s=300)   # ~3 min, if time is left
 # Default part:
 #   1. the offload engine's cache and equivalence tests on CUDA (streams, events, page-locked rows, bnb's CUDA
-#      dequantize, misses computed on the CPU) against transformers, on the tiny Qwen3-Next, and the compiled
-#      decode (CUDA graphs around the experts' graph breaks) against the eager one;
-#   2. benchmarks/moe_offload_gpu.py at Qwen3-Next-80B-A3B's real shapes, 16 GB cap: eager and compiled decode,
-#      the rest of the model alone compiled, and the naive baseline;
+#      dequantize, misses computed on the CPU) against transformers, on the tiny Qwen3-Next; the Triton expert
+#      kernels against dequantize-then-multiply; the compiled decode (CUDA graphs around the experts' graph
+#      breaks) against the eager one;
+#   2. benchmarks/moe_offload_gpu.py at Qwen3-Next-80B-A3B's real shapes, 16 GB cap: eager decode as the H200
+#      runs of 2026-11-26 had it (dequantize, then multiply), eager with the Triton kernels, compiled with and
+#      without them, the rest of the model alone compiled, and the naive baseline;
 #   3. the cost model beside what was measured.
 # `fla`: the same benchmark with flash-linear-attention's Triton kernels for the Gated DeltaNet layers.
 # Output goes to $OUT (the device tool's folder that comes back), else benchmarks/results/gpu-check/.
@@ -37,15 +39,17 @@ print('torch', torch.__version__, 'cuda', torch.version.cuda, '| transformers', 
     if [ "$PART" = fla ]; then
         echo "## 2b. real shapes, 16 GB cap, flash-linear-attention kernels"
         PYTHONPATH=/tmp/fla-site:$PYTHONPATH python3 -c "import fla; print('fla', fla.__version__)"
-        PYTHONPATH=/tmp/fla-site:$PYTHONPATH bench --variants "no-experts,lru+prefetch,lru+prefetch:compiled" \
+        PYTHONPATH=/tmp/fla-site:$PYTHONPATH bench --variants "no-experts:compiled,lru+prefetch:compiled" \
             --skip-naive --out "$OUT/moe_offload_gpu-fla.json"
     else
         echo "## 1. CUDA correctness (tiny Qwen3-Next)"
         MOE_TEST_DEVICE=cuda timeout 240 python3 -m pytest -q -p no:cacheprovider \
             tests/worker/moe_offload/test_expert_cache.py tests/worker/moe_offload/test_equivalence.py \
+            tests/worker/moe_offload/test_triton_experts.py \
             tests/worker/moe_offload/test_engine.py::test_compiled_decode_generates_what_eager_decode_does_and_replays_the_same_graphs
         echo "## 2. real shapes, 16 GB cap"
-        bench --variants "lru+prefetch,lru+prefetch:compiled,no-experts:compiled" --out "$OUT/moe_offload_gpu.json"
+        BENCH_TIMEOUT_S=${BENCH_TIMEOUT_S:-420} bench --out "$OUT/moe_offload_gpu.json" --variants \
+            "lru+prefetch:dequant,lru+prefetch,lru+prefetch:compiled,lru+prefetch:compiled:dequant,no-experts:compiled"
         echo "## 3. cost model"
         python3 -m benchmarks.moe_cost_model --measured "$OUT/moe_offload_gpu.json"
     fi

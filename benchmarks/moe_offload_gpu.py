@@ -39,6 +39,7 @@ from worker.engine.moe_offload.builder import install_offloaded_experts
 from worker.engine.moe_offload.checkpoint import build_skeleton, find_fused_experts
 from worker.engine.moe_offload.cpu_experts import MissSplit
 from worker.engine.moe_offload.expert_cache import CacheStats
+from worker.engine.moe_offload.offloaded_experts import OffloadedExperts
 from worker.engine.moe_offload.packing import ExpertLayout, pack_expert, unpack_experts
 from worker.engine.moe_offload.pinning import pin_in_place
 
@@ -241,8 +242,9 @@ VARIANTS = {
     "lru": ("offload lru", "lru", False, "copy"),
     "lfu+prefetch": ("offload lfu + prefetch", "lfu", True, "copy"),
 }
-# Any variant (no-experts too) with this suffix decodes compiled (`CompiledDecode`: CUDA graphs on a GPU).
-COMPILED = ":compiled"
+# Flags after a variant's name: `:compiled` decodes compiled (`CompiledDecode`: CUDA graphs on a GPU), `:dequant`
+# computes decode's experts by dequantize-then-multiply instead of the Triton kernels that auto picks on a GPU.
+FLAGS = ("compiled", "dequant")
 
 
 class NoExperts(torch.nn.Module):
@@ -277,13 +279,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--variants", default=",".join(VARIANTS),
                         help=f"comma-separated, in order, repeats allowed: {', '.join(VARIANTS)}, no-experts "
-                             f"(experts output zeros: the rest of the model alone); each may end in {COMPILED}")
+                             "(experts output zeros: the rest of the model alone); each may add :compiled, :dequant")
     parser.add_argument("--skip-naive", action="store_true")
     parser.add_argument("--profile", type=int, default=0, metavar="TOKENS",
                         help="after the first variant, profile the host side of this many decode steps")
     args = parser.parse_args(argv)
     known = [*VARIANTS, "no-experts"]
-    unknown = [name for name in args.variants.split(",") if name.removesuffix(COMPILED) not in known]
+    unknown = [name for name in args.variants.split(",")
+               if name.split(":")[0] not in known or not set(name.split(":")[1:]) <= set(FLAGS)]
     if unknown:
         parser.error(f"unknown variants: {', '.join(unknown)}")
 
@@ -347,15 +350,19 @@ def main(argv: list[str] | None = None) -> dict:
 
     def measure(index: int, name: str) -> dict:
         nonlocal compiled
-        base, is_compiled = name.removesuffix(COMPILED), name.endswith(COMPILED)
+        base, *flags = name.split(":")
+        is_compiled = "compiled" in flags
         if base == "no-experts":
-            label, caches, split = "no experts (rest alone)", [], MissSplit("copy", 0.0)
+            label, caches, split, fused = "no experts (rest alone)", [], MissSplit("copy", 0.0), False
             for module_name in experts_names:
                 model.set_submodule(module_name, NoExperts())
         else:
             label, policy, prefetch, misses = VARIANTS[base]
             caches, split = install_offloaded_experts(model, experts, device, dtype, plan.slots_per_layer, policy,
-                                                      prefetch, config, misses)
+                                                      prefetch, config, misses,
+                                                      "torch" if "dequant" in flags else "auto")
+            fused = any(m.uses_fused_kernels for m in model.modules() if isinstance(m, OffloadedExperts))
+            label += ", triton" if fused else ""
         for module_name in experts_names:
             model.set_submodule(module_name, TimedExperts(model.get_submodule(module_name), clock))
         if is_compiled:
@@ -379,7 +386,8 @@ def main(argv: list[str] | None = None) -> dict:
         run = decode_run(model, config, device, args.tokens, clock, on_prefill_done=decode_only,
                          compiled=compiled if is_compiled else None)
         stats = CacheStats.total(cache.stats for cache in caches)
-        run.update(label=label, hit_rate=stats.hit_rate, cache=asdict(stats), miss_split=asdict(split),
+        run.update(label=label, expert_kernel="triton" if fused else "dequantize", hit_rate=stats.hit_rate,
+                   cache=asdict(stats), miss_split=asdict(split),
                    warm_up_s=warm_up_s, copy_gb_per_s=stats.bytes_copied / run["decode_seconds"] / 1e9,
                    gpu_peak_gb=torch.cuda.max_memory_allocated(device) / _GIB if device.type == "cuda" else None)
         report["cpu_expert_ms"] = report["cpu_expert_ms"] or split.cpu_ms
@@ -433,13 +441,13 @@ def _print_table(report: dict) -> None:
           f"H2D {report['h2d_gb_per_s']:.1f} GB/s, expert copy {report['expert_copy_ms']:.3f} ms, "
           f"expert compute {report['expert_compute_ms']:.3f} ms, "
           f"non-expert {report['non_expert_ms_per_token']:.1f} ms/token")
-    print(f"| {'engine':<34} | {'decode tok/s':>12} | {'hit rate':>8} | {'CPU share':>9} | {'copy GB/s':>9} | "
+    print(f"| {'engine':<40} | {'decode tok/s':>12} | {'hit rate':>8} | {'CPU share':>9} | {'copy GB/s':>9} | "
           f"{'experts ms/tok':>14} |")
-    print(f"|{'-' * 36}|{'-' * 14}|{'-' * 10}|{'-' * 11}|{'-' * 11}|{'-' * 16}|")
+    print(f"|{'-' * 42}|{'-' * 14}|{'-' * 10}|{'-' * 11}|{'-' * 11}|{'-' * 16}|")
     for run in report["variants"]:
         cache = run["cache"]
         cpu_share = cache["computed_on_host"] / cache["misses"] if cache["misses"] else 0.0
-        print(f"| {run['label']:<34} | {run['tok_per_s']:>12.2f} | {run['hit_rate']:>8.1%} | {cpu_share:>9.1%} | "
+        print(f"| {run['label']:<40} | {run['tok_per_s']:>12.2f} | {run['hit_rate']:>8.1%} | {cpu_share:>9.1%} | "
               f"{run['copy_gb_per_s']:>9.2f} | {run['expert_ms_per_token']:>14.1f} |")
         if run["miss_split"]["cpu_ms"] is not None:
             split = run["miss_split"]
@@ -448,7 +456,7 @@ def _print_table(report: dict) -> None:
     layer_types = report["variants"][0]["layer_types"]
     naive = report["naive"]
     if naive:
-        print(f"| {'naive whole-layer':<34} | {naive['tok_per_s']:>12.2f} | {'-':>8} | {'-':>9} | {'-':>9} | "
+        print(f"| {'naive whole-layer':<40} | {naive['tok_per_s']:>12.2f} | {'-':>8} | {'-':>9} | {'-':>9} | "
               f"{naive['layer_ms'] * len(layer_types):>14.1f} |  ({naive['note']})")
     timed = next((run for run in report["variants"] if run["layer_ms"]), None)
     for kind in sorted(set(layer_types)) if timed else []:

@@ -48,6 +48,9 @@ class Settings(BaseSettings):
     # An expert a token needs that has no device slot: copy it into one over PCIe, compute it on the CPU from
     # host RAM, or split (hybrid) by speeds timed at load; auto = hybrid on a GPU, copy on the CPU.
     expert_misses: Literal["auto", "copy", "cpu", "hybrid"] = "auto"
+    # Decode's experts: Triton kernels that read the 4-bit rows in place, or torch (dequantize, then multiply);
+    # auto = triton on CUDA where it is installed.
+    expert_kernel: Literal["auto", "triton", "torch"] = "auto"
 
     # --- request limits ---
     max_tokens_default: int = Field(100, ge=1)

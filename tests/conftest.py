@@ -1,6 +1,13 @@
+import os
+
 import pytest
 
 from shared.config import Settings
+
+# Without a GPU, Triton (a dev dependency) runs the kernels under test in its interpreter. It decides that as
+# it is first imported, which torch's compiler does early, so it is set here, before any test module loads.
+if os.environ.get("MOE_TEST_DEVICE", "cpu") == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

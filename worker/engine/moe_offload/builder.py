@@ -2,7 +2,9 @@
 
 import logging
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Literal
 
 import torch
 from safetensors import safe_open
@@ -19,6 +21,8 @@ from worker.engine.moe_offload.pinning import pin_in_place
 from worker.engine.moe_offload.transfer import CopyStream
 
 log = logging.getLogger(__name__)
+
+ExpertKernel = Literal["auto", "triton", "torch"]
 
 
 @dataclass
@@ -41,7 +45,7 @@ def load_host_rows(path: Path, pin: bool) -> torch.Tensor:
 
 def build_offloaded_model(folder: Path, device: torch.device, dtype: torch.dtype, plan: MemoryPlan,
                           policy: CachePolicyName = "lru", prefetch: bool = True,
-                          misses: MissMode = "auto") -> OffloadedModel:
+                          misses: MissMode = "auto", kernel: ExpertKernel = "auto") -> OffloadedModel:
     manifest = read_manifest(folder)
     config = load_config(folder)
     model = build_skeleton(config, dtype)
@@ -49,7 +53,7 @@ def build_offloaded_model(folder: Path, device: torch.device, dtype: torch.dtype
     experts = [(entry["module"], ExpertLayout.from_json(entry["layout"]), load_host_rows(folder / entry["file"], pin))
                for entry in manifest["experts"]]
     caches, split = install_offloaded_experts(model, experts, device, dtype, plan.slots_per_layer, policy, prefetch,
-                                              config, misses)
+                                              config, misses, kernel)
     _load_resident(model, folder, manifest["resident_files"], dtype)
     model.to(device).eval()
     log.info("Offloaded model ready: %d MoE layers, %d of %d expert slots per layer on %s; %s",
@@ -59,16 +63,18 @@ def build_offloaded_model(folder: Path, device: torch.device, dtype: torch.dtype
 
 def install_offloaded_experts(model: torch.nn.Module, experts: list[tuple[str, ExpertLayout, torch.Tensor]],
                               device: torch.device, dtype: torch.dtype, slots: int, policy: CachePolicyName,
-                              prefetch: bool, config, misses: MissMode) -> tuple[list[ExpertCache], MissSplit]:
+                              prefetch: bool, config, misses: MissMode,
+                              kernel: ExpertKernel = "auto") -> tuple[list[ExpertCache], MissSplit]:
     """Swap each (module name, layout, host rows) experts module for `OffloadedExperts` over a slot cache.
     With fewer slots than experts: with `prefetch`, link each layer to the next one's router, and decide
     (by `misses`, timed once here) what share of misses to compute on the CPU."""
     copier = CopyStream(device)
     act_fn = ACT2FN[config.hidden_act]
     caches, modules = [], []
+    decode_mix = fused_decode_mix(kernel, experts[0][1], device, config.hidden_act)  # one layout per model
     for name, layout, host_rows in experts:
         cache = ExpertCache(host_rows, slots, device, copier, policy)
-        module = OffloadedExperts(layout, cache, act_fn, dtype)
+        module = OffloadedExperts(layout, cache, act_fn, dtype, decode_mix)
         model.set_submodule(name, module)
         caches.append(cache)
         modules.append(module)
@@ -81,6 +87,26 @@ def install_offloaded_experts(model: torch.nn.Module, experts: list[tuple[str, E
         for module in modules:
             module.miss_split = split
     return caches, split
+
+
+def fused_decode_mix(kernel: ExpertKernel, layout: ExpertLayout, device: torch.device, hidden_act: str):
+    """The Triton kernels for decode's experts (`triton_experts`), or None for the torch path. auto: on CUDA
+    where Triton imports and the kernels cover the layout; triton: wherever asked (on the CPU that needs
+    TRITON_INTERPRET=1, as the tests do), else an error; torch: never."""
+    if kernel == "torch" or (kernel == "auto" and device.type != "cuda"):
+        return None
+    try:
+        from worker.engine.moe_offload import triton_experts
+    except ImportError:
+        if kernel == "triton":
+            raise
+        log.info("Triton is not installed: decode dequantizes experts, then multiplies")
+        return None
+    if not triton_experts.supports(layout, hidden_act):
+        if kernel == "triton":
+            raise ValueError(f"EXPERT_KERNEL=triton does not cover {layout} with activation {hidden_act}")
+        return None
+    return partial(triton_experts.fused_mix_decode, layout, triton_experts.code_table(layout, device))
 
 
 def link_predictors(model: torch.nn.Module, modules: list[OffloadedExperts], config) -> None:

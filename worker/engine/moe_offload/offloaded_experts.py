@@ -2,6 +2,7 @@
 whose weights live in host RAM and come to the device through an `ExpertCache`, or, for a share of the
 misses, are applied on the CPU where they are (see `cpu_experts`)."""
 
+from collections.abc import Callable
 from functools import partial
 
 import torch
@@ -77,7 +78,11 @@ def mix_decode(layout: ExpertLayout, act_fn, dtype: torch.dtype, buffer: torch.T
 
 
 class OffloadedExperts(nn.Module):
-    def __init__(self, layout: ExpertLayout, cache: ExpertCache, act_fn, compute_dtype: torch.dtype):
+    """`decode_mix`: what computes one token's experts from their slots (default `mix_decode`; on a GPU the
+    fused kernels of `triton_experts`), with the signature `mix_decode` has past its first three arguments."""
+
+    def __init__(self, layout: ExpertLayout, cache: ExpertCache, act_fn, compute_dtype: torch.dtype,
+                 decode_mix: Callable[..., torch.Tensor] | None = None):
         super().__init__()
         self.layout = layout
         self.cache = cache
@@ -86,7 +91,8 @@ class OffloadedExperts(nn.Module):
         self.num_experts = cache.host_rows.shape[0]
         self.next_layer: NextLayerPredictor | None = None
         self.miss_split = MissSplit("copy", 0.0)
-        self._mix_eager = partial(mix_decode, layout, act_fn, compute_dtype)
+        self.uses_fused_kernels = decode_mix is not None
+        self._mix_eager = decode_mix or partial(mix_decode, layout, act_fn, compute_dtype)
         self._mix_decode = self._mix_eager
 
     @property

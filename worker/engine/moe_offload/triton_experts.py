@@ -1,0 +1,110 @@
+"""Decode's routed experts in two Triton kernels that read the 4-bit rows where they sit in the slot buffer.
+
+The torch path (`offloaded_experts.mix_decode`) dequantizes the token's experts to 16-bit weights, then
+multiplies: for Qwen3-Next's 10 experts a layer that writes and reads back 63 MB to use 17.7 MB of 4-bit
+rows, ~6.9 GB a token. These kernels unpack the nibbles in registers instead (NF4 or FP4 code table, one
+float32 absmax per 64 weights, as bitsandbytes packs them): 17.7 MB a layer. On an H200 that is ~1.5 ms a
+token saved; on a 16 GB card with a tenth of its bandwidth it is most of the decode budget.
+
+- `_gate_up_kernel`, one program per (expert, block of intermediate rows): h = silu(gate x) * (up x).
+- `_down_kernel`, one program per block of output rows, looping over the experts: y = sum_e w_e down_e h_e.
+
+A row's bytes (`packing.ExpertLayout`): gate_up [2I, H] then down [H, I], each as packed nibbles (element
+i of the row-major matrix in byte i // 2, the even element in the high nibble) and float32 absmax per 64.
+"""
+
+import torch
+import triton
+import triton.language as tl
+from bitsandbytes.functional import get_4bit_type
+
+from worker.engine.moe_offload.packing import QUANT_BLOCKSIZE, ExpertLayout
+
+# Rows per program: 16 x 10 = 160 gate/up programs and 128 down programs at Qwen3-Next's shapes, about one per
+# SM of an H100/H200 (untuned: the benchmark's `:dequant` variant is the comparison).
+_GATE_UP_ROWS = 32
+_DOWN_ROWS = 16
+
+
+@triton.jit
+def _dot_block(buf_u8, buf_f32, code_ptr, base, packed_off, absmax_off, rows, row_len, k0, x_even, x_odd):
+    """Rows `rows` of a packed [*, row_len] matrix times the vector block at columns k0..k0+63 (split into its
+    even and odd elements): one absmax block per row."""
+    half = tl.arange(0, 32)
+    flat = rows[:, None].to(tl.int64) * row_len + k0
+    packed = tl.load(buf_u8 + base + packed_off + flat // 2 + half[None, :]).to(tl.int32)
+    high = tl.load(code_ptr + (packed >> 4))
+    low = tl.load(code_ptr + (packed & 15))
+    partial = tl.sum(high * x_even[None, :] + low * x_odd[None, :], axis=1)
+    absmax = tl.load(buf_f32 + (base + absmax_off) // 4 + (rows.to(tl.int64) * row_len + k0) // 64)
+    return partial * absmax
+
+
+@triton.jit
+def _gate_up_kernel(buf_u8, buf_f32, code_ptr, slots_ptr, x_ptr, h_ptr, row_bytes, packed_off, absmax_off,
+                    HIDDEN: tl.constexpr, INTER: tl.constexpr, BLOCK: tl.constexpr):
+    expert = tl.program_id(0)
+    rows = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    base = tl.load(slots_ptr + expert).to(tl.int64) * row_bytes
+    half = tl.arange(0, 32)
+    gate = tl.zeros([BLOCK], dtype=tl.float32)
+    up = tl.zeros([BLOCK], dtype=tl.float32)
+    for k0 in range(0, HIDDEN, 64):
+        x_even = tl.load(x_ptr + k0 + 2 * half).to(tl.float32)
+        x_odd = tl.load(x_ptr + k0 + 2 * half + 1).to(tl.float32)
+        gate += _dot_block(buf_u8, buf_f32, code_ptr, base, packed_off, absmax_off, rows, HIDDEN, k0, x_even, x_odd)
+        up += _dot_block(buf_u8, buf_f32, code_ptr, base, packed_off, absmax_off, rows + INTER, HIDDEN, k0,
+                         x_even, x_odd)
+    h = gate / (1.0 + tl.exp(-gate)) * up
+    tl.store(h_ptr + expert * INTER + rows, h)
+
+
+@triton.jit
+def _down_kernel(buf_u8, buf_f32, code_ptr, slots_ptr, positions_ptr, weights_ptr, h_ptr, y_ptr, row_bytes,
+                 packed_off, absmax_off, EXPERTS: tl.constexpr, HIDDEN: tl.constexpr, INTER: tl.constexpr,
+                 BLOCK: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    half = tl.arange(0, 32)
+    total = tl.zeros([BLOCK], dtype=tl.float32)
+    for expert in range(EXPERTS):
+        base = tl.load(slots_ptr + expert).to(tl.int64) * row_bytes
+        weight = tl.load(weights_ptr + tl.load(positions_ptr + expert)).to(tl.float32)
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for k0 in range(0, INTER, 64):
+            h_even = tl.load(h_ptr + expert * INTER + k0 + 2 * half)
+            h_odd = tl.load(h_ptr + expert * INTER + k0 + 2 * half + 1)
+            acc += _dot_block(buf_u8, buf_f32, code_ptr, base, packed_off, absmax_off, rows, INTER, k0, h_even, h_odd)
+        total += weight * acc
+    tl.store(y_ptr + rows, total.to(y_ptr.dtype.element_ty))
+
+
+def supports(layout: ExpertLayout, hidden_act: str) -> bool:
+    """4-bit rows of SiLU-gated experts whose sizes the kernels' blocks divide."""
+    return (layout.is_4bit and hidden_act == "silu" and QUANT_BLOCKSIZE == 64
+            and layout.hidden % 64 == 0 and layout.intermediate % 64 == 0
+            and layout.hidden % _DOWN_ROWS == 0 and layout.intermediate % _GATE_UP_ROWS == 0)
+
+
+def fused_mix_decode(layout: ExpertLayout, code: torch.Tensor, buffer: torch.Tensor, indices: torch.Tensor,
+                     flat_weights: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """`offloaded_experts.mix_decode` for 4-bit rows: the same [1, H] result, from the rows in place."""
+    experts = indices.shape[0] // 2
+    slots, positions = indices[:experts], indices[experts:]
+    hidden, inter = layout.hidden, layout.intermediate
+    sections = layout.sections
+    h = torch.empty((experts, inter), dtype=torch.float32, device=x.device)
+    y = torch.empty((1, hidden), dtype=x.dtype, device=x.device)
+    buf_f32 = buffer.view(torch.float32)  # the absmax sections, 16-byte aligned in every row
+    row_bytes = layout.row_bytes
+    _gate_up_kernel[(experts, inter // _GATE_UP_ROWS)](
+        buffer, buf_f32, code, slots, x, h, row_bytes, sections["gate_up_packed"].offset,
+        sections["gate_up_absmax"].offset, HIDDEN=hidden, INTER=inter, BLOCK=_GATE_UP_ROWS)
+    _down_kernel[(hidden // _DOWN_ROWS,)](
+        buffer, buf_f32, code, slots, positions, flat_weights, h, y, row_bytes, sections["down_packed"].offset,
+        sections["down_absmax"].offset, EXPERTS=experts, HIDDEN=hidden, INTER=inter, BLOCK=_DOWN_ROWS)
+    return y
+
+
+def code_table(layout: ExpertLayout, device: torch.device) -> torch.Tensor:
+    """The 16 values a nibble stands for (NF4 or FP4), as bitsandbytes quantized against them."""
+    return get_4bit_type(layout.quant, device="cpu").to(device=device, dtype=torch.float32)
