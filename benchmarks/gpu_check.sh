@@ -7,9 +7,10 @@
 #      dequantize, misses computed on the CPU) against transformers, on the tiny Qwen3-Next; the Triton expert
 #      kernels against dequantize-then-multiply; the compiled decode (CUDA graphs around the experts' graph
 #      breaks) against the eager one;
-#   2. benchmarks/moe_offload_gpu.py at Qwen3-Next-80B-A3B's real shapes, 16 GB cap: eager decode as the H200
-#      runs of 2026-11-26 had it (dequantize, then multiply), eager with the Triton kernels, compiled with and
-#      without them, the rest of the model alone compiled, and the naive baseline;
+#   2. benchmarks/moe_offload_gpu.py at Qwen3-Next-80B-A3B's real shapes, 16 GB cap, most telling first (the JSON
+#      is rewritten after each): eager decode as the H200 runs of 2026-11-26 had it (dequantize, then multiply),
+#      compiled with the Triton kernels, the rest of the model alone compiled, compiled without prefetch,
+#      compiled without the kernels, eager with them, and the naive baseline;
 #   3. the cost model beside what was measured.
 # `fla`: the same benchmark with flash-linear-attention's Triton kernels for the Gated DeltaNet layers.
 # Output goes to $OUT (the device tool's folder that comes back), else benchmarks/results/gpu-check/.
@@ -49,7 +50,7 @@ print('torch', torch.__version__, 'cuda', torch.version.cuda, '| transformers', 
             tests/worker/moe_offload/test_engine.py::test_compiled_decode_generates_what_eager_decode_does_and_replays_the_same_graphs
         echo "## 2. real shapes, 16 GB cap"
         BENCH_TIMEOUT_S=${BENCH_TIMEOUT_S:-420} bench --out "$OUT/moe_offload_gpu.json" --variants \
-            "lru+prefetch:dequant,lru+prefetch,lru+prefetch:compiled,lru+prefetch:compiled:dequant,no-experts:compiled"
+            "lru+prefetch:dequant,lru+prefetch:compiled,no-experts:compiled,lru:compiled,lru+prefetch:compiled:dequant,lru+prefetch"
         echo "## 3. cost model"
         python3 -m benchmarks.moe_cost_model --measured "$OUT/moe_offload_gpu.json"
     fi

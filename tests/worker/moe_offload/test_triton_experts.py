@@ -9,7 +9,7 @@ import torch
 
 from tests.worker.moe_offload.conftest import TEST_DEVICE
 from worker.engine.moe_offload.budget import MemoryPlan
-from worker.engine.moe_offload.builder import build_offloaded_model
+from worker.engine.moe_offload.builder import build_offloaded_model, fused_decode_mix
 from worker.engine.moe_offload.offloaded_experts import OffloadedExperts, mix_decode
 from worker.engine.moe_offload.packing import ExpertLayout, pack_expert
 
@@ -61,3 +61,18 @@ def test_offloaded_model_decodes_the_same_through_the_kernels(converted):
     assert torch.equal(tokens["triton"].sequences, tokens["torch"].sequences)
     for fused_logits, torch_logits in zip(tokens["triton"].logits, tokens["torch"].logits, strict=True):
         torch.testing.assert_close(fused_logits, torch_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_auto_takes_the_kernels_only_after_they_pass_their_check_here(monkeypatch):
+    layout = ExpertLayout(hidden=128, intermediate=64, quant="nf4")
+    assert triton_experts.check_against_torch(layout, TEST_DEVICE) < 1e-5
+
+    def broken(*args):
+        raise RuntimeError("no kernel for this device")
+
+    monkeypatch.setattr(triton_experts, "check_against_torch", broken)
+    cuda = torch.device("cuda")  # auto only considers them on CUDA; the check is what fails here
+    assert fused_decode_mix("auto", layout, cuda, "silu") is None
+    with pytest.raises(RuntimeError, match="no kernel"):
+        fused_decode_mix("triton", layout, cuda, "silu")
+    assert fused_decode_mix("auto", ExpertLayout(hidden=128, intermediate=64, quant="bf16"), cuda, "silu") is None

@@ -106,6 +106,15 @@ def fused_decode_mix(kernel: ExpertKernel, layout: ExpertLayout, device: torch.d
         if kernel == "triton":
             raise ValueError(f"EXPERT_KERNEL=triton does not cover {layout} with activation {hidden_act}")
         return None
+    try:  # auto takes them only once they have compiled and computed right on this device
+        error = triton_experts.check_against_torch(layout, device)
+    except Exception:
+        if kernel == "triton":
+            raise
+        log.warning("The Triton expert kernels failed their check here; decode dequantizes, then multiplies",
+                    exc_info=True)
+        return None
+    log.info("Decode's experts: Triton kernels (relative difference to dequantize-then-multiply %.1e)", error)
     return partial(triton_experts.fused_mix_decode, layout, triton_experts.code_table(layout, device))
 
 

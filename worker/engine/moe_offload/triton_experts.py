@@ -18,7 +18,8 @@ import triton
 import triton.language as tl
 from bitsandbytes.functional import get_4bit_type
 
-from worker.engine.moe_offload.packing import QUANT_BLOCKSIZE, ExpertLayout
+from worker.engine.moe_offload.offloaded_experts import mix_decode
+from worker.engine.moe_offload.packing import QUANT_BLOCKSIZE, ExpertLayout, pack_expert
 
 # Rows per program: 16 x 10 = 160 gate/up programs and 128 down programs at Qwen3-Next's shapes, about one per
 # SM of an H100/H200 (untuned: the benchmark's `:dequant` variant is the comparison).
@@ -103,6 +104,27 @@ def fused_mix_decode(layout: ExpertLayout, code: torch.Tensor, buffer: torch.Ten
         buffer, buf_f32, code, slots, positions, flat_weights, h, y, row_bytes, sections["down_packed"].offset,
         sections["down_absmax"].offset, EXPERTS=experts, HIDDEN=hidden, INTER=inter, BLOCK=_DOWN_ROWS)
     return y
+
+
+def check_against_torch(layout: ExpertLayout, device: torch.device, experts: int = 3) -> float:
+    """Run the kernels once here on random rows of `layout` and compare them with dequantize-then-multiply;
+    returns the largest difference relative to the output's scale, and raises past 1e-3 (float32 math on
+    both sides, summed in another order: ~1e-6)."""
+    generator = torch.Generator().manual_seed(0)
+    rows = torch.zeros(experts, layout.row_bytes, dtype=torch.uint8)
+    for row in rows:
+        pack_expert(layout, torch.randn(2 * layout.intermediate, layout.hidden, generator=generator),
+                    torch.randn(layout.hidden, layout.intermediate, generator=generator), row)
+    rows = rows.to(device)
+    indices = torch.tensor([*reversed(range(experts)), *range(experts)], device=device)
+    weights = torch.rand(experts, generator=generator).to(device)
+    x = torch.randn(1, layout.hidden, generator=generator).to(device)
+    fused = fused_mix_decode(layout, code_table(layout, device), rows, indices, weights, x)
+    reference = mix_decode(layout, torch.nn.SiLU(), torch.float32, rows, indices, weights, x)
+    error = ((fused - reference).abs().max() / reference.abs().max()).item()
+    if not error <= 1e-3:
+        raise RuntimeError(f"the Triton expert kernels disagree with dequantize-then-multiply: {error:.2e}")
+    return error
 
 
 def code_table(layout: ExpertLayout, device: torch.device) -> torch.Tensor:
