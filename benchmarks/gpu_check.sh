@@ -11,7 +11,8 @@
 #      is rewritten after each): eager decode as the H200 runs of 2026-11-26 had it (dequantize, then multiply),
 #      twice, since the first variant of every H200 run was 25-40% slower whatever its warm-up,
 #      compiled with the Triton kernels, the rest of the model alone compiled, compiled without prefetch,
-#      compiled without the kernels, eager with them, and the naive baseline;
+#      compiled without the kernels, compiled without CUDA graphs, eager with the kernels, and the naive
+#      baseline;
 #   3. the cost model beside what was measured.
 # `fla`: the same benchmark with flash-linear-attention's Triton kernels for the Gated DeltaNet layers.
 # Output goes to $OUT (the device tool's folder that comes back), else benchmarks/results/gpu-check/.
@@ -52,7 +53,7 @@ print('torch', torch.__version__, 'cuda', torch.version.cuda, '| transformers', 
         echo "## 2. real shapes, 16 GB cap"
         variants=lru+prefetch:dequant,lru+prefetch:dequant,lru+prefetch:compiled,no-experts:compiled,lru:compiled
         BENCH_TIMEOUT_S=${BENCH_TIMEOUT_S:-420} bench --out "$OUT/moe_offload_gpu.json" \
-            --variants "$variants,lru+prefetch:compiled:dequant,lru+prefetch"
+            --variants "$variants,lru+prefetch:compiled:dequant,lru+prefetch:compiled:nographs,lru+prefetch"
         echo "## 3. cost model"
         python3 -m benchmarks.moe_cost_model --measured "$OUT/moe_offload_gpu.json"
     fi

@@ -242,9 +242,10 @@ VARIANTS = {
     "lru": ("offload lru", "lru", False, "copy"),
     "lfu+prefetch": ("offload lfu + prefetch", "lfu", True, "copy"),
 }
-# Flags after a variant's name: `:compiled` decodes compiled (`CompiledDecode`: CUDA graphs on a GPU), `:dequant`
-# computes decode's experts by dequantize-then-multiply instead of the Triton kernels that auto picks on a GPU.
-FLAGS = ("compiled", "dequant")
+# Flags after a variant's name: `:compiled` decodes compiled (`CompiledDecode`: CUDA graphs on a GPU), with
+# `:nographs` without the CUDA graphs (inductor's fused kernels only), `:dequant` computes decode's experts by
+# dequantize-then-multiply instead of the Triton kernels that auto picks on a GPU.
+FLAGS = ("compiled", "nographs", "dequant")
 
 
 class NoExperts(torch.nn.Module):
@@ -279,7 +280,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--variants", default=",".join(VARIANTS),
                         help=f"comma-separated, in order, repeats allowed: {', '.join(VARIANTS)}, no-experts "
-                             "(experts output zeros: the rest of the model alone); each may add :compiled, :dequant")
+                             "(experts output zeros: the rest of the model alone); each may add :compiled, "
+                             ":nographs, :dequant")
     parser.add_argument("--skip-naive", action="store_true")
     parser.add_argument("--profile", type=int, default=0, metavar="TOKENS",
                         help="after the first variant, profile the host side of this many decode steps")
@@ -346,12 +348,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     # The JSON is rewritten after each variant, so a run cut short still reports what it measured.
     experts = [(name, layout, rows) for name, rows in zip(experts_names, host_rows, strict=True)]
-    compiled: CompiledDecode | None = None  # one static cache for every compiled variant
+    compiled_by_graphs: dict[bool, CompiledDecode] = {}  # one static cache per compile mode, kept across variants
 
     def measure(index: int, name: str) -> dict:
-        nonlocal compiled
         base, *flags = name.split(":")
         is_compiled = "compiled" in flags
+        compiled = None
         if base == "no-experts":
             label, caches, split, fused = "no experts (rest alone)", [], MissSplit("copy", 0.0), False
             for module_name in experts_names:
@@ -366,15 +368,16 @@ def main(argv: list[str] | None = None) -> dict:
         for module_name in experts_names:
             model.set_submodule(module_name, TimedExperts(model.get_submodule(module_name), clock))
         if is_compiled:
-            label += ", compiled"
-            if compiled is None:
-                compiled = CompiledDecode(model, max_len=16 + max(args.tokens, 16) + 1)
+            graphs = "nographs" not in flags
+            label += ", compiled" if graphs else ", compiled, no graphs"
+            if graphs not in compiled_by_graphs:
+                compiled_by_graphs[graphs] = CompiledDecode(model, 16 + max(args.tokens, 16) + 1, graphs)
+            compiled = compiled_by_graphs[graphs]
             compiled.attach(model)  # this variant's experts
         # Warm-up, which also fills the cache and compiles. On an H200 the first variant ran 40% slower than the
         # same one repeated after a 4-token warm-up (4.35 against 7.04 tok/s), so the first gets a longer one.
         warm_up_started = time.perf_counter()
-        decode_run(model, config, device, 16 if index == 0 or is_compiled else 4, clock,
-                   compiled=compiled if is_compiled else None)
+        decode_run(model, config, device, 16 if index == 0 or is_compiled else 4, clock, compiled=compiled)
         warm_up_s = time.perf_counter() - warm_up_started
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -383,8 +386,7 @@ def main(argv: list[str] | None = None) -> dict:
             for cache in caches:
                 cache.stats = CacheStats()
 
-        run = decode_run(model, config, device, args.tokens, clock, on_prefill_done=decode_only,
-                         compiled=compiled if is_compiled else None)
+        run = decode_run(model, config, device, args.tokens, clock, on_prefill_done=decode_only, compiled=compiled)
         stats = CacheStats.total(cache.stats for cache in caches)
         run.update(label=label, expert_kernel="triton" if fused else "dequantize", hit_rate=stats.hit_rate,
                    cache=asdict(stats), miss_split=asdict(split),
@@ -441,13 +443,13 @@ def _print_table(report: dict) -> None:
           f"H2D {report['h2d_gb_per_s']:.1f} GB/s, expert copy {report['expert_copy_ms']:.3f} ms, "
           f"expert compute {report['expert_compute_ms']:.3f} ms, "
           f"non-expert {report['non_expert_ms_per_token']:.1f} ms/token")
-    print(f"| {'engine':<40} | {'decode tok/s':>12} | {'hit rate':>8} | {'CPU share':>9} | {'copy GB/s':>9} | "
+    print(f"| {'engine':<44} | {'decode tok/s':>12} | {'hit rate':>8} | {'CPU share':>9} | {'copy GB/s':>9} | "
           f"{'experts ms/tok':>14} |")
-    print(f"|{'-' * 42}|{'-' * 14}|{'-' * 10}|{'-' * 11}|{'-' * 11}|{'-' * 16}|")
+    print(f"|{'-' * 46}|{'-' * 14}|{'-' * 10}|{'-' * 11}|{'-' * 11}|{'-' * 16}|")
     for run in report["variants"]:
         cache = run["cache"]
         cpu_share = cache["computed_on_host"] / cache["misses"] if cache["misses"] else 0.0
-        print(f"| {run['label']:<40} | {run['tok_per_s']:>12.2f} | {run['hit_rate']:>8.1%} | {cpu_share:>9.1%} | "
+        print(f"| {run['label']:<44} | {run['tok_per_s']:>12.2f} | {run['hit_rate']:>8.1%} | {cpu_share:>9.1%} | "
               f"{run['copy_gb_per_s']:>9.2f} | {run['expert_ms_per_token']:>14.1f} |")
         if run["miss_split"]["cpu_ms"] is not None:
             split = run["miss_split"]
@@ -456,7 +458,7 @@ def _print_table(report: dict) -> None:
     layer_types = report["variants"][0]["layer_types"]
     naive = report["naive"]
     if naive:
-        print(f"| {'naive whole-layer':<40} | {naive['tok_per_s']:>12.2f} | {'-':>8} | {'-':>9} | {'-':>9} | "
+        print(f"| {'naive whole-layer':<44} | {naive['tok_per_s']:>12.2f} | {'-':>8} | {'-':>9} | {'-':>9} | "
               f"{naive['layer_ms'] * len(layer_types):>14.1f} |  ({naive['note']})")
     timed = next((run for run in report["variants"] if run["layer_ms"]), None)
     for kind in sorted(set(layer_types)) if timed else []:

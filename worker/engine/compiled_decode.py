@@ -51,16 +51,17 @@ def set_module_decode_mode(model: torch.nn.Module, mode: str | None) -> None:
 class CompiledDecode:
     """The static cache and compile settings that `generate` needs to run its decode step compiled."""
 
-    def __init__(self, model: torch.nn.Module, max_len: int):
+    def __init__(self, model: torch.nn.Module, max_len: int, cuda_graphs: bool = True):
         self.max_len = max_len
         self.cache = StaticCache(config=model.config, max_cache_len=max_len)
-        on_gpu = model.device.type == "cuda"
-        self.config = CompileConfig(fullgraph=False, dynamic=False, mode="reduce-overhead" if on_gpu else "default")
+        graphs = cuda_graphs and model.device.type == "cuda"
+        self.config = CompileConfig(fullgraph=False, dynamic=False, mode="reduce-overhead" if graphs else "default")
         self.config._compile_all_devices = True  # transformers compiles only on accelerators unless told
         # Each decoder layer compiles on its own (it indexes the cache by its layer number, a constant to the
-        # compiler); past dynamo's default of 8 versions per function the remaining layers would run eagerly.
+        # compiler), once per compile mode; past dynamo's default of 8 versions per function the remaining
+        # layers would run eagerly.
         layers = model.config.get_text_config(decoder=True).num_hidden_layers
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * layers + 8)
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * layers + 8)
         torch._dynamo.config.accumulated_recompile_limit = max(
             torch._dynamo.config.accumulated_recompile_limit, 8 * layers + 64)
         self.attach(model)
