@@ -26,6 +26,7 @@ import pstats
 import time
 import traceback
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -35,11 +36,11 @@ from transformers.activations import ACT2FN
 from benchmarks.moe_cost_model import measured_dense_ms
 from worker.engine.compiled_decode import CompiledDecode
 from worker.engine.moe_offload.budget import plan_memory
-from worker.engine.moe_offload.builder import install_offloaded_experts
+from worker.engine.moe_offload.builder import fused_decode_mix, install_offloaded_experts
 from worker.engine.moe_offload.checkpoint import build_skeleton, find_fused_experts
 from worker.engine.moe_offload.cpu_experts import MissSplit
 from worker.engine.moe_offload.expert_cache import CacheStats
-from worker.engine.moe_offload.offloaded_experts import OffloadedExperts
+from worker.engine.moe_offload.offloaded_experts import OffloadedExperts, mix_decode
 from worker.engine.moe_offload.packing import ExpertLayout, pack_expert, unpack_experts
 from worker.engine.moe_offload.pinning import pin_in_place
 
@@ -195,20 +196,18 @@ def measure_bandwidth(device: torch.device, nbytes: int, clock: Clock) -> float:
     return 5 * nbytes / clock.seconds(start, end) / 1e9
 
 
-def measure_expert_compute(layout, rows_on_device, dtype, top_k: int, act_fn, clock: Clock, repeats: int = 20) -> float:
-    """Seconds to dequantize and apply `top_k` experts to one token, per expert."""
-    x = torch.randn(layout.hidden, dtype=dtype, device=rows_on_device.device)
-
-    def once():
-        gate_up, down = unpack_experts(layout, rows_on_device[:top_k], dtype)
-        gate, up = torch.matmul(gate_up, x).chunk(2, dim=-1)
-        return torch.bmm(down, (act_fn(gate) * up).unsqueeze(-1))
-
-    once()
+def time_decode_mix(mix, layout, rows_on_device, dtype, top_k: int, clock: Clock, repeats: int = 20) -> float:
+    """Seconds per expert to apply `top_k` experts' rows to one token with `mix` (`mix_decode`'s signature past
+    its first three arguments: dequantize-then-multiply, or the fused Triton kernels)."""
+    device = rows_on_device.device
+    indices = torch.arange(top_k, device=device).repeat(2)  # slots 0..k-1, then routing positions 0..k-1
+    weights = torch.rand(top_k, device=device, dtype=dtype)
+    x = torch.randn(1, layout.hidden, dtype=dtype, device=device)
+    mix(rows_on_device, indices, weights, x)
     clock.sync()
     start = clock.mark()
     for _ in range(repeats):
-        once()
+        mix(rows_on_device, indices, weights, x)
     end = clock.mark()
     clock.sync()
     return clock.seconds(start, end) / repeats / top_k
@@ -331,7 +330,11 @@ def main(argv: list[str] | None = None) -> dict:
     act_fn = ACT2FN[config.hidden_act]
     bandwidth = measure_bandwidth(device, 256 * 1024 * 1024 if not args.smoke else 8 * 1024 * 1024, clock)
     on_device = host_rows[0][: config.num_experts_per_tok].to(device)
-    expert_compute_s = measure_expert_compute(layout, on_device, dtype, config.num_experts_per_tok, act_fn, clock)
+    top_k = config.num_experts_per_tok
+    expert_compute_s = time_decode_mix(partial(mix_decode, layout, act_fn, dtype), layout, on_device, dtype, top_k,
+                                       clock)
+    fused = fused_decode_mix("auto", layout, device, config.hidden_act)
+    fused_compute_s = time_decode_mix(fused, layout, on_device, dtype, top_k, clock) if fused else None
     del on_device
     report = {
         "card": card, "device": str(device), "budget_gb": args.budget_gb, "smoke": args.smoke, "complete": False,
@@ -339,12 +342,14 @@ def main(argv: list[str] | None = None) -> dict:
         "slots_per_layer": plan.slots_per_layer, "resident_gb": resident_bytes / _GIB,
         "h2d_gb_per_s": bandwidth, "expert_copy_ms": layout.row_bytes / (bandwidth * 1e9) * 1000,
         "expert_compute_ms": expert_compute_s * 1000, "non_expert_ms_per_token": None, "cpu_expert_ms": None,
+        "fused_expert_compute_ms": fused_compute_s * 1000 if fused else None,
         "variants": [], "failed": [], "naive": None,
     }
     out = args.out or RESULTS / f"moe_offload_gpu-{card.replace(' ', '_')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
+    fused_note = f", Triton kernels {fused_compute_s * 1000:.3f} ms" if fused else ""
     print(f"# H2D {bandwidth:.1f} GB/s; one expert: copy {report['expert_copy_ms']:.3f} ms, "
-          f"dequantize + compute {report['expert_compute_ms']:.3f} ms")
+          f"dequantize + compute {report['expert_compute_ms']:.3f} ms{fused_note} (of {top_k} per token)")
 
     # The JSON is rewritten after each variant, so a run cut short still reports what it measured.
     experts = [(name, layout, rows) for name, rows in zip(experts_names, host_rows, strict=True)]
