@@ -21,6 +21,7 @@ import cProfile
 import gc
 import io
 import json
+import logging
 import platform
 import pstats
 import time
@@ -291,6 +292,12 @@ def main(argv: list[str] | None = None) -> dict:
     if unknown:
         parser.error(f"unknown variants: {', '.join(unknown)}")
 
+    engine_log = logging.getLogger("worker")  # what the engine reports as it builds (kernel tuning, miss split)
+    if not engine_log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("# %(message)s"))
+        engine_log.addHandler(handler)
+        engine_log.setLevel(logging.INFO)
     device = torch.device(args.device)
     if device.type == "cuda" and device.index is None:  # memory caps and stats want an indexed device
         device = torch.device("cuda", torch.cuda.current_device())
@@ -333,7 +340,7 @@ def main(argv: list[str] | None = None) -> dict:
     top_k = config.num_experts_per_tok
     expert_compute_s = time_decode_mix(partial(mix_decode, layout, act_fn, dtype), layout, on_device, dtype, top_k,
                                        clock)
-    fused = fused_decode_mix("auto", layout, device, config.hidden_act)
+    fused = fused_decode_mix("auto", layout, device, config.hidden_act, top_k)
     fused_compute_s = time_decode_mix(fused, layout, on_device, dtype, top_k, clock) if fused else None
     del on_device
     report = {

@@ -37,8 +37,8 @@ def test_fused_kernels_compute_what_dequantize_then_multiply_does(quant, dtype):
     flat_weights = torch.rand(8, device=TEST_DEVICE).to(dtype)
     x = torch.randn(1, layout.hidden, device=TEST_DEVICE, dtype=dtype)
 
-    fused = triton_experts.fused_mix_decode(layout, triton_experts.code_table(layout, TEST_DEVICE), rows, indices,
-                                            flat_weights, x)
+    code = triton_experts.code_table(layout, TEST_DEVICE)
+    fused = triton_experts.fused_mix_decode(layout, code, triton_experts.Blocks(), rows, indices, flat_weights, x)
     reference = mix_decode(layout, torch.nn.SiLU(), torch.float32, rows, indices, flat_weights.float(), x.float())
     assert fused.shape == (1, layout.hidden) and fused.dtype == dtype
     # float32 sums in another order; bfloat16 input and output rounding on top
@@ -65,14 +65,24 @@ def test_offloaded_model_decodes_the_same_through_the_kernels(converted):
 
 def test_auto_takes_the_kernels_only_after_they_pass_their_check_here(monkeypatch):
     layout = ExpertLayout(hidden=128, intermediate=64, quant="nf4")
-    assert triton_experts.check_against_torch(layout, TEST_DEVICE) < 1e-5
+    assert triton_experts.check_against_torch(layout, TEST_DEVICE) < 1e-4
 
     def broken(*args):
         raise RuntimeError("no kernel for this device")
 
     monkeypatch.setattr(triton_experts, "check_against_torch", broken)
     cuda = torch.device("cuda")  # auto only considers them on CUDA; the check is what fails here
-    assert fused_decode_mix("auto", layout, cuda, "silu") is None
+    monkeypatch.setattr(triton_experts, "tune", lambda *args: triton_experts.Blocks())
+    assert fused_decode_mix("auto", layout, cuda, "silu", 4) is None
     with pytest.raises(RuntimeError, match="no kernel"):
-        fused_decode_mix("triton", layout, cuda, "silu")
-    assert fused_decode_mix("auto", ExpertLayout(hidden=128, intermediate=64, quant="bf16"), cuda, "silu") is None
+        fused_decode_mix("triton", layout, cuda, "silu", 4)
+    assert fused_decode_mix("auto", ExpertLayout(hidden=128, intermediate=64, quant="bf16"), cuda, "silu", 4) is None
+
+
+@pytest.mark.skipif(TEST_DEVICE.type != "cuda", reason="times the kernels with CUDA events (gpu_check.sh runs it)")
+@torch.inference_mode()
+def test_tuning_picks_blocks_that_compute_right():
+    layout = ExpertLayout(hidden=2048, intermediate=512, quant="nf4")  # Qwen3-Next's experts
+    blocks = triton_experts.tune(layout, TEST_DEVICE, 10)
+    assert blocks in triton_experts.CANDIDATES and blocks.fits(layout)
+    assert triton_experts.check_against_torch(layout, TEST_DEVICE, blocks, experts=10) < 1e-4

@@ -71,7 +71,8 @@ def install_offloaded_experts(model: torch.nn.Module, experts: list[tuple[str, E
     copier = CopyStream(device)
     act_fn = ACT2FN[config.hidden_act]
     caches, modules = [], []
-    decode_mix = fused_decode_mix(kernel, experts[0][1], device, config.hidden_act)  # one layout per model
+    decode_mix = fused_decode_mix(kernel, experts[0][1], device, config.hidden_act,  # one layout per model
+                                  config.num_experts_per_tok)
     for name, layout, host_rows in experts:
         cache = ExpertCache(host_rows, slots, device, copier, policy)
         module = OffloadedExperts(layout, cache, act_fn, dtype, decode_mix)
@@ -89,10 +90,11 @@ def install_offloaded_experts(model: torch.nn.Module, experts: list[tuple[str, E
     return caches, split
 
 
-def fused_decode_mix(kernel: ExpertKernel, layout: ExpertLayout, device: torch.device, hidden_act: str):
+def fused_decode_mix(kernel: ExpertKernel, layout: ExpertLayout, device: torch.device, hidden_act: str, top_k: int):
     """The Triton kernels for decode's experts (`triton_experts`), or None for the torch path. auto: on CUDA
     where Triton imports and the kernels cover the layout; triton: wherever asked (on the CPU that needs
-    TRITON_INTERPRET=1, as the tests do), else an error; torch: never."""
+    TRITON_INTERPRET=1, as the tests do), else an error; torch: never. On CUDA their block sizes are timed
+    for `top_k` experts first."""
     if kernel == "torch" or (kernel == "auto" and device.type != "cuda"):
         return None
     try:
@@ -107,7 +109,8 @@ def fused_decode_mix(kernel: ExpertKernel, layout: ExpertLayout, device: torch.d
             raise ValueError(f"EXPERT_KERNEL=triton does not cover {layout} with activation {hidden_act}")
         return None
     try:  # auto takes them only once they have compiled and computed right on this device
-        error = triton_experts.check_against_torch(layout, device)
+        blocks = triton_experts.tune(layout, device, top_k) if device.type == "cuda" else triton_experts.Blocks()
+        error = triton_experts.check_against_torch(layout, device, blocks)
     except Exception:
         if kernel == "triton":
             raise
@@ -115,7 +118,7 @@ def fused_decode_mix(kernel: ExpertKernel, layout: ExpertLayout, device: torch.d
                     exc_info=True)
         return None
     log.info("Decode's experts: Triton kernels (relative difference to dequantize-then-multiply %.1e)", error)
-    return partial(triton_experts.fused_mix_decode, layout, triton_experts.code_table(layout, device))
+    return partial(triton_experts.fused_mix_decode, layout, triton_experts.code_table(layout, device), blocks)
 
 
 def link_predictors(model: torch.nn.Module, modules: list[OffloadedExperts], config) -> None:

@@ -13,6 +13,10 @@ A row's bytes (`packing.ExpertLayout`): gate_up [2I, H] then down [H, I], each a
 i of the row-major matrix in byte i // 2, the even element in the high nibble) and float32 absmax per 64.
 """
 
+import logging
+from dataclasses import dataclass
+from functools import cache
+
 import torch
 import triton
 import triton.language as tl
@@ -21,10 +25,24 @@ from bitsandbytes.functional import get_4bit_type
 from worker.engine.moe_offload.offloaded_experts import mix_decode
 from worker.engine.moe_offload.packing import QUANT_BLOCKSIZE, ExpertLayout, pack_expert
 
-# Rows per program: 16 x 10 = 160 gate/up programs and 128 down programs at Qwen3-Next's shapes, about one per
-# SM of an H100/H200 (untuned: the benchmark's `:dequant` variant is the comparison).
-_GATE_UP_ROWS = 32
-_DOWN_ROWS = 16
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """Rows of the matrix each program computes, per kernel, and warps per program. The default gives 160
+    gate/up programs (10 experts x 16) and 128 down programs at Qwen3-Next's shapes, about one per SM of an
+    H100/H200; `tune` times the candidates on the device at hand."""
+
+    gate_up_rows: int = 32
+    down_rows: int = 16
+    warps: int = 4
+
+    def fits(self, layout: ExpertLayout) -> bool:
+        return layout.intermediate % self.gate_up_rows == 0 and layout.hidden % self.down_rows == 0
+
+
+CANDIDATES = tuple(Blocks(g, d, w) for g in (16, 32, 64) for d in (8, 16) for w in (2, 4))
 
 
 @triton.jit
@@ -82,12 +100,11 @@ def _down_kernel(buf_u8, buf_f32, code_ptr, slots_ptr, positions_ptr, weights_pt
 def supports(layout: ExpertLayout, hidden_act: str) -> bool:
     """4-bit rows of SiLU-gated experts whose sizes the kernels' blocks divide."""
     return (layout.is_4bit and hidden_act == "silu" and QUANT_BLOCKSIZE == 64
-            and layout.hidden % 64 == 0 and layout.intermediate % 64 == 0
-            and layout.hidden % _DOWN_ROWS == 0 and layout.intermediate % _GATE_UP_ROWS == 0)
+            and layout.hidden % 64 == 0 and layout.intermediate % 64 == 0 and Blocks().fits(layout))
 
 
-def fused_mix_decode(layout: ExpertLayout, code: torch.Tensor, buffer: torch.Tensor, indices: torch.Tensor,
-                     flat_weights: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def fused_mix_decode(layout: ExpertLayout, code: torch.Tensor, blocks: Blocks, buffer: torch.Tensor,
+                     indices: torch.Tensor, flat_weights: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """`offloaded_experts.mix_decode` for 4-bit rows: the same [1, H] result, from the rows in place."""
     experts = indices.shape[0] // 2
     slots, positions = indices[:experts], indices[experts:]
@@ -97,34 +114,66 @@ def fused_mix_decode(layout: ExpertLayout, code: torch.Tensor, buffer: torch.Ten
     y = torch.empty((1, hidden), dtype=x.dtype, device=x.device)
     buf_f32 = buffer.view(torch.float32)  # the absmax sections, 16-byte aligned in every row
     row_bytes = layout.row_bytes
-    _gate_up_kernel[(experts, inter // _GATE_UP_ROWS)](
+    _gate_up_kernel[(experts, inter // blocks.gate_up_rows)](
         buffer, buf_f32, code, slots, x, h, row_bytes, sections["gate_up_packed"].offset,
-        sections["gate_up_absmax"].offset, HIDDEN=hidden, INTER=inter, BLOCK=_GATE_UP_ROWS)
-    _down_kernel[(hidden // _DOWN_ROWS,)](
+        sections["gate_up_absmax"].offset, HIDDEN=hidden, INTER=inter, BLOCK=blocks.gate_up_rows,
+        num_warps=blocks.warps)
+    _down_kernel[(hidden // blocks.down_rows,)](
         buffer, buf_f32, code, slots, positions, flat_weights, h, y, row_bytes, sections["down_packed"].offset,
-        sections["down_absmax"].offset, EXPERTS=experts, HIDDEN=hidden, INTER=inter, BLOCK=_DOWN_ROWS)
+        sections["down_absmax"].offset, EXPERTS=experts, HIDDEN=hidden, INTER=inter, BLOCK=blocks.down_rows,
+        num_warps=blocks.warps)
     return y
 
 
-def check_against_torch(layout: ExpertLayout, device: torch.device, experts: int = 3) -> float:
-    """Run the kernels once here on random rows of `layout` and compare them with dequantize-then-multiply;
-    returns the largest difference relative to the output's scale, and raises past 1e-3 (float32 math on
-    both sides, summed in another order: ~1e-6)."""
+def _sample(layout: ExpertLayout, device: torch.device, experts: int) -> tuple[torch.Tensor, ...]:
+    """Random experts' rows on `device`, the routing of one token to all of them in reverse slot order, and
+    the token: what `fused_mix_decode` takes after `blocks`."""
     generator = torch.Generator().manual_seed(0)
     rows = torch.zeros(experts, layout.row_bytes, dtype=torch.uint8)
     for row in rows:
         pack_expert(layout, torch.randn(2 * layout.intermediate, layout.hidden, generator=generator),
                     torch.randn(layout.hidden, layout.intermediate, generator=generator), row)
-    rows = rows.to(device)
-    indices = torch.tensor([*reversed(range(experts)), *range(experts)], device=device)
-    weights = torch.rand(experts, generator=generator).to(device)
-    x = torch.randn(1, layout.hidden, generator=generator).to(device)
-    fused = fused_mix_decode(layout, code_table(layout, device), rows, indices, weights, x)
-    reference = mix_decode(layout, torch.nn.SiLU(), torch.float32, rows, indices, weights, x)
+    indices = torch.tensor([*reversed(range(experts)), *range(experts)])
+    weights = torch.rand(experts, generator=generator)
+    x = torch.randn(1, layout.hidden, generator=generator)
+    return tuple(tensor.to(device) for tensor in (rows, indices, weights, x))
+
+
+def check_against_torch(layout: ExpertLayout, device: torch.device, blocks: Blocks = Blocks(),
+                        experts: int = 3) -> float:
+    """Run the kernels once here on random rows of `layout` and compare them with dequantize-then-multiply;
+    returns the largest difference relative to the output's scale, and raises past 1e-3 (float32 math on
+    both sides, summed in another order: ~1e-6)."""
+    sample = _sample(layout, device, experts)
+    fused = fused_mix_decode(layout, code_table(layout, device), blocks, *sample)
+    reference = mix_decode(layout, torch.nn.SiLU(), torch.float32, *sample)
     error = ((fused - reference).abs().max() / reference.abs().max()).item()
     if not error <= 1e-3:
         raise RuntimeError(f"the Triton expert kernels disagree with dequantize-then-multiply: {error:.2e}")
     return error
+
+
+@cache
+def tune(layout: ExpertLayout, device: torch.device, experts: int, repeats: int = 20) -> Blocks:
+    """The fastest of `CANDIDATES` for one token through `experts` experts on this CUDA device (compiling
+    each once; Triton keeps them on disk). Timed with CUDA events, one process-wide answer per shape."""
+    code = code_table(layout, device)
+    sample = _sample(layout, device, experts)
+    timings = {}
+    for blocks in (b for b in CANDIDATES if b.fits(layout)):
+        fused_mix_decode(layout, code, blocks, *sample)  # compile
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(repeats):
+            fused_mix_decode(layout, code, blocks, *sample)
+        end.record()
+        end.synchronize()
+        timings[blocks] = start.elapsed_time(end) / repeats
+    best = min(timings, key=timings.__getitem__)
+    log.info("Triton expert kernels for %d experts: %s at %.1f us (default %s: %.1f us, slowest %.1f us)", experts,
+             best, timings[best] * 1000, Blocks(), timings.get(Blocks(), float("nan")) * 1000,
+             max(timings.values()) * 1000)
+    return best
 
 
 def code_table(layout: ExpertLayout, device: torch.device) -> torch.Tensor:
