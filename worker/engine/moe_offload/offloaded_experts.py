@@ -25,10 +25,26 @@ class NextLayerPredictor:
         self.router = router  # the module, not its weight: loading assigns the weight after linking
         self.top_k = top_k
         self.cache = cache
+        self._with_guesses = partial(routed_and_guessed, top_k=top_k)
 
-    def predict(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        logits = nn.functional.linear(hidden_states, self.router.weight)
-        return torch.topk(logits, self.top_k, dim=-1).indices
+    def with_guesses(self, top_k_index: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        """This layer's routed experts, then the next layer's guessed ones, flat: one tensor to read back."""
+        return self._with_guesses(top_k_index, hidden_states, self.router.weight)
+
+    def compile_decode(self, mode: str | None) -> None:
+        """The guess (router matmul, top-k, concatenation) as one compiled graph; `None` goes back to eager."""
+        eager = partial(routed_and_guessed, top_k=self.top_k)
+        if mode is None:
+            self._with_guesses = eager
+            return
+        torch._dynamo.mark_static_address(self.router.weight)  # read in place by the graph, never copied in
+        self._with_guesses = torch.compile(eager, mode=mode, dynamic=False, fullgraph=True)
+
+
+def routed_and_guessed(top_k_index: torch.Tensor, hidden_states: torch.Tensor, next_router_weight: torch.Tensor,
+                       top_k: int) -> torch.Tensor:
+    guess = torch.topk(nn.functional.linear(hidden_states, next_router_weight), top_k, dim=-1).indices
+    return torch.cat([top_k_index.reshape(-1), guess.reshape(-1).to(top_k_index.dtype)])
 
 
 def to_device(values: torch.Tensor | list[int], device: torch.device) -> torch.Tensor:
@@ -102,6 +118,8 @@ class OffloadedExperts(nn.Module):
     def compile_decode(self, mode: str | None) -> None:
         """Decode's expert math (~25 kernels: gather, dequantize, matmuls) as one compiled graph for this layer,
         one CUDA graph launch with `mode="reduce-overhead"`; `None` goes back to eager."""
+        if self.next_layer is not None:
+            self.next_layer.compile_decode(mode)
         if mode is None:
             self._mix_decode = self._mix_eager
         elif self._mix_decode is self._mix_eager:
@@ -118,9 +136,8 @@ class OffloadedExperts(nn.Module):
         wanted = top_k_index.reshape(-1)
         guess_count = 0
         if decoding and self.next_layer is not None:
-            guess = self.next_layer.predict(hidden_states).reshape(-1)
-            guess_count = guess.numel()
-            wanted = torch.cat([wanted, guess.to(wanted.dtype)])
+            wanted = self.next_layer.with_guesses(top_k_index, hidden_states)
+            guess_count = wanted.numel() - top_k_index.numel()
         ids = wanted.tolist()  # the one device-to-host sync per layer: the host decides what to copy
         routed_ids = ids[: len(ids) - guess_count]
         predicted = ids[len(ids) - guess_count:]
