@@ -3,8 +3,9 @@
 The torch path (`offloaded_experts.mix_decode`) dequantizes the token's experts to 16-bit weights, then
 multiplies: for Qwen3-Next's 10 experts a layer that writes and reads back 63 MB to use 17.7 MB of 4-bit
 rows, ~6.9 GB a token. These kernels unpack the nibbles in registers instead (NF4 or FP4 code table, one
-float32 absmax per 64 weights, as bitsandbytes packs them): 17.7 MB a layer. On an H200 that is ~1.5 ms a
-token saved; on a 16 GB card with a tenth of its bandwidth it is most of the decode budget.
+float32 absmax per 64 weights, as bitsandbytes packs them): 17.7 MB a layer. By bandwidth alone (not yet
+timed) that is ~1.5 ms a token on an H200, and on a 16 GB card with a tenth of its bandwidth most of the
+decode budget.
 
 - `_gate_up_kernel`, one program per (expert, block of intermediate rows): h = silu(gate x) * (up x).
 - `_down_kernel`, one program per block of output rows, looping over the experts: y = sum_e w_e down_e h_e.
