@@ -3,7 +3,7 @@
 import json
 from datetime import datetime
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, computed_field, field_validator
 
@@ -146,6 +146,10 @@ class EventType(StrEnum):
 class ExpertOffloadStats(BaseModel):
     """The MoE offload engine's expert cache since the model loaded, summed over its layers."""
 
+    # The worker's `CacheStats` fields, which a worker test holds equal to these (shared cannot import it).
+    COUNTERS: ClassVar[tuple[str, ...]] = (
+        "hits", "misses", "evictions", "bytes_copied", "prefetched", "prefetch_hits", "computed_on_host")
+
     slots_per_layer: int
     experts_per_layer: int
     miss_mode: str = Field(description="copy | cpu | hybrid: what happens to an expert with no device slot")
@@ -169,8 +173,7 @@ class ExpertOffloadStats(BaseModel):
         """Counters summed over workers (their layout and mode taken from the first)."""
         if not parts:
             return None
-        counters = ("hits", "misses", "evictions", "computed_on_host", "prefetched", "prefetch_hits", "bytes_copied")
-        summed = {name: sum(getattr(part, name) for part in parts) for name in counters}
+        summed = {name: sum(getattr(part, name) for part in parts) for name in cls.COUNTERS}
         return parts[0].model_copy(update=summed)
 
 

@@ -1,10 +1,12 @@
 import random
+from dataclasses import fields
 
 import pytest
 import torch
 
+from shared.schemas import ExpertOffloadStats
 from tests.worker.moe_offload.conftest import TEST_DEVICE
-from worker.engine.moe_offload.expert_cache import ExpertCache
+from worker.engine.moe_offload.expert_cache import CacheStats, ExpertCache
 from worker.engine.moe_offload.transfer import CopyStream
 
 EXPERTS, ROW_BYTES = 16, 64
@@ -115,3 +117,8 @@ def test_copies_can_start_after_the_caller_sends_its_indices():
     _wait(cache, acquired)
     assert cache.stats.bytes_copied == 2 * ROW_BYTES
     _assert_present(cache, acquired.miss_experts, acquired.miss_slots)
+
+
+def test_the_published_stats_sum_every_counter_the_cache_keeps():
+    """`GET /metrics` sums the workers' counters by the names shared/ lists; they must be the cache's own."""
+    assert sorted(ExpertOffloadStats.COUNTERS) == sorted(field.name for field in fields(CacheStats))
