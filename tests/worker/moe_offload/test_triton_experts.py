@@ -63,7 +63,7 @@ def test_offloaded_model_decodes_the_same_through_the_kernels(converted):
         torch.testing.assert_close(fused_logits, torch_logits, rtol=1e-4, atol=1e-4)
 
 
-def test_auto_takes_the_kernels_only_after_they_pass_their_check_here(monkeypatch):
+def test_auto_takes_the_kernels_only_after_they_pass_their_check_and_win_here(monkeypatch):
     layout = ExpertLayout(hidden=128, intermediate=64, quant="nf4")
     assert triton_experts.check_against_torch(layout, TEST_DEVICE) < 1e-4
 
@@ -72,17 +72,23 @@ def test_auto_takes_the_kernels_only_after_they_pass_their_check_here(monkeypatc
 
     monkeypatch.setattr(triton_experts, "check_against_torch", broken)
     cuda = torch.device("cuda")  # auto only considers them on CUDA; the check is what fails here
-    monkeypatch.setattr(triton_experts, "tune", lambda *args: triton_experts.Blocks())
+    monkeypatch.setattr(triton_experts, "tune", lambda *args: triton_experts.Tuning(triton_experts.Blocks(), 1.0, 2.0))
     assert fused_decode_mix("auto", layout, cuda, "silu", 4) is None
     with pytest.raises(RuntimeError, match="no kernel"):
         fused_decode_mix("triton", layout, cuda, "silu", 4)
     assert fused_decode_mix("auto", ExpertLayout(hidden=128, intermediate=64, quant="bf16"), cuda, "silu", 4) is None
+
+    # right, but slower than dequantize-then-multiply on this device: auto keeps the torch path
+    monkeypatch.setattr(triton_experts, "check_against_torch", lambda *args: 0.0)
+    monkeypatch.setattr(triton_experts, "tune", lambda *args: triton_experts.Tuning(triton_experts.Blocks(), 2.0, 1.0))
+    assert fused_decode_mix("auto", layout, cuda, "silu", 4) is None
 
 
 @pytest.mark.skipif(TEST_DEVICE.type != "cuda", reason="times the kernels with CUDA events (gpu_check.sh runs it)")
 @torch.inference_mode()
 def test_tuning_picks_blocks_that_compute_right():
     layout = ExpertLayout(hidden=2048, intermediate=512, quant="nf4")  # Qwen3-Next's experts
-    blocks = triton_experts.tune(layout, TEST_DEVICE, 10)
-    assert blocks in triton_experts.CANDIDATES and blocks.fits(layout)
-    assert triton_experts.check_against_torch(layout, TEST_DEVICE, blocks, experts=10) < 1e-4
+    tuning = triton_experts.tune(layout, TEST_DEVICE, 10)
+    assert tuning.blocks in triton_experts.CANDIDATES and tuning.blocks.fits(layout)
+    assert tuning.fused_ms > 0 and tuning.torch_ms > 0
+    assert triton_experts.check_against_torch(layout, TEST_DEVICE, tuning.blocks, experts=10) < 1e-4

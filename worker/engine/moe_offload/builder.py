@@ -108,14 +108,18 @@ def fused_decode_mix(kernel: ExpertKernel, layout: ExpertLayout, device: torch.d
         if kernel == "triton":
             raise ValueError(f"EXPERT_KERNEL=triton does not cover {layout} with activation {hidden_act}")
         return None
-    try:  # auto takes them only once they have compiled and computed right on this device
-        blocks = triton_experts.tune(layout, device, top_k) if device.type == "cuda" else triton_experts.Blocks()
+    try:  # auto takes them only once they have compiled, computed right and beaten the torch path here
+        tuning = triton_experts.tune(layout, device, top_k) if device.type == "cuda" else None
+        blocks = tuning.blocks if tuning else triton_experts.Blocks()
         error = triton_experts.check_against_torch(layout, device, blocks)
     except Exception:
         if kernel == "triton":
             raise
         log.warning("The Triton expert kernels failed their check here; decode dequantizes, then multiplies",
                     exc_info=True)
+        return None
+    if kernel == "auto" and tuning and tuning.fused_ms > tuning.torch_ms:
+        log.info("Dequantize-then-multiply is faster here than the Triton expert kernels; decode uses it")
         return None
     log.info("Decode's experts: Triton kernels (relative difference to dequantize-then-multiply %.1e)", error)
     return partial(triton_experts.fused_mix_decode, layout, triton_experts.code_table(layout, device), blocks)

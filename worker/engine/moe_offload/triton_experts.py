@@ -154,27 +154,40 @@ def check_against_torch(layout: ExpertLayout, device: torch.device, blocks: Bloc
     return error
 
 
+@dataclass(frozen=True)
+class Tuning:
+    blocks: Blocks  # the fastest candidate
+    fused_ms: float  # its time for one token through the experts
+    torch_ms: float  # dequantize-then-multiply's, in bf16, on the same rows
+
+
+def _time_ms(run, repeats: int) -> float:
+    run()  # compiles, the first time
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        run()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / repeats
+
+
 @cache
-def tune(layout: ExpertLayout, device: torch.device, experts: int, repeats: int = 20) -> Blocks:
+def tune(layout: ExpertLayout, device: torch.device, experts: int, repeats: int = 20) -> Tuning:
     """The fastest of `CANDIDATES` for one token through `experts` experts on this CUDA device (compiling
-    each once; Triton keeps them on disk). Timed with CUDA events, one process-wide answer per shape."""
+    each once; Triton keeps them on disk), beside the torch path's time. CUDA events; once per shape."""
     code = code_table(layout, device)
-    sample = _sample(layout, device, experts)
-    timings = {}
-    for blocks in (b for b in CANDIDATES if b.fits(layout)):
-        fused_mix_decode(layout, code, blocks, *sample)  # compile
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(repeats):
-            fused_mix_decode(layout, code, blocks, *sample)
-        end.record()
-        end.synchronize()
-        timings[blocks] = start.elapsed_time(end) / repeats
+    rows, indices, weights, x = _sample(layout, device, experts)
+    timings = {blocks: _time_ms(lambda b=blocks: fused_mix_decode(layout, code, b, rows, indices, weights, x), repeats)
+               for blocks in CANDIDATES if blocks.fits(layout)}
     best = min(timings, key=timings.__getitem__)
-    log.info("Triton expert kernels for %d experts: %s at %.1f us (default %s: %.1f us, slowest %.1f us)", experts,
-             best, timings[best] * 1000, Blocks(), timings.get(Blocks(), float("nan")) * 1000,
-             max(timings.values()) * 1000)
-    return best
+    x16 = x.to(torch.bfloat16)
+    torch_ms = _time_ms(lambda: mix_decode(layout, torch.nn.SiLU(), torch.bfloat16, rows, indices, weights, x16),
+                        repeats)
+    log.info("Expert kernels for %d experts, one token: Triton %s %.1f us (default %.1f us, slowest %.1f us); "
+             "dequantize-then-multiply %.1f us", experts, best, timings[best] * 1000,
+             timings.get(Blocks(), float("nan")) * 1000, max(timings.values()) * 1000, torch_ms * 1000)
+    return Tuning(best, timings[best], torch_ms)
 
 
 def code_table(layout: ExpertLayout, device: torch.device) -> torch.Tensor:
