@@ -41,6 +41,16 @@ def static_cache_bytes(config: PretrainedConfig, max_len: int, dtype: torch.dtyp
     return sum(lengths.get(kind, 0) for kind in layer_types) * per_token
 
 
+def decode_graph(eager: Callable[..., torch.Tensor], mode: str | None,
+                 reads_in_place: torch.Tensor) -> Callable[..., torch.Tensor]:
+    """`eager` itself when `mode` is None; else compiled (`torch.compile` in `mode`) as one graph of fixed
+    shapes that reads `reads_in_place` where it is: CUDA graphs copy any other non-parameter input in per call."""
+    if mode is None:
+        return eager
+    torch._dynamo.mark_static_address(reads_in_place)
+    return torch.compile(eager, mode=mode, dynamic=False, fullgraph=True)
+
+
 def set_module_decode_mode(model: torch.nn.Module, mode: str | None) -> None:
     """`compile_decode(mode)` on every module that has one; `None` puts them back to eager."""
     for module in model.modules():

@@ -6,9 +6,9 @@ bandwidth against the CPU's 4-bit matvec speed. `calibrate_miss_split` times bot
 splits the misses so that both sides finish together (the hybrid path of the cost model).
 The expert is dequantized, then multiplied (measured per Qwen3-Next expert: 2.65 ms on 2 AVX2 cores, 0.62 ms
 in bf16 on 2 AVX512-BF16 EPYC cores, against 0.07 ms to copy it over PCIe 4.0, so such machines copy nearly
-everything). bitsandbytes' fused CPU `gemv_4bit`
-is not used: on AVX512-BF16 CPUs it expects weights repacked into its own CPU layout, and on our rows it gave
-wrong results (seen on an AMD EPYC); elsewhere it dequantizes then multiplies anyway.
+everything). bitsandbytes' fused CPU `gemv_4bit` is not used: on AVX512-BF16 CPUs it expects weights repacked
+into its own CPU layout, and on our rows it gave wrong results (seen on an AMD EPYC); elsewhere it
+dequantizes then multiplies anyway.
 """
 
 import logging

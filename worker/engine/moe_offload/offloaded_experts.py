@@ -8,6 +8,7 @@ from functools import partial
 import torch
 from torch import nn
 
+from worker.engine.compiled_decode import decode_graph
 from worker.engine.moe_offload.cpu_experts import MissSplit, cpu_expert_forward
 from worker.engine.moe_offload.expert_cache import Acquired, ExpertCache
 from worker.engine.moe_offload.packing import ExpertLayout, unpack_experts
@@ -25,7 +26,8 @@ class NextLayerPredictor:
         self.router = router  # the module, not its weight: loading assigns the weight after linking
         self.top_k = top_k
         self.cache = cache
-        self._with_guesses = partial(routed_and_guessed, top_k=top_k)
+        self._eager = partial(routed_and_guessed, top_k=top_k)
+        self._with_guesses = self._eager
 
     def with_guesses(self, top_k_index: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         """This layer's routed experts, then the next layer's guessed ones, flat: one tensor to read back."""
@@ -33,12 +35,7 @@ class NextLayerPredictor:
 
     def compile_decode(self, mode: str | None) -> None:
         """The guess (router matmul, top-k, concatenation) as one compiled graph; `None` goes back to eager."""
-        eager = partial(routed_and_guessed, top_k=self.top_k)
-        if mode is None:
-            self._with_guesses = eager
-            return
-        torch._dynamo.mark_static_address(self.router.weight)  # read in place by the graph, never copied in
-        self._with_guesses = torch.compile(eager, mode=mode, dynamic=False, fullgraph=True)
+        self._with_guesses = decode_graph(self._eager, mode, self.router.weight)
 
 
 def routed_and_guessed(top_k_index: torch.Tensor, hidden_states: torch.Tensor, next_router_weight: torch.Tensor,
@@ -120,12 +117,8 @@ class OffloadedExperts(nn.Module):
         one CUDA graph launch with `mode="reduce-overhead"`; `None` goes back to eager."""
         if self.next_layer is not None:
             self.next_layer.compile_decode(mode)
-        if mode is None:
-            self._mix_decode = self._mix_eager
-        elif self._mix_decode is self._mix_eager:
-            # The slot buffer is an input the graph must read in place: copying it in would move ~225 MB per call.
-            torch._dynamo.mark_static_address(self.cache.buffer)
-            self._mix_decode = torch.compile(self._mix_eager, mode=mode, dynamic=False, fullgraph=True)
+        # The slot buffer is read in place: copied in, it would move ~225 MB per call.
+        self._mix_decode = decode_graph(self._mix_eager, mode, self.cache.buffer)
 
     # Host decisions (which experts to copy) need the routing on the host: a compiled decode breaks its graph
     # here and runs this eagerly between the graph before and the graph after.
