@@ -1,20 +1,18 @@
 #!/usr/bin/env bash
-# The prepared runs for a session that has a lent GPU. Here first: benchmarks/gpu_wheels.sh. Then the device tool:
-#   run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=590)       # ~6 min
-#   run(command="bash benchmarks/gpu_check.sh fla", carry=[".whl"], timeout_s=300)   # ~3 min, if time is left
-# Default part:
+# The prepared run for a session that has a lent GPU. Here first: benchmarks/gpu_wheels.sh. Then the device tool:
+#   run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=570)      # ~9 min, each step time-boxed
+#   run(command="bash benchmarks/gpu_check.sh tests", carry=[".whl"], timeout_s=150)  # the tests alone
+# In order:
+#   2. benchmarks/moe_offload_gpu.py at Qwen3-Next-80B-A3B's real shapes, 16 GB cap, most telling first (the JSON
+#      is rewritten after each): eager decode as the H200 runs of 2026-11-26 had it (dequantize, then multiply),
+#      compiled with the Triton kernels, the rest of the model alone compiled, compiled without the kernels, eager
+#      with the kernels, compiled without prefetch, compiled without CUDA graphs, and the naive baseline;
+#   3. the cost model beside what was measured;
+#   2b. the same benchmark with flash-linear-attention's Triton kernels for the Gated DeltaNet layers;
 #   1. the offload engine's cache and equivalence tests on CUDA (streams, events, page-locked rows, bnb's CUDA
 #      dequantize, misses computed on the CPU) against transformers, on the tiny Qwen3-Next; the Triton expert
 #      kernels against dequantize-then-multiply; the compiled decode (CUDA graphs around the experts' graph
-#      breaks) against the eager one;
-#   2. benchmarks/moe_offload_gpu.py at Qwen3-Next-80B-A3B's real shapes, 16 GB cap, most telling first (the JSON
-#      is rewritten after each): eager decode as the H200 runs of 2026-11-26 had it (dequantize, then multiply),
-#      twice, since the first variant of every H200 run was 25-40% slower whatever its warm-up,
-#      compiled with the Triton kernels, the rest of the model alone compiled, compiled without prefetch,
-#      compiled without the kernels, compiled without CUDA graphs, eager with the kernels, and the naive
-#      baseline;
-#   3. the cost model beside what was measured.
-# `fla`: the same benchmark with flash-linear-attention's Triton kernels for the Gated DeltaNet layers.
+#      breaks) against the eager one.
 # Output goes to $OUT (the device tool's folder that comes back), else benchmarks/results/gpu-check/.
 set -uo pipefail
 PART=${1:-main}
@@ -39,22 +37,22 @@ bench() {  # benchmark arguments...
 print('torch', torch.__version__, 'cuda', torch.version.cuda, '| transformers', transformers.__version__,
       '| bitsandbytes', bitsandbytes.__version__, '| triton', triton.__version__,
       '| cpu', torch.backends.cpu.get_cpu_capability(), os.cpu_count(), 'cores')"
-    if [ "$PART" = fla ]; then
-        echo "## 2b. real shapes, 16 GB cap, flash-linear-attention kernels"
-        PYTHONPATH=/tmp/fla-site:$PYTHONPATH python3 -c "import fla; print('fla', fla.__version__)"
-        PYTHONPATH=/tmp/fla-site:$PYTHONPATH bench --variants "no-experts:compiled,lru+prefetch:compiled" \
-            --skip-naive --out "$OUT/moe_offload_gpu-fla.json"
-    else
-        echo "## 1. CUDA correctness (tiny Qwen3-Next)"
-        MOE_TEST_DEVICE=cuda timeout 240 python3 -m pytest -q -p no:cacheprovider \
-            tests/worker/moe_offload/test_expert_cache.py tests/worker/moe_offload/test_equivalence.py \
-            tests/worker/moe_offload/test_triton_experts.py \
-            tests/worker/moe_offload/test_engine.py -k compiled_decode
+    # One call, time-boxed step by step (a lent machine gives 15 minutes in all): the numbers first, each JSON
+    # rewritten after every variant, then the fla run, then the CUDA tests.
+    if [ "$PART" != tests ]; then
         echo "## 2. real shapes, 16 GB cap"
-        variants=lru+prefetch:dequant,lru+prefetch:dequant,lru+prefetch:compiled,no-experts:compiled,lru:compiled
-        BENCH_TIMEOUT_S=${BENCH_TIMEOUT_S:-420} bench --out "$OUT/moe_offload_gpu.json" \
-            --variants "$variants,lru+prefetch:compiled:dequant,lru+prefetch:compiled:nographs,lru+prefetch"
+        variants=lru+prefetch:dequant,lru+prefetch:compiled,no-experts:compiled,lru+prefetch:compiled:dequant
+        BENCH_TIMEOUT_S=${MAIN_TIMEOUT_S:-300} bench --out "$OUT/moe_offload_gpu.json" \
+            --variants "$variants,lru+prefetch,lru:compiled,lru+prefetch:compiled:nographs"
         echo "## 3. cost model"
         python3 -m benchmarks.moe_cost_model --measured "$OUT/moe_offload_gpu.json"
+        echo "## 2b. real shapes, 16 GB cap, flash-linear-attention kernels"
+        PYTHONPATH=/tmp/fla-site:$PYTHONPATH python3 -c "import fla; print('fla', fla.__version__)"
+        PYTHONPATH=/tmp/fla-site:$PYTHONPATH BENCH_TIMEOUT_S=${FLA_TIMEOUT_S:-120} bench \
+            --variants "no-experts:compiled,lru+prefetch:compiled" --skip-naive --out "$OUT/moe_offload_gpu-fla.json"
     fi
+    echo "## 1. CUDA correctness (tiny Qwen3-Next)"
+    MOE_TEST_DEVICE=cuda timeout "${TESTS_TIMEOUT_S:-110}" python3 -m pytest -q -x -p no:cacheprovider \
+        tests/worker/moe_offload/test_triton_experts.py tests/worker/moe_offload/test_expert_cache.py \
+        tests/worker/moe_offload/test_equivalence.py tests/worker/moe_offload/test_engine.py -k "compiled_decode or not test_engine"
 } 2>&1 | tee "$OUT/gpu_check-$PART.log"
