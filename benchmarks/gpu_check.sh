@@ -38,21 +38,21 @@ print('torch', torch.__version__, 'cuda', torch.version.cuda, '| transformers', 
       '| bitsandbytes', bitsandbytes.__version__, '| triton', triton.__version__,
       '| cpu', torch.backends.cpu.get_cpu_capability(), os.cpu_count(), 'cores')"
     # One call, time-boxed step by step (a lent machine gives 15 minutes in all): the numbers first, each JSON
-    # rewritten after every variant, then the fla run, then the CUDA tests.
+    # rewritten after every variant, then the CUDA tests. Variant lists and time boxes can be set from outside.
     if [ "$PART" != tests ]; then
-        echo "## 2. real shapes, 16 GB cap"
-        variants=lru+prefetch:dequant,lru+prefetch:compiled,no-experts:compiled,lru+prefetch:compiled:dequant
-        BENCH_TIMEOUT_S=${MAIN_TIMEOUT_S:-300} bench --out "$OUT/moe_offload_gpu.json" \
-            --variants "$variants,lru+prefetch,lru:compiled,lru+prefetch:compiled:nographs"
-        echo "## 3. cost model"
-        python3 -m benchmarks.moe_cost_model --measured "$OUT/moe_offload_gpu.json"
-        echo "## 2b. real shapes, 16 GB cap, flash-linear-attention kernels"
+        echo "## 2. real shapes, 16 GB cap, flash-linear-attention kernels for Gated DeltaNet"
         PYTHONPATH=/tmp/fla-site:$PYTHONPATH python3 -c "import fla; print('fla', fla.__version__)"
-        PYTHONPATH=/tmp/fla-site:$PYTHONPATH BENCH_TIMEOUT_S=${FLA_TIMEOUT_S:-120} bench \
-            --variants "no-experts:compiled,lru+prefetch:compiled" --skip-naive --out "$OUT/moe_offload_gpu-fla.json"
+        PYTHONPATH=/tmp/fla-site:$PYTHONPATH BENCH_TIMEOUT_S=${FLA_TIMEOUT_S:-200} bench --skip-naive \
+            --variants "${FLA_VARIANTS:-lru+prefetch:compiled,lru+prefetch:dequant,no-experts:compiled,lru:compiled}" \
+            --out "$OUT/moe_offload_gpu-fla.json"
+        echo "## 2b. real shapes, 16 GB cap, transformers' reference Gated DeltaNet"
+        BENCH_TIMEOUT_S=${MAIN_TIMEOUT_S:-200} bench --out "$OUT/moe_offload_gpu.json" \
+            --variants "${MAIN_VARIANTS:-lru+prefetch:compiled,lru+prefetch:compiled:dequant,lru+prefetch:dequant}"
+        echo "## 3. cost model"
+        python3 -m benchmarks.moe_cost_model --measured "$OUT/moe_offload_gpu-fla.json"
     fi
     echo "## 1. CUDA correctness (tiny Qwen3-Next)"
     MOE_TEST_DEVICE=cuda timeout "${TESTS_TIMEOUT_S:-110}" python3 -m pytest -q -x -p no:cacheprovider \
-        tests/worker/moe_offload/test_triton_experts.py tests/worker/moe_offload/test_expert_cache.py \
-        tests/worker/moe_offload/test_equivalence.py tests/worker/moe_offload/test_engine.py -k "compiled_decode or not test_engine"
+        tests/worker/moe_offload/test_engine.py -k compiled_decode ${TESTS:-tests/worker/moe_offload/test_triton_experts.py \
+        tests/worker/moe_offload/test_expert_cache.py tests/worker/moe_offload/test_equivalence.py}
 } 2>&1 | tee "$OUT/gpu_check-$PART.log"

@@ -418,6 +418,9 @@ def main(argv: list[str] | None = None) -> dict:
         except Exception as error:  # a variant that fails (a compile error, say) leaves the others measured
             traceback.print_exc()
             report["failed"].append({"variant": name, "error": repr(error)})
+            if device.type == "cuda":  # a failed recording leaves the graph tree mid-way (and its pool held)
+                from torch._inductor.cudagraph_trees import reset_cudagraph_trees
+                reset_cudagraph_trees()
         gc.collect()
         if report["variants"]:
             report["non_expert_ms_per_token"] = measured_dense_ms(report)

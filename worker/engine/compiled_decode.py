@@ -5,8 +5,8 @@ Decode of one token is bound by host time, not by the device: Qwen3-Next's 48 la
 kernels per token in eager mode, each launched from Python (the rest of the model alone: 76 ms/token on an
 H200). Inductor fuses them, and on a GPU `mode="reduce-overhead"` replays each compiled stretch as one CUDA
 graph. Modules that must decide on the host (the offloaded experts) are marked `torch.compiler.disable`:
-the graph breaks around them and they run eagerly between two graphs; those with a `compile_decode(mode)`
-method compile their own device work as graphs of their own.
+the graph breaks around them and they run eagerly between two graphs; those with a `compile_decode(compiled)`
+method compile their own device work as graphs of their own (`decode_graph`).
 """
 
 import logging
@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Literal
 
 import torch
+from torch._dynamo.mutation_guard import GenerationTracker
 from transformers import CompileConfig, PretrainedConfig, StaticCache
 
 log = logging.getLogger(__name__)
@@ -41,21 +42,31 @@ def static_cache_bytes(config: PretrainedConfig, max_len: int, dtype: torch.dtyp
     return sum(lengths.get(kind, 0) for kind in layer_types) * per_token
 
 
-def decode_graph(eager: Callable[..., torch.Tensor], mode: str | None,
-                 reads_in_place: torch.Tensor) -> Callable[..., torch.Tensor]:
-    """`eager` itself when `mode` is None; else compiled (`torch.compile` in `mode`) as one graph of fixed
-    shapes that reads `reads_in_place` where it is: CUDA graphs copy any other non-parameter input in per call."""
-    if mode is None:
+def decode_graph(eager: Callable[..., torch.Tensor], compiled: bool) -> Callable[..., torch.Tensor]:
+    """`eager` itself, or compiled as one graph of fixed shapes for a module that runs between two graphs of
+    the compiled decode step. Such a graph is never CUDA-graphed and is called without starting a new
+    generation of the step's CUDA graph tree: entering any `torch.compile`d function counts as a new step
+    to the tree, which would then free the outputs of the graphs before the gap while the gap still reads
+    them (on an H100: "accessing tensor output of CUDAGraphs that has been overwritten")."""
+    if not compiled:
         return eager
-    torch._dynamo.mark_static_address(reads_in_place)
-    return torch.compile(eager, mode=mode, dynamic=False, fullgraph=True)
+    graph = torch.compile(eager, dynamic=False, fullgraph=True)
+
+    def in_the_gap(*args: torch.Tensor) -> torch.Tensor:
+        generation = GenerationTracker.generation
+        try:
+            return graph(*args)
+        finally:
+            GenerationTracker.generation = generation
+
+    return in_the_gap
 
 
-def set_module_decode_mode(model: torch.nn.Module, mode: str | None) -> None:
-    """`compile_decode(mode)` on every module that has one; `None` puts them back to eager."""
+def set_module_decode_mode(model: torch.nn.Module, compiled: bool) -> None:
+    """`compile_decode(compiled)` on every module that has one; False puts them back to eager."""
     for module in model.modules():
         if hasattr(module, "compile_decode"):
-            module.compile_decode(mode)
+            module.compile_decode(compiled)
 
 
 class CompiledDecode:
@@ -78,7 +89,7 @@ class CompiledDecode:
 
     def attach(self, model: torch.nn.Module) -> None:
         """Lets the modules that run between the graphs compile their part (again after they are replaced)."""
-        set_module_decode_mode(model, self.config.mode)
+        set_module_decode_mode(model, True)
 
     def generate_kwargs(self) -> dict:
         """For one `generate` call: the same cache tensors every time (CUDA graphs replay fixed addresses)."""

@@ -124,7 +124,7 @@ class TransformersEngine(Engine):
             if self.decode_compile == "on":
                 raise
             log.warning("Compiling the decode step failed; decoding eagerly", exc_info=True)
-            set_module_decode_mode(self.model, None)
+            set_module_decode_mode(self.model, False)
             return None
 
     def _pad_token_id(self) -> int | None:

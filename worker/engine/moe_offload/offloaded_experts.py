@@ -33,9 +33,9 @@ class NextLayerPredictor:
         """This layer's routed experts, then the next layer's guessed ones, flat: one tensor to read back."""
         return self._with_guesses(top_k_index, hidden_states, self.router.weight)
 
-    def compile_decode(self, mode: str | None) -> None:
-        """The guess (router matmul, top-k, concatenation) as one compiled graph; `None` goes back to eager."""
-        self._with_guesses = decode_graph(self._eager, mode, self.router.weight)
+    def compile_decode(self, compiled: bool) -> None:
+        """The guess (router matmul, top-k, concatenation) as one compiled graph; False goes back to eager."""
+        self._with_guesses = decode_graph(self._eager, compiled)
 
 
 def routed_and_guessed(top_k_index: torch.Tensor, hidden_states: torch.Tensor, next_router_weight: torch.Tensor,
@@ -112,13 +112,12 @@ class OffloadedExperts(nn.Module):
     def decode_compiled(self) -> bool:
         return self._mix_decode is not self._mix_eager
 
-    def compile_decode(self, mode: str | None) -> None:
-        """Decode's expert math (~25 kernels: gather, dequantize, matmuls) as one compiled graph for this layer,
-        one CUDA graph launch with `mode="reduce-overhead"`; `None` goes back to eager."""
+    def compile_decode(self, compiled: bool) -> None:
+        """Decode's expert math (gather, dequantize or the Triton kernels, the weighted sum) as one compiled
+        graph for this layer; False goes back to eager."""
         if self.next_layer is not None:
-            self.next_layer.compile_decode(mode)
-        # The slot buffer is read in place: copied in, it would move ~225 MB per call.
-        self._mix_decode = decode_graph(self._mix_eager, mode, self.cache.buffer)
+            self.next_layer.compile_decode(compiled)
+        self._mix_decode = decode_graph(self._mix_eager, compiled)
 
     # Host decisions (which experts to copy) need the routing on the host: a compiled decode breaks its graph
     # here and runs this eagerly between the graph before and the graph after.
