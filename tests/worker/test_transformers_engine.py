@@ -76,3 +76,13 @@ def test_incremental_detokenizer_reproduces_a_full_decode(engine, text):
     pieces = [detokenizer.push(token_id) for token_id in ids] + [detokenizer.flush()]
     assert "".join(pieces) == engine.tokenizer.decode(ids, skip_special_tokens=True)
     assert all("\ufffd" not in piece for piece in pieces)
+
+
+def test_the_stop_signal_is_on_the_device_of_the_tokens():
+    """transformers ORs every stopping criterion's answer on the tokens' device: a CPU answer fails on a GPU
+    (seen on an H100). The meta device stands in for one here."""
+    from worker.engine.transformers_engine import _ControlStopping
+
+    control = RecordingControl()
+    answer = _ControlStopping(control)(torch.zeros((2, 5), dtype=torch.long, device="meta"), None)
+    assert answer.device.type == "meta" and answer.shape == (2,) and answer.dtype == torch.bool

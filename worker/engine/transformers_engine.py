@@ -70,7 +70,7 @@ class _ControlStopping(StoppingCriteria):
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
         self.reason = self.control.stop_reason()
-        return torch.full((input_ids.shape[0],), self.reason is not None, dtype=torch.bool)
+        return torch.full((input_ids.shape[0],), self.reason is not None, dtype=torch.bool, device=input_ids.device)
 
 
 class TransformersEngine(Engine):
