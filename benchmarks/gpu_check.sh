@@ -30,6 +30,11 @@ if [ -d .whl ]; then
 fi
 bench() {  # benchmark arguments...
     timeout "${BENCH_TIMEOUT_S:-330}" python3 -m benchmarks.moe_offload_gpu --tokens "${TOKENS:-32}" "$@"
+    local status=$?
+    # A run cut off mid-compile leaves inductor's compile workers busy on every core: the next run's host-bound
+    # timings would pay for them (seen on an H100, 2026-11-26: dequantize-then-multiply timed 6x slower).
+    pkill -f torch._inductor.compile_worker && sleep 2
+    return $status
 }
 {
     nvidia-smi --query-gpu=name,memory.total,driver_version,pcie.link.gen.current,pcie.link.width.current --format=csv

@@ -362,14 +362,23 @@ def main(argv: list[str] | None = None) -> dict:
     experts = [(name, layout, rows) for name, rows in zip(experts_names, host_rows, strict=True)]
     compiled_by_graphs: dict[bool, CompiledDecode] = {}  # one static cache per compile mode, kept across variants
 
+    def free_experts() -> None:
+        """The last variant's experts out, and their slots (10 GiB at real shapes) freed before anything else
+        takes room: layer by layer, the next variant's slots would otherwise pile up on the last one's wherever
+        a reference cycle keeps a replaced layer alive until the next garbage collection."""
+        for module_name in experts_names:
+            model.set_submodule(module_name, NoExperts())
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
     def measure(index: int, name: str) -> dict:
         base, *flags = name.split(":")
         is_compiled = "compiled" in flags
         compiled = None
+        free_experts()
         if base == "no-experts":
             label, caches, split, fused = "no experts (rest alone)", [], MissSplit("copy", 0.0), False
-            for module_name in experts_names:
-                model.set_submodule(module_name, NoExperts())
         else:
             label, policy, prefetch, misses = VARIANTS[base]
             caches, split = install_offloaded_experts(model, experts, device, dtype, plan.slots_per_layer, policy,
@@ -410,7 +419,7 @@ def main(argv: list[str] | None = None) -> dict:
             run["dynamo"] = {"unique_graphs": counters["stats"]["unique_graphs"],
                              "graph_breaks": sum(counters["graph_break"].values()), "frames": dict(counters["frames"])}
         print(f"# {label}: {run['tok_per_s']:.2f} tok/s, hit rate {stats.hit_rate:.1%}, warm-up {warm_up_s:.0f} s")
-        return run  # this variant's slots (10 GiB at real shapes) go with its caches, before the next installs
+        return run
 
     for index, name in enumerate(args.variants.split(",")):
         try:
@@ -421,7 +430,6 @@ def main(argv: list[str] | None = None) -> dict:
             if device.type == "cuda":  # a failed recording leaves the graph tree mid-way (and its pool held)
                 from torch._inductor.cudagraph_trees import reset_cudagraph_trees
                 reset_cudagraph_trees()
-        gc.collect()
         if report["variants"]:
             report["non_expert_ms_per_token"] = measured_dense_ms(report)
         out.write_text(json.dumps(report, indent=2))
@@ -432,10 +440,7 @@ def main(argv: list[str] | None = None) -> dict:
         _print_table(report)
         return report
     naive_layers = min(args.naive_layers, len(experts_names))
-    for name in experts_names:  # free the last variant's slots: the naive path needs a whole layer's room
-        model.set_submodule(name, torch.nn.Identity())
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    free_experts()  # the naive path needs a whole layer's room
     naive_layer_s = naive_layer_seconds(layout, host_rows, device, dtype, config.num_experts_per_tok, act_fn,
                                         clock, naive_layers, tokens=2)
     non_expert_s = report["non_expert_ms_per_token"] / 1000
