@@ -197,6 +197,18 @@ def measure_bandwidth(device: torch.device, nbytes: int, clock: Clock) -> float:
     return 5 * nbytes / clock.seconds(start, end) / 1e9
 
 
+def seconds_per_call(run, clock: Clock, repeats: int = 20) -> float:
+    """`run()` once to warm up (and compile), then the mean over `repeats` back-to-back calls."""
+    run()
+    clock.sync()
+    start = clock.mark()
+    for _ in range(repeats):
+        run()
+    end = clock.mark()
+    clock.sync()
+    return clock.seconds(start, end) / repeats
+
+
 def time_decode_mix(mix, layout, rows_on_device, dtype, top_k: int, clock: Clock, repeats: int = 20) -> float:
     """Seconds per expert to apply `top_k` experts' rows to one token with `mix` (`mix_decode`'s signature past
     its first three arguments: dequantize-then-multiply, or the fused Triton kernels)."""
@@ -204,14 +216,7 @@ def time_decode_mix(mix, layout, rows_on_device, dtype, top_k: int, clock: Clock
     indices = torch.arange(top_k, device=device).repeat(2)  # slots 0..k-1, then routing positions 0..k-1
     weights = torch.rand(top_k, device=device, dtype=dtype)
     x = torch.randn(1, layout.hidden, dtype=dtype, device=device)
-    mix(rows_on_device, indices, weights, x)
-    clock.sync()
-    start = clock.mark()
-    for _ in range(repeats):
-        mix(rows_on_device, indices, weights, x)
-    end = clock.mark()
-    clock.sync()
-    return clock.seconds(start, end) / repeats / top_k
+    return seconds_per_call(lambda: mix(rows_on_device, indices, weights, x), clock, repeats) / top_k
 
 
 def naive_layer_seconds(layout, host_rows, device, dtype, top_k, act_fn, clock, layers: int, tokens: int) -> float:

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from benchmarks import moe_cost_model, moe_offload_gpu
+from benchmarks import moe_cost_model, moe_offload_gpu, zero_copy_probe
 
 
 def test_gpu_benchmark_runs_end_to_end_in_smoke_mode_on_the_cpu(tmp_path):
@@ -33,6 +33,16 @@ def test_gpu_benchmark_decodes_compiled_variants(tmp_path):
     assert offload["label"] == "offload lru, compiled" and offload["compiled"] and offload["layer_ms"] is None
     assert offload["decode_tokens"] == 3 and offload["cache"]["misses"] > 0 and offload["expert_ms_per_token"] > 0
     assert rest["compiled"] and rest["cache"]["hits"] == rest["cache"]["misses"] == 0 and rest["tok_per_s"] > 0
+
+
+def test_zero_copy_probe_runs_its_three_paths_in_smoke_mode_on_the_cpu(tmp_path):
+    """Triton's interpreter here (tests/conftest.py); the mapped host memory itself only on a GPU."""
+    report = zero_copy_probe.main(["--smoke", "--device", "cpu", "--repeats", "1", "--out", str(tmp_path / "z.json")])
+    assert [run["experts"] for run in report["runs"]] == [1, 2, 4]
+    for run in report["runs"]:
+        assert run["zero_copy_max_difference"] == 0
+        assert run["in_memory_us"] > 0 and run["zero_copy_us"] > 0 and run["copy_then_kernels_us"] > 0
+    assert json.loads((tmp_path / "z.json").read_text())["row_bytes"] == report["row_bytes"]
 
 
 def test_cost_model_predictions_follow_hit_rate_and_bandwidth():

@@ -32,12 +32,48 @@ def pin_in_place(rows: torch.Tensor) -> torch.Tensor:
     return rows.pin_memory()
 
 
+def mapped_device_view(rows: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`rows` (contiguous, in host RAM) as a tensor on the CUDA `device` whose kernels read them where they are,
+    over the bus (zero-copy mapped memory): page-locked and mapped here, kept for the life of the process."""
+    nbytes = rows.numel() * rows.element_size()
+    status = int(torch.cuda.cudart().cudaHostRegister(rows.data_ptr(), nbytes, _HOST_REGISTER_MAPPED))
+    if status != 0:
+        _clear_last_cuda_error()
+        raise RuntimeError(f"cudaHostRegister(mapped) of {nbytes} bytes failed (CUDA error {status})")
+    _registered.append(rows)
+    pointer = ctypes.c_void_p()
+    status = _cudart().cudaHostGetDevicePointer(ctypes.byref(pointer), ctypes.c_void_p(rows.data_ptr()), 0)
+    if status != 0:
+        _clear_last_cuda_error()
+        raise RuntimeError(f"cudaHostGetDevicePointer failed (CUDA error {status})")
+    with torch.cuda.device(device):  # torch finds the device from the pointer's attributes
+        return torch.as_tensor(_CudaArray(pointer.value, rows), device=device)
+
+
+_HOST_REGISTER_MAPPED = 2  # cudaHostRegisterMapped
+
+
+class _CudaArray:
+    """The `__cuda_array_interface__` torch reads to wrap device-accessible memory without copying it."""
+
+    def __init__(self, pointer: int, like: torch.Tensor):
+        if like.dtype != torch.uint8 or not like.is_contiguous():
+            raise ValueError("expects contiguous uint8 rows")
+        self.__cuda_array_interface__ = {"shape": tuple(like.shape), "typestr": "|u1", "data": (pointer, False),
+                                         "version": 3, "strides": None}
+
+
+def _cudart() -> ctypes.CDLL:
+    """The CUDA runtime library torch loaded (same soname), for the calls torch's cudart binding lacks.
+    RTLD_NOLOAD: only the runtime already in this process, never a second copy with its own state."""
+    version = (torch.version.cuda or "").split(".")[0]
+    return ctypes.CDLL(f"libcudart.so.{version}", mode=os.RTLD_NOLOAD)
+
+
 def _clear_last_cuda_error() -> None:
     """A failed runtime call leaves its error pending; torch's next kernel launch check would raise it as its own.
-    torch's cudart binding has no cudaGetLastError, so ask the runtime library torch loaded (same soname)."""
-    version = (torch.version.cuda or "").split(".")[0]
+    torch's cudart binding has no cudaGetLastError."""
     try:
-        # RTLD_NOLOAD: only the runtime already in this process, never a second copy with its own error state
-        ctypes.CDLL(f"libcudart.so.{version}", mode=os.RTLD_NOLOAD).cudaGetLastError()
+        _cudart().cudaGetLastError()
     except OSError as error:
-        raise RuntimeError(f"cudaHostRegister failed and its error could not be cleared: {error}") from error
+        raise RuntimeError(f"a CUDA runtime error could not be cleared: {error}") from error
