@@ -34,6 +34,9 @@ class Settings(BaseSettings):
     decode_compile: Literal["auto", "on", "off"] = "auto"
     max_model_len: int = Field(0, ge=0, description="prompt + generated tokens per request; 0 = the model's "
                                                      "context. Sizes the static cache of a compiled decode")
+    # Where torch.compile keeps what it built (inductor's graphs, Triton kernels, autotuning), so a restart
+    # compiles the decode step in seconds rather than minutes; unset = MODEL_CACHE_DIR/compile.
+    compile_cache_dir: Path | None = None
 
     # --- MoE expert offload (worker/engine/moe_offload) ---
     # auto: offload experts when the model is a fused-experts MoE too big for the device budget.
@@ -74,10 +77,15 @@ class Settings(BaseSettings):
     api_host: str = "127.0.0.1"
     api_port: int = Field(8000, ge=1, le=65535)
 
-    @field_validator("model_cache_dir")
+    @field_validator("compile_cache_dir", mode="before")
     @classmethod
-    def _expand_home(cls, path: Path) -> Path:
-        return path.expanduser()
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @field_validator("model_cache_dir", "compile_cache_dir")
+    @classmethod
+    def _expand_home(cls, path: Path | None) -> Path | None:
+        return path.expanduser() if path is not None else None
 
     @model_validator(mode="after")
     def _check_consistency(self) -> "Settings":

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 from pydantic import ValidationError
 
@@ -29,8 +31,6 @@ def test_settings_read_the_environment(monkeypatch):
 
 
 def test_env_example_lists_every_setting():
-    from pathlib import Path
-
     example = Path(__file__).parents[2] / ".env.example"
     lines = example.read_text().splitlines()
     names = {line.split("=", 1)[0] for line in lines if "=" in line and not line.startswith("#")}
@@ -40,3 +40,10 @@ def test_env_example_lists_every_setting():
 def test_model_cache_dir_expands_home(monkeypatch):
     monkeypatch.setenv("MODEL_CACHE_DIR", "~/models")
     assert "~" not in str(Settings(_env_file=None).model_cache_dir)
+
+
+def test_an_empty_compile_cache_dir_is_unset(monkeypatch):
+    monkeypatch.setenv("COMPILE_CACHE_DIR", "")
+    assert Settings(_env_file=None).compile_cache_dir is None
+    monkeypatch.setenv("COMPILE_CACHE_DIR", "~/compiled")
+    assert Settings(_env_file=None).compile_cache_dir == Path("~/compiled").expanduser()

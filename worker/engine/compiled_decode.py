@@ -10,8 +10,10 @@ method compile their own device work as graphs of their own (`decode_graph`).
 """
 
 import logging
+import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -72,8 +74,10 @@ def set_module_decode_mode(model: torch.nn.Module, compiled: bool) -> None:
 class CompiledDecode:
     """The static cache and compile settings that `generate` needs to run its decode step compiled."""
 
-    def __init__(self, model: torch.nn.Module, max_len: int, cuda_graphs: bool = True):
+    def __init__(self, model: torch.nn.Module, max_len: int, cuda_graphs: bool = True, cache_dir: Path | None = None):
         self.max_len = max_len
+        if cache_dir is not None:  # inductor reads it whenever it looks up or stores a compiled graph
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir)
         self.cache = StaticCache(config=model.config, max_cache_len=max_len)
         graphs = cuda_graphs and model.device.type == "cuda"
         self.config = CompileConfig(fullgraph=False, dynamic=False, mode="reduce-overhead" if graphs else "default")

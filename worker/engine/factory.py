@@ -19,7 +19,8 @@ def create_engine(settings: Settings) -> Engine:
 
     common = dict(model_path=resolve_model_path(settings), model_name=settings.model_id, device=settings.device,
                   dtype=settings.model_dtype, apply_chat_template=settings.apply_chat_template,
-                  decode_compile=settings.decode_compile, max_model_len=settings.max_model_len)
+                  decode_compile=settings.decode_compile, max_model_len=settings.max_model_len,
+                  compile_cache_dir=settings.compile_cache_dir or settings.model_cache_dir / "compile")
     if should_offload_experts(settings):
         from worker.engine.moe_offload.engine import MoEOffloadEngine, OffloadOptions
 

@@ -2,6 +2,7 @@
 
 import logging
 import time
+from pathlib import Path
 
 import psutil
 import torch
@@ -75,7 +76,8 @@ class _ControlStopping(StoppingCriteria):
 
 class TransformersEngine(Engine):
     def __init__(self, model_path: str, model_name: str, device: str = "auto", dtype: str = "auto",
-                 apply_chat_template: bool = True, decode_compile: DecodeCompile = "off", max_model_len: int = 0):
+                 apply_chat_template: bool = True, decode_compile: DecodeCompile = "off", max_model_len: int = 0,
+                 compile_cache_dir: Path | None = None):
         self.model_path = model_path
         self.model_name = model_name
         self.device = pick_device(device)
@@ -84,6 +86,7 @@ class TransformersEngine(Engine):
         self.use_chat_template = apply_chat_template
         self.decode_compile = decode_compile
         self.max_model_len = max_model_len
+        self.compile_cache_dir = compile_cache_dir
         self.context_length = 0
         self.model = None
         self.tokenizer = None
@@ -115,7 +118,7 @@ class TransformersEngine(Engine):
     def _compile_decode(self) -> CompiledDecode | None:
         """DECODE_COMPILE=on fails loudly; auto falls back to eager decode with a warning."""
         try:
-            compiled = CompiledDecode(self.model, self.context_length)
+            compiled = CompiledDecode(self.model, self.context_length, cache_dir=self.compile_cache_dir)
             prompt = torch.full((1, 8), next(iter(self._eos_ids), 0), device=self.device)
             with torch.inference_mode():
                 compiled.warm_up(self.model.generate, prompt, pad_token_id=self._pad_token_id())

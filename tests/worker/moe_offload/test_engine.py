@@ -91,10 +91,13 @@ def test_a_changed_local_checkpoint_is_converted_again(tiny_checkpoint, tmp_path
     assert manifest.stat().st_mtime_ns != first
 
 
-def test_compiled_decode_generates_what_eager_decode_does_and_replays_the_same_graphs(tiny_checkpoint, tmp_path):
+def test_compiled_decode_generates_what_eager_decode_does_and_replays_the_same_graphs(tiny_checkpoint, tmp_path,
+                                                                                     monkeypatch):
     """DECODE_COMPILE=on on the CPU (inductor; CUDA graphs where MOE_TEST_DEVICE=cuda, via gpu_check.sh): the
     graph breaks at the offloaded experts and the rest of each layer runs compiled over a static cache."""
     import torch._dynamo.utils
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)  # the engine points it under MODEL_CACHE_DIR
 
     settings = _settings(tiny_checkpoint, tmp_path, offload="experts", expert_quant="bf16", expert_slots=6,
                          device=TEST_DEVICE.type, max_model_len=96)
@@ -107,6 +110,7 @@ def test_compiled_decode_generates_what_eager_decode_does_and_replays_the_same_g
     assert experts and all(m.decode_compiled for m in experts)  # their decode math: a graph per layer
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     assert graphs > 1  # pieces between the experts' graph breaks
+    assert any((tmp_path / "compile").rglob("*.py"))  # what inductor built, kept for the next start
 
     cache = compiled.inner.compiled.cache
     for prompt in ("Hello world, tell me a story", "The quick brown fox"):

@@ -45,8 +45,9 @@ def converted_folder(root: Path, model_id: str, quant: ExpertQuant) -> Path:
 class MoEOffloadEngine(TransformersEngine):
     def __init__(self, model_path: str, model_name: str, options: OffloadOptions, device: str = "auto",
                  dtype: str = "auto", apply_chat_template: bool = True, decode_compile: DecodeCompile = "off",
-                 max_model_len: int = 0):
-        super().__init__(model_path, model_name, device, dtype, apply_chat_template, decode_compile, max_model_len)
+                 max_model_len: int = 0, compile_cache_dir: Path | None = None):
+        super().__init__(model_path, model_name, device, dtype, apply_chat_template, decode_compile, max_model_len,
+                         compile_cache_dir)
         self.options = options
         self.offloaded: OffloadedModel | None = None
 
