@@ -1,18 +1,18 @@
 #!/usr/bin/env bash
 # The prepared run for a session that has a lent GPU. Here first: benchmarks/gpu_wheels.sh. Then the device tool:
-#   run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=570)      # ~9 min, each step time-boxed
+#   run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=560)      # ~8.5 min, each step time-boxed
 #   run(command="bash benchmarks/gpu_check.sh tests", carry=[".whl"], timeout_s=150)  # the tests alone
-# In order:
-#   2. benchmarks/moe_offload_gpu.py at Qwen3-Next-80B-A3B's real shapes, 16 GB cap, most telling first (the JSON
-#      is rewritten after each): eager decode as the H200 runs of 2026-11-26 had it (dequantize, then multiply),
-#      compiled with the Triton kernels, the rest of the model alone compiled, compiled without the kernels, eager
-#      with the kernels, compiled without prefetch, compiled without CUDA graphs, and the naive baseline;
+# In order (a fresh machine compiles everything cold: the first compiled variant of a process took 57-86 s
+# on an H100, and over 170 s with flash-linear-attention, whose one try was cut off there):
+#   0. benchmarks/zero_copy_probe.py: the expert kernels reading rows from GPU memory, from mapped host memory,
+#      and after copying them in (decides whether a decode step without graph breaks can stand);
+#   2. benchmarks/moe_offload_gpu.py at Qwen3-Next-80B-A3B's real shapes, 16 GB cap, with flash-linear-attention's
+#      Gated DeltaNet kernels (what a GPU install would run): compiled with the Triton kernels, the rest of the
+#      model alone, compiled without prefetch; each JSON is rewritten after every variant;
+#   2b. the same with transformers' reference DeltaNet: compiled, and eager as the 2026-11-26 runs had it;
 #   3. the cost model beside what was measured;
-#   2b. the same benchmark with flash-linear-attention's Triton kernels for the Gated DeltaNet layers;
-#   1. the offload engine's cache and equivalence tests on CUDA (streams, events, page-locked rows, bnb's CUDA
-#      dequantize, misses computed on the CPU) against transformers, on the tiny Qwen3-Next; the Triton expert
-#      kernels against dequantize-then-multiply; the compiled decode (CUDA graphs around the experts' graph
-#      breaks) against the eager one.
+#   1. the CUDA tests: the compiled decode (CUDA graphs around the experts' graph breaks) against the eager
+#      one, then (TESTS= to skip them) the Triton kernels, the cache and the equivalence tests.
 # Output goes to $OUT (the device tool's folder that comes back), else benchmarks/results/gpu-check/.
 set -uo pipefail
 PART=${1:-main}
@@ -42,22 +42,24 @@ bench() {  # benchmark arguments...
 print('torch', torch.__version__, 'cuda', torch.version.cuda, '| transformers', transformers.__version__,
       '| bitsandbytes', bitsandbytes.__version__, '| triton', triton.__version__,
       '| cpu', torch.backends.cpu.get_cpu_capability(), os.cpu_count(), 'cores')"
-    # One call, time-boxed step by step (a lent machine gives 15 minutes in all): the numbers first, each JSON
-    # rewritten after every variant, then the CUDA tests. Variant lists and time boxes can be set from outside.
+    # One call, time-boxed step by step (a lent machine gives 15 minutes in all). Variant lists and time
+    # boxes can be set from outside.
     if [ "$PART" != tests ]; then
+        echo "## 0. zero-copy probe"
+        timeout "${PROBE_TIMEOUT_S:-45}" python3 -m benchmarks.zero_copy_probe --out "$OUT/zero_copy_probe.json"
         echo "## 2. real shapes, 16 GB cap, flash-linear-attention kernels for Gated DeltaNet"
         PYTHONPATH=/tmp/fla-site:$PYTHONPATH python3 -c "import fla; print('fla', fla.__version__)"
-        PYTHONPATH=/tmp/fla-site:$PYTHONPATH BENCH_TIMEOUT_S=${FLA_TIMEOUT_S:-200} bench --skip-naive \
-            --variants "${FLA_VARIANTS:-lru+prefetch:compiled,lru+prefetch:dequant,no-experts:compiled,lru:compiled}" \
+        PYTHONPATH=/tmp/fla-site:$PYTHONPATH BENCH_TIMEOUT_S=${FLA_TIMEOUT_S:-240} bench --skip-naive \
+            --variants "${FLA_VARIANTS:-lru+prefetch:compiled,no-experts:compiled,lru:compiled}" \
             --out "$OUT/moe_offload_gpu-fla.json"
         echo "## 2b. real shapes, 16 GB cap, transformers' reference Gated DeltaNet"
-        BENCH_TIMEOUT_S=${MAIN_TIMEOUT_S:-200} bench --out "$OUT/moe_offload_gpu.json" \
-            --variants "${MAIN_VARIANTS:-lru+prefetch:compiled,lru+prefetch:compiled:dequant,lru+prefetch:dequant}"
+        BENCH_TIMEOUT_S=${MAIN_TIMEOUT_S:-120} bench --out "$OUT/moe_offload_gpu.json" \
+            --variants "${MAIN_VARIANTS:-lru+prefetch:compiled,lru+prefetch:dequant}"
         echo "## 3. cost model"
         python3 -m benchmarks.moe_cost_model --measured "$OUT/moe_offload_gpu-fla.json"
     fi
     echo "## 1. CUDA correctness (tiny Qwen3-Next)"
-    MOE_TEST_DEVICE=cuda timeout "${TESTS_TIMEOUT_S:-110}" python3 -m pytest -q -x -p no:cacheprovider \
-        tests/worker/moe_offload/test_engine.py -k compiled_decode ${TESTS:-tests/worker/moe_offload/test_triton_experts.py \
+    MOE_TEST_DEVICE=cuda timeout "${TESTS_TIMEOUT_S:-80}" python3 -m pytest -q -p no:cacheprovider -p no:logging \
+        tests/worker/moe_offload/test_engine.py -k compiled_decode ${TESTS-tests/worker/moe_offload/test_triton_experts.py \
         tests/worker/moe_offload/test_expert_cache.py tests/worker/moe_offload/test_equivalence.py}
 } 2>&1 | tee "$OUT/gpu_check-$PART.log"
