@@ -10,7 +10,7 @@ import torch
 from tests.worker.moe_offload.conftest import TEST_DEVICE
 from worker.engine.moe_offload.budget import MemoryPlan
 from worker.engine.moe_offload.builder import build_offloaded_model, fused_decode_mix
-from worker.engine.moe_offload.offloaded_experts import OffloadedExperts, mix_decode
+from worker.engine.moe_offload.offloaded_experts import OffloadedExperts, mix_decode, mix_decode_table
 from worker.engine.moe_offload.packing import ExpertLayout, pack_expert
 
 pytest.importorskip("triton")
@@ -44,6 +44,35 @@ def test_fused_kernels_compute_what_dequantize_then_multiply_does(quant, dtype):
     # float32 sums in another order; bfloat16 input and output rounding on top
     tolerance = 1e-5 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(fused.float(), reference, rtol=tolerance, atol=tolerance * reference.abs().max().item())
+
+
+@torch.inference_mode()
+def test_table_mode_reads_each_expert_from_its_slot_or_else_from_host_memory():
+    """A decode step that never leaves the device: experts by id, a table of their slots (-1: none), the rows of
+    the ones without a slot read in host memory. Both paths must give what the same experts give from slots."""
+    torch.manual_seed(0)
+    layout = ExpertLayout(hidden=128, intermediate=64, quant="nf4")
+    host = _rows(layout, 8)  # every expert's row, by id
+    table = torch.full((8,), -1, dtype=torch.int32, device=TEST_DEVICE)
+    buffer = torch.zeros(3, layout.row_bytes, dtype=torch.uint8, device=TEST_DEVICE)
+    for slot, expert in enumerate([6, 2, 5]):  # three experts resident, in slots unrelated to their ids
+        buffer[slot] = host[expert]
+        table[expert] = slot
+    host_only = host.clone()
+    host_only[[6, 2, 5]] = 0  # so a resident expert read from host memory would show
+    experts = torch.tensor([2, 7, 6, 0], device=TEST_DEVICE)  # two resident, two not
+    positions = torch.arange(4, device=TEST_DEVICE)
+    flat_weights, x = torch.rand(4, device=TEST_DEVICE), torch.randn(1, layout.hidden, device=TEST_DEVICE)
+
+    reference = mix_decode(layout, torch.nn.SiLU(), torch.float32, host, torch.cat([experts, positions]),
+                           flat_weights, x)
+    through_torch = mix_decode_table(layout, torch.nn.SiLU(), torch.float32, buffer, host_only, experts, table,
+                                     positions, flat_weights, x)
+    code = triton_experts.code_table(layout, TEST_DEVICE)
+    through_kernels = triton_experts.fused_mix_decode_table(layout, code, triton_experts.Blocks(), buffer, host_only,
+                                                            experts, table, positions, flat_weights, x)
+    torch.testing.assert_close(through_torch, reference)
+    torch.testing.assert_close(through_kernels, reference, rtol=1e-5, atol=1e-5 * reference.abs().max().item())
 
 
 @torch.inference_mode()

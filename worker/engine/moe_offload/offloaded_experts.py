@@ -83,8 +83,26 @@ def mix_decode(layout: ExpertLayout, act_fn, dtype: torch.dtype, buffer: torch.T
     routing positions into `flat_weights`: one tensor, one copy in), each weighted by its routing weight,
     summed: [1, H]. Every expert sees the same token, so the group is two batched matmuls."""
     slot_index, position_index = indices.view(2, -1)
-    gate_up, down = unpack_experts(layout, buffer.index_select(0, slot_index), dtype)
-    weights = flat_weights.index_select(0, position_index)
+    return _mix_rows(layout, act_fn, dtype, buffer.index_select(0, slot_index),
+                     flat_weights.index_select(0, position_index), x)
+
+
+def mix_decode_table(layout: ExpertLayout, act_fn, dtype: torch.dtype, buffer: torch.Tensor, host: torch.Tensor,
+                     experts: torch.Tensor, table: torch.Tensor, positions: torch.Tensor, flat_weights: torch.Tensor,
+                     x: torch.Tensor) -> torch.Tensor:
+    """`mix_decode` for a decode step that never leaves the device: `experts` are expert ids, and each one's
+    row is read from its slot in `buffer` where `table` [experts] gives one (-1: none), else from `host`
+    (where it is: page-locked host memory mapped for the device, or the CPU tier's rows). This path reads
+    both for every expert and keeps one; the Triton kernels read only the one they use."""
+    slots = table.index_select(0, experts)
+    resident = (slots >= 0).unsqueeze(-1)
+    rows = torch.where(resident, buffer.index_select(0, slots.clamp(min=0)), host.index_select(0, experts))
+    return _mix_rows(layout, act_fn, dtype, rows, flat_weights.index_select(0, positions), x)
+
+
+def _mix_rows(layout: ExpertLayout, act_fn, dtype: torch.dtype, rows: torch.Tensor, weights: torch.Tensor,
+              x: torch.Tensor) -> torch.Tensor:
+    gate_up, down = unpack_experts(layout, rows, dtype)
     gate, up = torch.matmul(gate_up, x[0]).chunk(2, dim=-1)
     expert_out = torch.bmm(down, (act_fn(gate) * up).unsqueeze(-1)).squeeze(-1)
     return (weights.to(expert_out.dtype) @ expert_out).unsqueeze(0)

@@ -47,53 +47,69 @@ CANDIDATES = tuple(Blocks(g, d, w) for g in (16, 32, 64) for d in (8, 16) for w 
 
 
 @triton.jit
-def _dot_block(buf_u8, buf_f32, code_ptr, base, packed_off, absmax_off, rows, row_len, k0, x_even, x_odd):
+def _row(buf_u8, buf_f32, host_u8, host_f32, experts_ptr, table_ptr, i, row_bytes, TABLE: tl.constexpr):
+    """Byte and float32 pointers to the i-th expert's row. Without TABLE `experts_ptr` holds slots of the buffer;
+    with it, expert ids, and `table_ptr` each id's slot, or -1 for a row read where it is in host memory."""
+    index = tl.load(experts_ptr + i).to(tl.int64)
+    if TABLE:
+        slot = tl.load(table_ptr + index).to(tl.int64)
+        resident = slot >= 0
+        u8 = tl.where(resident, buf_u8 + slot * row_bytes, host_u8 + index * row_bytes)
+        f32 = tl.where(resident, buf_f32 + slot * (row_bytes // 4), host_f32 + index * (row_bytes // 4))
+    else:
+        u8 = buf_u8 + index * row_bytes
+        f32 = buf_f32 + index * (row_bytes // 4)
+    return u8, f32
+
+
+@triton.jit
+def _dot_block(row_u8, row_f32, code_ptr, packed_off, absmax_off, rows, row_len, k0, x_even, x_odd):
     """Rows `rows` of a packed [*, row_len] matrix times the vector block at columns k0..k0+63 (split into its
     even and odd elements): one absmax block per row."""
     half = tl.arange(0, 32)
     flat = rows[:, None].to(tl.int64) * row_len + k0
-    packed = tl.load(buf_u8 + base + packed_off + flat // 2 + half[None, :]).to(tl.int32)
+    packed = tl.load(row_u8 + packed_off + flat // 2 + half[None, :]).to(tl.int32)
     high = tl.load(code_ptr + (packed >> 4))
     low = tl.load(code_ptr + (packed & 15))
     partial = tl.sum(high * x_even[None, :] + low * x_odd[None, :], axis=1)
-    absmax = tl.load(buf_f32 + (base + absmax_off) // 4 + (rows.to(tl.int64) * row_len + k0) // 64)
+    absmax = tl.load(row_f32 + absmax_off // 4 + (rows.to(tl.int64) * row_len + k0) // 64)
     return partial * absmax
 
 
 @triton.jit
-def _gate_up_kernel(buf_u8, buf_f32, code_ptr, slots_ptr, x_ptr, h_ptr, row_bytes, packed_off, absmax_off,
-                    HIDDEN: tl.constexpr, INTER: tl.constexpr, BLOCK: tl.constexpr):
+def _gate_up_kernel(buf_u8, buf_f32, host_u8, host_f32, code_ptr, experts_ptr, table_ptr, x_ptr, h_ptr, row_bytes,
+                    packed_off, absmax_off, HIDDEN: tl.constexpr, INTER: tl.constexpr, BLOCK: tl.constexpr,
+                    TABLE: tl.constexpr):
     expert = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    base = tl.load(slots_ptr + expert).to(tl.int64) * row_bytes
+    row_u8, row_f32 = _row(buf_u8, buf_f32, host_u8, host_f32, experts_ptr, table_ptr, expert, row_bytes, TABLE)
     half = tl.arange(0, 32)
     gate = tl.zeros([BLOCK], dtype=tl.float32)
     up = tl.zeros([BLOCK], dtype=tl.float32)
     for k0 in range(0, HIDDEN, 64):
         x_even = tl.load(x_ptr + k0 + 2 * half).to(tl.float32)
         x_odd = tl.load(x_ptr + k0 + 2 * half + 1).to(tl.float32)
-        gate += _dot_block(buf_u8, buf_f32, code_ptr, base, packed_off, absmax_off, rows, HIDDEN, k0, x_even, x_odd)
-        up += _dot_block(buf_u8, buf_f32, code_ptr, base, packed_off, absmax_off, rows + INTER, HIDDEN, k0,
-                         x_even, x_odd)
+        gate += _dot_block(row_u8, row_f32, code_ptr, packed_off, absmax_off, rows, HIDDEN, k0, x_even, x_odd)
+        up += _dot_block(row_u8, row_f32, code_ptr, packed_off, absmax_off, rows + INTER, HIDDEN, k0, x_even, x_odd)
     h = gate / (1.0 + tl.exp(-gate)) * up
     tl.store(h_ptr + expert * INTER + rows, h)
 
 
 @triton.jit
-def _down_kernel(buf_u8, buf_f32, code_ptr, slots_ptr, positions_ptr, weights_ptr, h_ptr, y_ptr, row_bytes,
-                 packed_off, absmax_off, EXPERTS: tl.constexpr, HIDDEN: tl.constexpr, INTER: tl.constexpr,
-                 BLOCK: tl.constexpr):
+def _down_kernel(buf_u8, buf_f32, host_u8, host_f32, code_ptr, experts_ptr, table_ptr, positions_ptr, weights_ptr,
+                 h_ptr, y_ptr, row_bytes, packed_off, absmax_off, EXPERTS: tl.constexpr, HIDDEN: tl.constexpr,
+                 INTER: tl.constexpr, BLOCK: tl.constexpr, TABLE: tl.constexpr):
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     half = tl.arange(0, 32)
     total = tl.zeros([BLOCK], dtype=tl.float32)
     for expert in range(EXPERTS):
-        base = tl.load(slots_ptr + expert).to(tl.int64) * row_bytes
+        row_u8, row_f32 = _row(buf_u8, buf_f32, host_u8, host_f32, experts_ptr, table_ptr, expert, row_bytes, TABLE)
         weight = tl.load(weights_ptr + tl.load(positions_ptr + expert)).to(tl.float32)
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for k0 in range(0, INTER, 64):
             h_even = tl.load(h_ptr + expert * INTER + k0 + 2 * half)
             h_odd = tl.load(h_ptr + expert * INTER + k0 + 2 * half + 1)
-            acc += _dot_block(buf_u8, buf_f32, code_ptr, base, packed_off, absmax_off, rows, INTER, k0, h_even, h_odd)
+            acc += _dot_block(row_u8, row_f32, code_ptr, packed_off, absmax_off, rows, INTER, k0, h_even, h_odd)
         total += weight * acc
     tl.store(y_ptr + rows, total.to(y_ptr.dtype.element_ty))
 
@@ -108,21 +124,35 @@ def fused_mix_decode(layout: ExpertLayout, code: torch.Tensor, blocks: Blocks, b
                      indices: torch.Tensor, flat_weights: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """`offloaded_experts.mix_decode` for 4-bit rows: the same [1, H] result, from the rows in place."""
     experts = indices.shape[0] // 2
-    slots, positions = indices[:experts], indices[experts:]
+    return _launch(layout, code, blocks, buffer, buffer, indices[:experts], None, indices[experts:], flat_weights, x)
+
+
+def fused_mix_decode_table(layout: ExpertLayout, code: torch.Tensor, blocks: Blocks, buffer: torch.Tensor,
+                           host: torch.Tensor, experts: torch.Tensor, table: torch.Tensor, positions: torch.Tensor,
+                           flat_weights: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """`offloaded_experts.mix_decode_table` for 4-bit rows: each expert's row read from its slot in `buffer`
+    where `table` gives one, else from `host` (page-locked host memory mapped for the device) where it is."""
+    return _launch(layout, code, blocks, buffer, host, experts, table, positions, flat_weights, x)
+
+
+def _launch(layout: ExpertLayout, code: torch.Tensor, blocks: Blocks, buffer: torch.Tensor, host: torch.Tensor,
+            experts: torch.Tensor, table: torch.Tensor | None, positions: torch.Tensor, flat_weights: torch.Tensor,
+            x: torch.Tensor) -> torch.Tensor:
+    count = experts.shape[0]
     hidden, inter = layout.hidden, layout.intermediate
     sections = layout.sections
-    h = torch.empty((experts, inter), dtype=torch.float32, device=x.device)
+    h = torch.empty((count, inter), dtype=torch.float32, device=x.device)
     y = torch.empty((1, hidden), dtype=x.dtype, device=x.device)
-    buf_f32 = buffer.view(torch.float32)  # the absmax sections, 16-byte aligned in every row
-    row_bytes = layout.row_bytes
-    _gate_up_kernel[(experts, inter // blocks.gate_up_rows)](
-        buffer, buf_f32, code, slots, x, h, row_bytes, sections["gate_up_packed"].offset,
-        sections["gate_up_absmax"].offset, HIDDEN=hidden, INTER=inter, BLOCK=blocks.gate_up_rows,
-        num_warps=blocks.warps)
+    # float32 views for the absmax sections, 16-byte aligned in every row
+    rows = (buffer, buffer.view(torch.float32), host, host.view(torch.float32), code, experts,
+            table if table is not None else experts)
+    _gate_up_kernel[(count, inter // blocks.gate_up_rows)](
+        *rows, x, h, layout.row_bytes, sections["gate_up_packed"].offset, sections["gate_up_absmax"].offset,
+        HIDDEN=hidden, INTER=inter, BLOCK=blocks.gate_up_rows, TABLE=table is not None, num_warps=blocks.warps)
     _down_kernel[(hidden // blocks.down_rows,)](
-        buffer, buf_f32, code, slots, positions, flat_weights, h, y, row_bytes, sections["down_packed"].offset,
-        sections["down_absmax"].offset, EXPERTS=experts, HIDDEN=hidden, INTER=inter, BLOCK=blocks.down_rows,
-        num_warps=blocks.warps)
+        *rows, positions, flat_weights, h, y, layout.row_bytes, sections["down_packed"].offset,
+        sections["down_absmax"].offset, EXPERTS=count, HIDDEN=hidden, INTER=inter, BLOCK=blocks.down_rows,
+        TABLE=table is not None, num_warps=blocks.warps)
     return y
 
 
