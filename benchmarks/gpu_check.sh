@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
 # The prepared run for a session that has a lent GPU. Here first: benchmarks/gpu_wheels.sh. Then the device tool:
-#   run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=560)      # ~8.5 min, each step time-boxed
+#   run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=540)      # ~8 min, each step time-boxed
 #   run(command="bash benchmarks/gpu_check.sh tests", carry=[".whl"], timeout_s=150)  # the tests alone
 # In order (a fresh machine compiles everything cold: the first compiled variant of a process took 57-86 s
 # on an H100, and over 170 s with flash-linear-attention, whose one try was cut off there):
 #   0. benchmarks/zero_copy_probe.py: the expert kernels reading rows from GPU memory, from mapped host memory,
 #      and after copying them in (decides whether a decode step without graph breaks can stand);
 #   2. benchmarks/moe_offload_gpu.py at Qwen3-Next-80B-A3B's real shapes, 16 GB cap, with flash-linear-attention's
-#      Gated DeltaNet kernels (what a GPU install would run): compiled with the Triton kernels, the rest of the
-#      model alone, compiled without prefetch; each JSON is rewritten after every variant;
-#   2b. the same with transformers' reference DeltaNet: compiled, and eager as the 2026-11-26 runs had it;
+#      Gated DeltaNet kernels (what a GPU install would run): the decode step kept on the device (EXPERT_DECODE=
+#      graph: one CUDA graph a token, misses read from host RAM), the host-path compiled decode (10.3 tok/s on an
+#      H100 without fla), the rest of the model alone; each JSON is rewritten after every variant;
+#   2b. only where MAIN_VARIANTS is set: the same with transformers' reference DeltaNet;
 #   3. the cost model beside what was measured;
-#   1. the CUDA tests: the compiled decode (CUDA graphs around the experts' graph breaks) against the eager
-#      one, then (TESTS= to skip them) the Triton kernels, the cache and the equivalence tests.
+#   1. the CUDA tests: the compiled decodes (host path: CUDA graphs around the experts' graph breaks; graph
+#      path: one graph) against the eager one, then (TESTS= to skip them) the Triton kernels, the cache and the
+#      equivalence tests.
 # Output goes to $OUT (the device tool's folder that comes back), else benchmarks/results/gpu-check/.
 set -uo pipefail
 PART=${1:-main}
@@ -49,17 +51,18 @@ print('torch', torch.__version__, 'cuda', torch.version.cuda, '| transformers', 
         timeout "${PROBE_TIMEOUT_S:-45}" python3 -m benchmarks.zero_copy_probe --out "$OUT/zero_copy_probe.json"
         echo "## 2. real shapes, 16 GB cap, flash-linear-attention kernels for Gated DeltaNet"
         PYTHONPATH=/tmp/fla-site:$PYTHONPATH python3 -c "import fla; print('fla', fla.__version__)"
-        PYTHONPATH=/tmp/fla-site:$PYTHONPATH BENCH_TIMEOUT_S=${FLA_TIMEOUT_S:-240} bench --skip-naive \
-            --variants "${FLA_VARIANTS:-lru+prefetch:compiled,no-experts:compiled,lru:compiled}" \
+        PYTHONPATH=/tmp/fla-site:$PYTHONPATH BENCH_TIMEOUT_S=${FLA_TIMEOUT_S:-330} bench --skip-naive \
+            --variants "${FLA_VARIANTS:-lru:compiled:graph,lru+prefetch:compiled,no-experts:compiled,lru:compiled:graph:norefill}" \
             --out "$OUT/moe_offload_gpu-fla.json"
-        echo "## 2b. real shapes, 16 GB cap, transformers' reference Gated DeltaNet"
-        BENCH_TIMEOUT_S=${MAIN_TIMEOUT_S:-120} bench --out "$OUT/moe_offload_gpu.json" \
-            --variants "${MAIN_VARIANTS:-lru+prefetch:compiled,lru+prefetch:dequant}"
+        if [ -n "${MAIN_VARIANTS:-}" ]; then
+            echo "## 2b. real shapes, 16 GB cap, transformers' reference Gated DeltaNet"
+            BENCH_TIMEOUT_S=${MAIN_TIMEOUT_S:-150} bench --out "$OUT/moe_offload_gpu.json" --variants "$MAIN_VARIANTS"
+        fi
         echo "## 3. cost model"
         python3 -m benchmarks.moe_cost_model --measured "$OUT/moe_offload_gpu-fla.json"
     fi
     echo "## 1. CUDA correctness (tiny Qwen3-Next)"
     MOE_TEST_DEVICE=cuda timeout "${TESTS_TIMEOUT_S:-80}" python3 -m pytest -q -p no:cacheprovider -p no:logging \
-        tests/worker/moe_offload/test_engine.py -k compiled_decode ${TESTS-tests/worker/moe_offload/test_triton_experts.py \
+        tests/worker/moe_offload/test_engine.py -k "compiled_decode or graph_decode" ${TESTS-tests/worker/moe_offload/test_triton_experts.py \
         tests/worker/moe_offload/test_expert_cache.py tests/worker/moe_offload/test_equivalence.py}
 } 2>&1 | tee "$OUT/gpu_check-$PART.log"

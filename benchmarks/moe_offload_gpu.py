@@ -37,7 +37,7 @@ from transformers.activations import ACT2FN
 from benchmarks.moe_cost_model import measured_dense_ms
 from worker.engine.compiled_decode import CompiledDecode
 from worker.engine.moe_offload.budget import plan_memory
-from worker.engine.moe_offload.builder import fused_decode_mix, install_offloaded_experts
+from worker.engine.moe_offload.builder import fused_decode_kernels, install_offloaded_experts
 from worker.engine.moe_offload.checkpoint import build_skeleton, find_fused_experts
 from worker.engine.moe_offload.cpu_experts import MissSplit
 from worker.engine.moe_offload.expert_cache import CacheStats
@@ -131,8 +131,13 @@ class TimedExperts(torch.nn.Module):
         self.clock = clock
         self.marks: list[list] = []
 
-    @torch.compiler.disable
     def forward(self, hidden_states, top_k_index, top_k_weights):
+        if torch.compiler.is_compiling() and getattr(self.inner, "graph_decode", None) is not None:
+            return self.inner(hidden_states, top_k_index, top_k_weights)  # inside the step's one graph
+        return self._timed(hidden_states, top_k_index, top_k_weights)
+
+    @torch.compiler.disable
+    def _timed(self, hidden_states, top_k_index, top_k_weights):
         start = self.clock.mark()
         output = self.inner(hidden_states, top_k_index, top_k_weights)
         self.marks.append([start, self.clock.mark()])
@@ -249,8 +254,10 @@ VARIANTS = {
 }
 # Flags after a variant's name: `:compiled` decodes compiled (`CompiledDecode`: CUDA graphs on a GPU), with
 # `:nographs` without the CUDA graphs (inductor's fused kernels only), `:dequant` computes decode's experts by
-# dequantize-then-multiply instead of the Triton kernels that auto picks on a GPU.
-FLAGS = ("compiled", "nographs", "dequant")
+# dequantize-then-multiply instead of the Triton kernels that auto picks on a GPU, `:graph` keeps a compiled
+# decode step on the device (`EXPERT_DECODE=graph`: experts from their slots or read from host RAM, no break),
+# with `:norefill` never copying a miss into a slot (the slots keep what the prompt left).
+FLAGS = ("compiled", "nographs", "dequant", "graph", "norefill")
 
 
 class NoExperts(torch.nn.Module):
@@ -286,7 +293,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--variants", default=",".join(VARIANTS),
                         help=f"comma-separated, in order, repeats allowed: {', '.join(VARIANTS)}, no-experts "
                              "(experts output zeros: the rest of the model alone); each may add :compiled, "
-                             ":nographs, :dequant")
+                             ":nographs, :dequant, :graph, :norefill")
     parser.add_argument("--skip-naive", action="store_true")
     parser.add_argument("--profile", type=int, default=0, metavar="TOKENS",
                         help="after the first variant, profile the host side of this many decode steps")
@@ -345,8 +352,8 @@ def main(argv: list[str] | None = None) -> dict:
     top_k = config.num_experts_per_tok
     expert_compute_s = time_decode_mix(partial(mix_decode, layout, act_fn, dtype), layout, on_device, dtype, top_k,
                                        clock)
-    fused = fused_decode_mix("auto", layout, device, config.hidden_act, top_k)
-    fused_compute_s = time_decode_mix(fused, layout, on_device, dtype, top_k, clock) if fused else None
+    fused = fused_decode_kernels("auto", layout, device, config.hidden_act, top_k)
+    fused_compute_s = time_decode_mix(fused.from_slots, layout, on_device, dtype, top_k, clock) if fused else None
     del on_device
     report = {
         "card": card, "device": str(device), "budget_gb": args.budget_gb, "smoke": args.smoke, "complete": False,
@@ -388,9 +395,12 @@ def main(argv: list[str] | None = None) -> dict:
             label, policy, prefetch, misses = VARIANTS[base]
             caches, split = install_offloaded_experts(model, experts, device, dtype, plan.slots_per_layer, policy,
                                                       prefetch, config, misses,
-                                                      "torch" if "dequant" in flags else "auto")
+                                                      "torch" if "dequant" in flags else "auto",
+                                                      "graph" if "graph" in flags else "host",
+                                                      0 if "norefill" in flags else None)
             fused = any(m.uses_fused_kernels for m in model.modules() if isinstance(m, OffloadedExperts))
             label += ", triton" if fused else ""
+            label += (", graph decode" + (", no refills" if "norefill" in flags else "")) if "graph" in flags else ""
         for module_name in experts_names:
             model.set_submodule(module_name, TimedExperts(model.get_submodule(module_name), clock))
         if is_compiled:
@@ -400,6 +410,7 @@ def main(argv: list[str] | None = None) -> dict:
                 compiled_by_graphs[graphs] = CompiledDecode(model, 16 + max(args.tokens, 16) + 1, graphs)
             compiled = compiled_by_graphs[graphs]
             compiled.attach(model)  # this variant's experts
+            torch._dynamo.utils.counters.clear()  # what the JSON says this variant compiled
         # Warm-up, which also fills the cache and compiles. On an H200 the first variant ran 40% slower than the
         # same one repeated after a 4-token warm-up (4.35 against 7.04 tok/s), so the first gets a longer one.
         warm_up_started = time.perf_counter()

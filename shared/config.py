@@ -54,6 +54,10 @@ class Settings(BaseSettings):
     # Decode's experts: Triton kernels that read the 4-bit rows in place, or torch (dequantize, then multiply);
     # auto = triton on CUDA where it is installed.
     expert_kernel: Literal["auto", "triton", "torch"] = "auto"
+    # A compiled decode's experts: host = the host reads each MoE layer's routing and copies misses in (the
+    # graph breaks there); graph = the step stays on the device, reading each expert from its slot or from
+    # host RAM over the bus, with slots refilled between steps (worker/engine/moe_offload/graph_decode.py).
+    expert_decode: Literal["host", "graph"] = "host"
 
     # --- request limits ---
     max_tokens_default: int = Field(100, ge=1)

@@ -18,7 +18,7 @@ from typing import Literal
 
 import torch
 from torch._dynamo.mutation_guard import GenerationTracker
-from transformers import CompileConfig, PretrainedConfig, StaticCache
+from transformers import CompileConfig, LogitsProcessor, LogitsProcessorList, PretrainedConfig, StaticCache
 
 log = logging.getLogger(__name__)
 
@@ -92,13 +92,23 @@ class CompiledDecode:
         self.attach(model)
 
     def attach(self, model: torch.nn.Module) -> None:
-        """Lets the modules that run between the graphs compile their part (again after they are replaced)."""
+        """Lets the modules that run between the graphs compile their part (again after they are replaced), and
+        collects what modules ask to run between decode steps (`between_decode_steps`), once per owner."""
         set_module_decode_mode(model, True)
+        hooks = {}
+        for module in model.modules():
+            hook = getattr(module, "between_decode_steps", None)
+            if hook is not None:
+                hooks[id(getattr(hook, "__self__", hook))] = hook
+        self.between_steps = list(hooks.values())
 
     def generate_kwargs(self) -> dict:
         """For one `generate` call: the same cache tensors every time (CUDA graphs replay fixed addresses)."""
         self.cache.reset()
-        return {"cache": self.cache, "compile_config": self.config}
+        kwargs = {"cache": self.cache, "compile_config": self.config}
+        if self.between_steps:
+            kwargs["logits_processor"] = LogitsProcessorList([_BetweenSteps(self.between_steps)])
+        return kwargs
 
     def warm_up(self, generate: Callable[..., object], prompt: torch.Tensor, **kwargs) -> float:
         """Compile (and on a GPU record the graphs) now, not during the first request: the first decode step
@@ -110,3 +120,16 @@ class CompiledDecode:
         elapsed = time.perf_counter() - started
         log.info("Decode step compiled in %.1f s", elapsed)
         return elapsed
+
+
+class _BetweenSteps(LogitsProcessor):
+    """`generate` calls its logits processors once after every forward, outside the compiled graphs: the
+    place for host work between one decode step and the next. The scores pass through unchanged."""
+
+    def __init__(self, hooks: list[Callable[[], None]]):
+        self.hooks = hooks
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        for hook in self.hooks:
+            hook()
+        return scores

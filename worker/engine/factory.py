@@ -29,7 +29,7 @@ def create_engine(settings: Settings) -> Engine:
             gpu_memory_gb=settings.gpu_memory_gb, gpu_reserve_gb=settings.gpu_reserve_gb,
             host_memory_gb=settings.host_memory_gb, cache_policy=settings.expert_cache_policy,
             slots=settings.expert_slots, prefetch=settings.expert_prefetch, misses=settings.expert_misses,
-            kernel=settings.expert_kernel,
+            kernel=settings.expert_kernel, decode=settings.expert_decode,
         )
         return DedicatedThreadEngine(MoEOffloadEngine(options=options, **common))
     return DedicatedThreadEngine(TransformersEngine(**common))

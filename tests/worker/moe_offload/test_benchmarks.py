@@ -28,11 +28,15 @@ def test_gpu_benchmark_runs_end_to_end_in_smoke_mode_on_the_cpu(tmp_path):
 
 def test_gpu_benchmark_decodes_compiled_variants(tmp_path):
     report = moe_offload_gpu.main(["--smoke", "--device", "cpu", "--tokens", "4", "--out", str(tmp_path / "c.json"),
-                                   "--variants", "lru:compiled,no-experts:compiled", "--skip-naive"])
-    offload, rest = report["variants"]
+                                   "--variants", "lru:compiled,no-experts:compiled,lru:compiled:graph",
+                                   "--skip-naive"])
+    offload, rest, graph = report["variants"]
     assert offload["label"] == "offload lru, compiled" and offload["compiled"] and offload["layer_ms"] is None
     assert offload["decode_tokens"] == 3 and offload["cache"]["misses"] > 0 and offload["expert_ms_per_token"] > 0
+    assert offload["dynamo"]["graph_breaks"] > 0  # at every MoE layer
     assert rest["compiled"] and rest["cache"]["hits"] == rest["cache"]["misses"] == 0 and rest["tok_per_s"] > 0
+    assert graph["label"] == "offload lru, graph decode, compiled" and graph["decode_tokens"] == 3
+    assert graph["dynamo"]["graph_breaks"] == 0 and graph["cache"]["misses"] > 0  # one graph a step
 
 
 def test_zero_copy_probe_runs_its_three_paths_in_smoke_mode_on_the_cpu(tmp_path):

@@ -123,3 +123,38 @@ def test_compiled_decode_generates_what_eager_decode_does_and_replays_the_same_g
 
     with pytest.raises(InvalidGenerationInput, match="96 tokens"):  # MAX_MODEL_LEN bounds a request
         _generate(compiled, max_tokens=90)
+
+
+def test_graph_decode_keeps_each_step_on_the_device_and_generates_what_eager_decode_does(tiny_checkpoint, tmp_path,
+                                                                                       monkeypatch):
+    """EXPERT_DECODE=graph: no graph break at the experts; a step reads each routed expert from its slot or from
+    host memory, and between steps the misses are counted and copied into slots."""
+    import torch._dynamo.utils
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    settings = _settings(tiny_checkpoint, tmp_path, offload="experts", expert_quant="bf16", expert_slots=6,
+                         device=TEST_DEVICE.type, max_model_len=96, decode_compile="on")
+    eager = create_engine(settings.model_copy(update={"decode_compile": "off"}))
+    eager.load()
+    torch._dynamo.utils.counters.clear()
+    graph = create_engine(settings.model_copy(update={"expert_decode": "graph"}))
+    graph.load()
+    assert sum(torch._dynamo.utils.counters["graph_break"].values()) == 0  # the experts are inside the graph
+    layers = [m for m in graph.inner.model.modules() if isinstance(m, OffloadedExperts)]
+    assert layers and all(m.graph_decode is not None for m in layers)
+
+    before = graph.expert_offload_stats()
+    for prompt in ("Hello world, tell me a story", "The quick brown fox"):
+        outcome, text = _generate(graph, prompt, max_tokens=20)
+        assert outcome.tokens_generated > 0 and text == _generate(eager, prompt, max_tokens=20)[1]
+    after = graph.expert_offload_stats()
+    decoded = after.hits + after.misses - before.hits - before.misses
+    assert decoded > 0 and after.misses > before.misses  # counted from the steps' routes
+    assert after.bytes_copied > before.bytes_copied  # misses refilled into slots between steps
+    shared = layers[0].graph_decode.shared
+    for index, layer in enumerate(layers):  # the device's table is where the cache says each expert is
+        expected = torch.full((layer.num_experts,), -1, dtype=torch.int32)
+        for slot in range(layer.cache.capacity):
+            if layer.cache.expert_in_slot(slot) is not None:
+                expected[layer.cache.expert_in_slot(slot)] = slot
+        torch.testing.assert_close(shared.table[index].cpu(), expected)

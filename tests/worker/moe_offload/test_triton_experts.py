@@ -9,7 +9,7 @@ import torch
 
 from tests.worker.moe_offload.conftest import TEST_DEVICE
 from worker.engine.moe_offload.budget import MemoryPlan
-from worker.engine.moe_offload.builder import build_offloaded_model, fused_decode_mix
+from worker.engine.moe_offload.builder import build_offloaded_model, fused_decode_kernels
 from worker.engine.moe_offload.offloaded_experts import OffloadedExperts, mix_decode, mix_decode_table
 from worker.engine.moe_offload.packing import ExpertLayout, pack_expert
 
@@ -102,15 +102,16 @@ def test_auto_takes_the_kernels_only_after_they_pass_their_check_and_win_here(mo
     monkeypatch.setattr(triton_experts, "check_against_torch", broken)
     cuda = torch.device("cuda")  # auto only considers them on CUDA; the check is what fails here
     monkeypatch.setattr(triton_experts, "tune", lambda *args: triton_experts.Tuning(triton_experts.Blocks(), 1.0, 2.0))
-    assert fused_decode_mix("auto", layout, cuda, "silu", 4) is None
+    assert fused_decode_kernels("auto", layout, cuda, "silu", 4) is None
     with pytest.raises(RuntimeError, match="no kernel"):
-        fused_decode_mix("triton", layout, cuda, "silu", 4)
-    assert fused_decode_mix("auto", ExpertLayout(hidden=128, intermediate=64, quant="bf16"), cuda, "silu", 4) is None
+        fused_decode_kernels("triton", layout, cuda, "silu", 4)
+    bf16_rows = ExpertLayout(hidden=128, intermediate=64, quant="bf16")
+    assert fused_decode_kernels("auto", bf16_rows, cuda, "silu", 4) is None
 
     # right, but slower than dequantize-then-multiply on this device: auto keeps the torch path
     monkeypatch.setattr(triton_experts, "check_against_torch", lambda *args: 0.0)
     monkeypatch.setattr(triton_experts, "tune", lambda *args: triton_experts.Tuning(triton_experts.Blocks(), 2.0, 1.0))
-    assert fused_decode_mix("auto", layout, cuda, "silu", 4) is None
+    assert fused_decode_kernels("auto", layout, cuda, "silu", 4) is None
 
 
 @pytest.mark.skipif(TEST_DEVICE.type != "cuda", reason="times the kernels with CUDA events (gpu_check.sh runs it)")

@@ -15,7 +15,8 @@ from worker.engine.moe_offload.checkpoint import build_skeleton, load_config
 from worker.engine.moe_offload.converter import read_manifest
 from worker.engine.moe_offload.cpu_experts import MissMode, MissSplit, calibrate_miss_split
 from worker.engine.moe_offload.expert_cache import CachePolicyName, CacheStats, ExpertCache
-from worker.engine.moe_offload.offloaded_experts import NextLayerPredictor, OffloadedExperts
+from worker.engine.moe_offload.graph_decode import GraphDecode
+from worker.engine.moe_offload.offloaded_experts import DecodeKernels, NextLayerPredictor, OffloadedExperts
 from worker.engine.moe_offload.packing import ExpertLayout
 from worker.engine.moe_offload.pinning import pin_in_place
 from worker.engine.moe_offload.transfer import CopyStream
@@ -23,6 +24,7 @@ from worker.engine.moe_offload.transfer import CopyStream
 log = logging.getLogger(__name__)
 
 ExpertKernel = Literal["auto", "triton", "torch"]
+ExpertDecode = Literal["host", "graph"]
 
 
 @dataclass
@@ -45,7 +47,8 @@ def load_host_rows(path: Path, pin: bool) -> torch.Tensor:
 
 def build_offloaded_model(folder: Path, device: torch.device, dtype: torch.dtype, plan: MemoryPlan,
                           policy: CachePolicyName = "lru", prefetch: bool = True,
-                          misses: MissMode = "auto", kernel: ExpertKernel = "auto") -> OffloadedModel:
+                          misses: MissMode = "auto", kernel: ExpertKernel = "auto",
+                          decode: ExpertDecode = "host") -> OffloadedModel:
     manifest = read_manifest(folder)
     config = load_config(folder)
     model = build_skeleton(config, dtype)
@@ -53,7 +56,7 @@ def build_offloaded_model(folder: Path, device: torch.device, dtype: torch.dtype
     experts = [(entry["module"], ExpertLayout.from_json(entry["layout"]), load_host_rows(folder / entry["file"], pin))
                for entry in manifest["experts"]]
     caches, split = install_offloaded_experts(model, experts, device, dtype, plan.slots_per_layer, policy, prefetch,
-                                              config, misses, kernel)
+                                              config, misses, kernel, decode)
     _load_resident(model, folder, manifest["resident_files"], dtype)
     model.to(device).eval()
     log.info("Offloaded model ready: %d MoE layers, %d of %d expert slots per layer on %s; %s",
@@ -64,18 +67,21 @@ def build_offloaded_model(folder: Path, device: torch.device, dtype: torch.dtype
 def install_offloaded_experts(model: torch.nn.Module, experts: list[tuple[str, ExpertLayout, torch.Tensor]],
                               device: torch.device, dtype: torch.dtype, slots: int, policy: CachePolicyName,
                               prefetch: bool, config, misses: MissMode,
-                              kernel: ExpertKernel = "auto") -> tuple[list[ExpertCache], MissSplit]:
+                              kernel: ExpertKernel = "auto", decode: ExpertDecode = "host",
+                              refills: int | None = None) -> tuple[list[ExpertCache], MissSplit]:
     """Swap each (module name, layout, host rows) experts module for `OffloadedExperts` over a slot cache.
     With fewer slots than experts: with `prefetch`, link each layer to the next one's router, and decide
-    (by `misses`, timed once here) what share of misses to compute on the CPU."""
+    (by `misses`, timed once here) what share of misses to compute on the CPU. `decode="graph"`: a compiled
+    decode step keeps the experts on the device (`graph_decode`), refilling up to `refills` slots a layer a step
+    (default top-k: every miss)."""
     copier = CopyStream(device)
     act_fn = ACT2FN[config.hidden_act]
     caches, modules = [], []
-    decode_mix = fused_decode_mix(kernel, experts[0][1], device, config.hidden_act,  # one layout per model
+    kernels = fused_decode_kernels(kernel, experts[0][1], device, config.hidden_act,  # one layout per model
                                   config.num_experts_per_tok)
     for name, layout, host_rows in experts:
         cache = ExpertCache(host_rows, slots, device, copier, policy)
-        module = OffloadedExperts(layout, cache, act_fn, dtype, decode_mix)
+        module = OffloadedExperts(layout, cache, act_fn, dtype, kernels)
         model.set_submodule(name, module)
         caches.append(cache)
         modules.append(module)
@@ -87,10 +93,14 @@ def install_offloaded_experts(model: torch.nn.Module, experts: list[tuple[str, E
         split = calibrate_miss_split(misses, layout, host_rows, device, dtype, act_fn)
         for module in modules:
             module.miss_split = split
+    if decode == "graph":
+        top_k = config.num_experts_per_tok
+        GraphDecode(modules, top_k, device, refills=top_k if refills is None else refills)
     return caches, split
 
 
-def fused_decode_mix(kernel: ExpertKernel, layout: ExpertLayout, device: torch.device, hidden_act: str, top_k: int):
+def fused_decode_kernels(kernel: ExpertKernel, layout: ExpertLayout, device: torch.device, hidden_act: str,
+                         top_k: int) -> DecodeKernels | None:
     """The Triton kernels for decode's experts (`triton_experts`), or None for the torch path. auto: on CUDA
     where Triton imports and the kernels cover the layout; triton: wherever asked (on the CPU that needs
     TRITON_INTERPRET=1, as the tests do), else an error; torch: never. On CUDA their block sizes are timed
@@ -122,7 +132,9 @@ def fused_decode_mix(kernel: ExpertKernel, layout: ExpertLayout, device: torch.d
         log.info("Dequantize-then-multiply is faster here than the Triton expert kernels; decode uses it")
         return None
     log.info("Decode's experts: Triton kernels (relative difference to dequantize-then-multiply %.1e)", error)
-    return partial(triton_experts.fused_mix_decode, layout, triton_experts.code_table(layout, device), blocks)
+    code = triton_experts.code_table(layout, device)
+    return DecodeKernels(partial(triton_experts.fused_mix_decode, layout, code, blocks),
+                         partial(triton_experts.fused_mix_decode_table, layout, code, blocks))
 
 
 def link_predictors(model: torch.nn.Module, modules: list[OffloadedExperts], config) -> None:

@@ -11,7 +11,7 @@ import torch
 from shared.schemas import ExpertOffloadStats
 from worker.engine.compiled_decode import DecodeCompile, static_cache_bytes
 from worker.engine.moe_offload.budget import plan_memory
-from worker.engine.moe_offload.builder import ExpertKernel, OffloadedModel, build_offloaded_model
+from worker.engine.moe_offload.builder import ExpertDecode, ExpertKernel, OffloadedModel, build_offloaded_model
 from worker.engine.moe_offload.checkpoint import fingerprint, load_config, resolve_checkpoint_dir
 from worker.engine.moe_offload.converter import ConversionError, convert_checkpoint, is_converted, read_manifest
 from worker.engine.moe_offload.cpu_experts import MissMode
@@ -36,6 +36,7 @@ class OffloadOptions:
     prefetch: bool = True
     misses: MissMode = "auto"
     kernel: ExpertKernel = "auto"
+    decode: ExpertDecode = "host"
 
 
 def converted_folder(root: Path, model_id: str, quant: ExpertQuant) -> Path:
@@ -107,7 +108,7 @@ class MoEOffloadEngine(TransformersEngine):
         )
         self.offloaded = build_offloaded_model(folder, device, self.torch_dtype, plan,
                                                self.options.cache_policy, self.options.prefetch,
-                                               self.options.misses, self.options.kernel)
+                                               self.options.misses, self.options.kernel, self.options.decode)
         return self.offloaded.model
 
     def _cap_gpu_memory(self) -> float:

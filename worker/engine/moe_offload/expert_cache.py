@@ -118,6 +118,7 @@ class ExpertCache:
         self._free = list(range(slots - 1, -1, -1))
         self._prefetched: set[int] = set()  # prefetched, not used since: their copies may not have landed
         self._prefetches_landed = None  # event after the latest prefetch's copies
+        self._table_changes: list[tuple[int, int]] | None = None  # once `track_table`: (expert, slot or -1)
         # Compute event after which this layer's slots may be overwritten; at first, the work queued before the
         # buffer was allocated (its memory may have been freed by kernels still running).
         self._last_read = copier.compute_done()
@@ -175,6 +176,36 @@ class ExpertCache:
             self.start_copies(result)
         return result
 
+    def record_step(self, experts: list[int], refills: int) -> None:
+        """A decode step that ran on the device (`graph_decode`) used `experts`, each from its slot if it had
+        one, else read where it is in host RAM: count its hits and misses, and copy up to `refills` of the
+        missed experts into slots, the policy's victims' (after the step's reads), for the next steps. The
+        compute stream waits for those copies: the next step may read them."""
+        self.mark_read()
+        missed = [expert for expert in experts if expert not in self._slot_of]
+        self.stats.hits += len(experts) - len(missed)
+        self.stats.misses += len(missed)
+        for expert in experts:
+            if expert in self._slot_of:
+                self._policy.touch(expert)
+        chosen = missed[:min(refills, self.capacity)]
+        if chosen:
+            copies = [(self._assign_slot(expert, set(chosen)), expert) for expert in chosen]
+            for expert in chosen:
+                self._policy.touch(expert)
+            self._copy_in(copies)
+            self.copier.wait(self.copier.record())
+
+    def track_table(self) -> None:
+        """From now on, keep (expert, its slot or -1) for every change of residence, for `drain_table_changes`,
+        starting with where every resident expert is now."""
+        self._table_changes = list(self._slot_of.items())
+
+    def drain_table_changes(self) -> list[tuple[int, int]]:
+        """The changes of residence since the last call (or `track_table`), oldest first."""
+        changes, self._table_changes = self._table_changes, []
+        return changes
+
     def start_copies(self, acquired: Acquired) -> None:
         if acquired.copies_to_start:
             self._copy_in(acquired.copies_to_start)
@@ -209,9 +240,15 @@ class ExpertCache:
             self._policy.forget(evicted)
             self._prefetched.discard(evicted)
             self.stats.evictions += 1
+            self._note_residence(evicted, -1)
         self._slot_of[expert] = slot
         self._expert_in[slot] = expert
+        self._note_residence(expert, slot)
         return slot
+
+    def _note_residence(self, expert: int, slot: int) -> None:
+        if self._table_changes is not None:
+            self._table_changes.append((expert, slot))
 
     def _copy_in(self, copies: list[tuple[int, int]]) -> None:
         """Bring each (slot, expert)'s row into its slot."""

@@ -3,6 +3,7 @@ whose weights live in host RAM and come to the device through an `ExpertCache`, 
 misses, are applied on the CPU where they are (see `cpu_experts`)."""
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -108,12 +109,21 @@ def _mix_rows(layout: ExpertLayout, act_fn, dtype: torch.dtype, rows: torch.Tens
     return (weights.to(expert_out.dtype) @ expert_out).unsqueeze(0)
 
 
+@dataclass(frozen=True)
+class DecodeKernels:
+    """What computes one token's experts: from slots, with `mix_decode`'s signature past its first three
+    arguments, and by table (`graph_decode`), with `mix_decode_table`'s."""
+
+    from_slots: Callable[..., torch.Tensor]
+    by_table: Callable[..., torch.Tensor]
+
+
 class OffloadedExperts(nn.Module):
-    """`decode_mix`: what computes one token's experts from their slots (default `mix_decode`; on a GPU the
-    fused kernels of `triton_experts`), with the signature `mix_decode` has past its first three arguments."""
+    """`kernels`: default the torch path (`mix_decode`, `mix_decode_table`); on a GPU the fused kernels of
+    `triton_experts`. `graph_decode`, once `GraphDecode` sets it, takes a compiled decode's experts."""
 
     def __init__(self, layout: ExpertLayout, cache: ExpertCache, act_fn, compute_dtype: torch.dtype,
-                 decode_mix: Callable[..., torch.Tensor] | None = None):
+                 kernels: DecodeKernels | None = None):
         super().__init__()
         self.layout = layout
         self.cache = cache
@@ -122,9 +132,18 @@ class OffloadedExperts(nn.Module):
         self.num_experts = cache.host_rows.shape[0]
         self.next_layer: NextLayerPredictor | None = None
         self.miss_split = MissSplit("copy", 0.0)
-        self.uses_fused_kernels = decode_mix is not None
-        self._mix_eager = decode_mix or partial(mix_decode, layout, act_fn, compute_dtype)
+        self.graph_decode = None
+        self.uses_fused_kernels = kernels is not None
+        kernels = kernels or DecodeKernels(partial(mix_decode, layout, act_fn, compute_dtype),
+                                           partial(mix_decode_table, layout, act_fn, compute_dtype))
+        self._mix_eager = kernels.from_slots
         self._mix_decode = self._mix_eager
+        self.mix_table = kernels.by_table
+
+    @property
+    def between_decode_steps(self) -> Callable[[], None] | None:
+        """What a compiled decode runs after each forward, outside its graphs (`GraphDecode.between_steps`)."""
+        return self.graph_decode.shared.between_steps if self.graph_decode is not None else None
 
     @property
     def decode_compiled(self) -> bool:
@@ -137,11 +156,17 @@ class OffloadedExperts(nn.Module):
             self.next_layer.compile_decode(compiled)
         self._mix_decode = decode_graph(self._mix_eager, compiled)
 
-    # Host decisions (which experts to copy) need the routing on the host: a compiled decode breaks its graph
-    # here and runs this eagerly between the graph before and the graph after.
-    @torch.compiler.disable
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
+        if self.graph_decode is not None and hidden_states.shape[0] == 1 and torch.compiler.is_compiling():
+            return self.graph_decode.forward(self, hidden_states, top_k_index, top_k_weights)
+        return self._forward_on_host(hidden_states, top_k_index, top_k_weights)
+
+    # Host decisions (which experts to copy) need the routing on the host: a compiled decode without
+    # `graph_decode` breaks its graph here and runs this eagerly between the graph before and the graph after.
+    @torch.compiler.disable
+    def _forward_on_host(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                         top_k_weights: torch.Tensor) -> torch.Tensor:
         decoding = hidden_states.shape[0] == 1
         wanted = top_k_index.reshape(-1)
         guess_count = 0

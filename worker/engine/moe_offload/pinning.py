@@ -16,12 +16,14 @@ import torch
 log = logging.getLogger(__name__)
 
 _registered: list[torch.Tensor] = []
+_HOST_REGISTER_MAPPED = 2  # cudaHostRegisterMapped
 
 
 def pin_in_place(rows: torch.Tensor) -> torch.Tensor:
     """`rows`, page-locked; a pinned copy if registering fails."""
     nbytes = rows.numel() * rows.element_size()
-    status = int(torch.cuda.cudart().cudaHostRegister(rows.data_ptr(), nbytes, 0))
+    # Mapped too, so kernels may also read the rows where they are (`mapped_device_view`).
+    status = int(torch.cuda.cudart().cudaHostRegister(rows.data_ptr(), nbytes, _HOST_REGISTER_MAPPED))
     if status == 0:
         _registered.append(rows)  # registered: never freed, whatever follows
         if rows.is_pinned():
@@ -33,14 +35,11 @@ def pin_in_place(rows: torch.Tensor) -> torch.Tensor:
 
 
 def mapped_device_view(rows: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """`rows` (contiguous, in host RAM) as a tensor on the CUDA `device` whose kernels read them where they are,
-    over the bus (zero-copy mapped memory): page-locked and mapped here, kept for the life of the process."""
-    nbytes = rows.numel() * rows.element_size()
-    status = int(torch.cuda.cudart().cudaHostRegister(rows.data_ptr(), nbytes, _HOST_REGISTER_MAPPED))
-    if status != 0:
-        _clear_last_cuda_error()
-        raise RuntimeError(f"cudaHostRegister(mapped) of {nbytes} bytes failed (CUDA error {status})")
-    _registered.append(rows)
+    """`rows` (contiguous uint8, in host RAM) as a tensor on the CUDA `device` whose kernels read them where they
+    are, over the bus (zero-copy mapped memory). Pins them in place first unless they are page-locked already
+    (by `pin_in_place`, or torch's pinned allocator, whose memory is mapped wherever addressing is unified)."""
+    if not rows.is_pinned():
+        rows = pin_in_place(rows)
     pointer = ctypes.c_void_p()
     status = _cudart().cudaHostGetDevicePointer(ctypes.byref(pointer), ctypes.c_void_p(rows.data_ptr()), 0)
     if status != 0:
@@ -48,9 +47,6 @@ def mapped_device_view(rows: torch.Tensor, device: torch.device) -> torch.Tensor
         raise RuntimeError(f"cudaHostGetDevicePointer failed (CUDA error {status})")
     with torch.cuda.device(device):  # torch finds the device from the pointer's attributes
         return torch.as_tensor(_CudaArray(pointer.value, rows), device=device)
-
-
-_HOST_REGISTER_MAPPED = 2  # cudaHostRegisterMapped
 
 
 class _CudaArray:
@@ -61,6 +57,7 @@ class _CudaArray:
             raise ValueError("expects contiguous uint8 rows")
         self.__cuda_array_interface__ = {"shape": tuple(like.shape), "typestr": "|u1", "data": (pointer, False),
                                          "version": 3, "strides": None}
+        self.rows = like  # torch keeps this object, and so the rows, alive with the tensor
 
 
 def _cudart() -> ctypes.CDLL:
