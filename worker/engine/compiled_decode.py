@@ -4,9 +4,11 @@ eager) over a static cache that the engine keeps, so every request replays the s
 Decode of one token is bound by host time, not by the device: Qwen3-Next's 48 layers run ~4,000 small
 kernels per token in eager mode, each launched from Python (the rest of the model alone: 76 ms/token on an
 H200). Inductor fuses them, and on a GPU `mode="reduce-overhead"` replays each compiled stretch as one CUDA
-graph. Modules that must decide on the host (the offloaded experts) are marked `torch.compiler.disable`:
-the graph breaks around them and they run eagerly between two graphs; those with a `compile_decode(compiled)`
-method compile their own device work as graphs of their own (`decode_graph`).
+graph. Modules that must decide on the host (the offloaded experts' host path) are marked
+`torch.compiler.disable`: the graph breaks around them and they run eagerly between two graphs; those with a
+`compile_decode(compiled)` method compile their own device work as graphs of their own (`decode_graph`).
+Modules with a `between_decode_steps` hook (the offloaded experts' graph path) get it run after every forward,
+outside the graphs.
 """
 
 import logging

@@ -247,8 +247,12 @@ class ExpertCache:
         return slot
 
     def _note_residence(self, expert: int, slot: int) -> None:
-        if self._table_changes is not None:
-            self._table_changes.append((expert, slot))
+        if self._table_changes is None:
+            return
+        self._table_changes.append((expert, slot))
+        experts = self.host_rows.shape[0]
+        if len(self._table_changes) > 2 * experts:  # undrained (an eager fallback): one entry per expert will do
+            self._table_changes = [(e, self._slot_of.get(e, -1)) for e in range(experts)]
 
     def _copy_in(self, copies: list[tuple[int, int]]) -> None:
         """Bring each (slot, expert)'s row into its slot."""
