@@ -152,6 +152,9 @@ def test_graph_decode_keeps_each_step_on_the_device_and_generates_what_eager_dec
     assert decoded > 0 and after.misses > before.misses  # counted from the steps' routes
     assert after.bytes_copied > before.bytes_copied  # misses refilled into slots between steps
     shared = layers[0].graph_decode.shared
+    if TEST_DEVICE.type == "cuda":
+        torch.cuda.synchronize()  # every refill landed: the next between-steps sends them all
+    shared.between_steps()
     for index, layer in enumerate(layers):  # the device's table is where the cache says each expert is
         expected = torch.full((layer.num_experts,), -1, dtype=torch.int32)
         for slot in range(layer.cache.capacity):

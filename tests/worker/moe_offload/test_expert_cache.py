@@ -126,17 +126,20 @@ def test_the_published_stats_sum_every_counter_the_cache_keeps():
 
 def test_a_device_decode_step_is_counted_refilled_and_reported_as_table_changes():
     """`graph_decode`'s side: a step read its experts from slots or from host RAM; afterwards the cache counts
-    it, copies in up to `refills` of its misses (evicting by policy) and reports each change of residence."""
+    it, starts copying in up to `refills` of its misses (evicting by policy) and reports each change of
+    residence."""
     cache = _cache(slots=3)
     _wait(cache, cache.acquire([0, 1, 2]))
     cache.track_table()
     assert sorted(cache.drain_table_changes()) == [(0, 0), (1, 1), (2, 2)]  # where everything is, to start
     before = CacheStats(**vars(cache.stats))
-    cache.record_step([2, 5, 7], refills=1)  # one hit, two misses, one of them copied in over expert 0 (LRU)
-    assert (cache.stats.hits - before.hits, cache.stats.misses - before.misses) == (1, 2)
+    # one hit, two misses, one of them copied in over expert 0 (LRU)
+    refilled, landed = cache.record_step([2, 5, 7], hits=1, refills=1)
+    assert refilled == {5} and (cache.stats.hits - before.hits, cache.stats.misses - before.misses) == (1, 2)
     assert cache.stats.bytes_copied - before.bytes_copied == ROW_BYTES and cache.holds(5) and not cache.holds(0)
     assert cache.drain_table_changes() == [(0, -1), (5, 0)] and cache.drain_table_changes() == []
-    assert torch.equal(cache.buffer[0].cpu(), cache.host_rows[5])  # on the compute stream, after its wait
+    cache.copier.wait(landed)  # nothing waited for the copy: the caller decides when to read its slot
+    assert torch.equal(cache.buffer[0].cpu(), cache.host_rows[5])
     for _ in range(30):  # changes nobody drains stay bounded: one entry per expert at most
-        cache.record_step(random.sample(range(EXPERTS), 3), refills=3)
+        cache.record_step(random.sample(range(EXPERTS), 3), hits=0, refills=3)
     assert len(cache.drain_table_changes()) <= 2 * EXPERTS

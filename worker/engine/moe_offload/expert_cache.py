@@ -117,7 +117,8 @@ class ExpertCache:
         self._expert_in: list[int | None] = [None] * slots
         self._free = list(range(slots - 1, -1, -1))
         self._prefetched: set[int] = set()  # prefetched, not used since: their copies may not have landed
-        self._prefetches_landed = None  # event after the latest prefetch's copies
+        self._refilled: set[int] = set()  # copied in after a device decode step, not used since: likewise
+        self._ahead_landed = None  # event after the latest copies made ahead of need (prefetches, refills)
         self._table_changes: list[tuple[int, int]] | None = None  # once `track_table`: (expert, slot or -1)
         # Compute event after which this layer's slots may be overwritten; at first, the work queued before the
         # buffer was allocated (its memory may have been freed by kernels still running).
@@ -162,7 +163,10 @@ class ExpertCache:
                 if expert in self._prefetched:
                     self.stats.prefetch_hits += 1
                     self._prefetched.discard(expert)
-                    result.hits_ready = self._prefetches_landed
+                    result.hits_ready = self._ahead_landed
+                elif expert in self._refilled:
+                    self._refilled.discard(expert)
+                    result.hits_ready = self._ahead_landed
                 result.hit_experts.append(expert)
                 result.hit_slots.append(slot)
             else:
@@ -176,25 +180,30 @@ class ExpertCache:
             self.start_copies(result)
         return result
 
-    def record_step(self, experts: list[int], refills: int) -> None:
-        """A decode step that ran on the device (`graph_decode`) used `experts`, each from its slot if it had
-        one, else read where it is in host RAM: count its hits and misses, and copy up to `refills` of the
-        missed experts into slots, the policy's victims' (after the step's reads), for the next steps. The
-        compute stream waits for those copies: the next step may read them."""
+    def record_step(self, experts: list[int], hits: int, refills: int) -> tuple[set[int], object]:
+        """A decode step that ran on the device (`graph_decode`) used `experts`, `hits` of them from slots, the
+        rest read where they are in host RAM: count them, and start copying up to `refills` of the experts
+        without a slot into slots, the policy's victims' (after the step's reads), for later steps. Returns
+        the experts copied and the event their copies fire (None: landed); nothing waits for it here."""
         self.mark_read()
-        missed = [expert for expert in experts if expert not in self._slot_of]
-        self.stats.hits += len(experts) - len(missed)
-        self.stats.misses += len(missed)
+        self.stats.hits += hits
+        self.stats.misses += len(experts) - hits
+        missed = []
         for expert in experts:
             if expert in self._slot_of:
                 self._policy.touch(expert)
+            else:
+                missed.append(expert)
         chosen = missed[:min(refills, self.capacity)]
-        if chosen:
-            copies = [(self._assign_slot(expert, set(chosen)), expert) for expert in chosen]
-            for expert in chosen:
-                self._policy.touch(expert)
-            self._copy_in(copies)
-            self.copier.wait(self.copier.record())
+        if not chosen:
+            return set(), None
+        copies = [(self._assign_slot(expert, set(chosen)), expert) for expert in chosen]
+        for expert in chosen:
+            self._policy.touch(expert)
+        self._copy_in(copies)
+        self._refilled.update(chosen)  # the host path waits for them if it uses them first
+        self._ahead_landed = self.copier.record()
+        return set(chosen), self._ahead_landed
 
     def track_table(self) -> None:
         """From now on, keep (expert, its slot or -1) for every change of residence, for `drain_table_changes`,
@@ -227,7 +236,7 @@ class ExpertCache:
         self.stats.prefetched += len(copies)
         if copies:
             self._copy_in(copies)
-            self._prefetches_landed = self.copier.record()
+            self._ahead_landed = self.copier.record()
         return len(copies)
 
     def _assign_slot(self, expert: int, protected: set[int]) -> int:
@@ -239,6 +248,7 @@ class ExpertCache:
             slot = self._slot_of.pop(evicted)
             self._policy.forget(evicted)
             self._prefetched.discard(evicted)
+            self._refilled.discard(evicted)
             self.stats.evictions += 1
             self._note_residence(evicted, -1)
         self._slot_of[expert] = slot

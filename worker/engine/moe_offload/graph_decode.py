@@ -9,8 +9,11 @@ step is one graph, one CUDA graph replay.
 
 The step also writes the experts it routed to (`routes`). Between steps, `between_steps` (run by the compiled
 decode after every forward) reads them back once, counts each layer's hits and misses, lets the cache's
-policy copy up to `refills` of the missed experts into slots for the steps that follow, and sends the
-table's changes. The prompt, and eager decode, take the host path through the same caches.
+policy start copying up to `refills` of the missed experts into slots, and sends the table's changes. The
+copies run beside the next steps, never in their way: an evicted expert's entry turns -1 before the next
+step (whose kernels then read it from host RAM), its slot is overwritten only after the step that last
+read it, and a refilled expert's entry is sent only once its copy has landed. The prompt, and eager decode,
+take the host path through the same caches.
 """
 
 import torch
@@ -30,6 +33,7 @@ class GraphDecode:
         self._table_rows = self.table_host.numpy()  # element writes from Python at numpy's cost, not torch's
         self.table = self.table_host.to(device)
         self.routes = torch.full((len(layers), top_k), -1, dtype=torch.long, device=device)
+        self._landing: dict[tuple[int, int], tuple[int, object]] = {}  # (layer, expert): (slot, copy's event)
         self.positions = torch.arange(top_k, device=device)  # decode: the routing weights in the experts' order
         for tensor in (self.table, self.routes, self.positions):
             torch._dynamo.mark_static_address(tensor)  # written in place, read by the graph where they are
@@ -43,15 +47,24 @@ class GraphDecode:
 
     def between_steps(self) -> None:
         """After a forward: account for what the last decode step routed (rows still -1: the forward was the
-        prompt's, on the host path), refill, and send the table's changes ahead of the next step."""
+        prompt's, on the host path), start the refills, and send the table's changes ahead of the next step."""
         routes = self.routes.tolist()  # the one read-back a step
-        for layer, experts in zip(self.layers, routes, strict=True):
-            if experts[0] >= 0:
-                layer.cache.record_step(experts, self.refills)
         self.routes.fill_(-1)
-        for index, layer in enumerate(self.layers):
+        for index, (layer, experts) in enumerate(zip(self.layers, routes, strict=True)):
+            refilled, landed = set(), None
+            if experts[0] >= 0:
+                hits = sum(int(self._table_rows[index, expert] >= 0) for expert in experts)
+                refilled, landed = layer.cache.record_step(experts, hits, self.refills)
             for expert, slot in layer.cache.drain_table_changes():
+                self._landing.pop((index, expert), None)
+                if slot >= 0 and expert in refilled:
+                    self._landing[(index, expert)] = (slot, landed)
+                else:  # evicted, or brought in by the host path, whose compute already waited for it
+                    self._table_rows[index, expert] = slot
+        for (index, expert), (slot, landed) in list(self._landing.items()):
+            if landed is None or landed.query():
                 self._table_rows[index, expert] = slot
+                del self._landing[(index, expert)]
         self.table.copy_(self.table_host, non_blocking=True)
 
 
