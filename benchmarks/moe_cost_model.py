@@ -7,6 +7,9 @@ Per token, each of the L MoE layers routes to k experts; a fraction h of them is
   hybrid path  some misses are copied, the rest computed on the CPU at host-RAM speed in parallel;
                the best split copies m * t_cpu / (t_copy + t_cpu) of them:
                t_layer = max(m * t_copy * t_cpu / (t_copy + t_cpu), (k - m) * t_gpu) + ... (same tail)
+  graph path   (EXPERT_DECODE=graph) no host work a layer: the kernels read the hits from slots and the
+               misses from host RAM over the bus, while the refills of the last step's misses share it:
+               t_layer = max(k * t_kernel, m * row_bytes * 2 / zero-copy bandwidth)
   token        t = t_dense + L * t_layer        (t_dense: attention, DeltaNet, shared experts, lm_head)
 with t_copy = row_bytes / PCIe bandwidth and t_cpu = row_bytes / host-RAM bandwidth (a 4-bit expert
 matvec on the CPU is bound by reading its row). Under uniform, independent routing the hit rate is
@@ -44,6 +47,8 @@ class Inputs:
     # Python, kernel launches. Assumed until measured; an H200 run measured ~0.9 ms (decode is host-bound).
     layer_host_ms: float = 0.05
     measured_cpu_expert_ms: float | None = None  # the CPU's 4-bit matvec per expert, when a run timed it
+    kernel_expert_ms: float = 0.008  # the Triton kernels, per expert of one token (H100: 78 us for 10)
+    zero_copy_gb_per_s: float | None = None  # kernels reading mapped host RAM (None: as fast as a copy)
 
     @property
     def slots(self) -> int:
@@ -83,6 +88,14 @@ def tok_per_s(inputs: Inputs, hit_rate: float, hybrid: bool = False) -> float:
     return 1000 / (inputs.dense_ms + LAYERS * layer_ms(inputs, hit_rate, hybrid))
 
 
+def graph_tok_per_s(inputs: Inputs, hit_rate: float) -> float:
+    """Decode with the step on the device: misses read over the bus and copied in again by the refills."""
+    misses = TOP_K * (1 - hit_rate)
+    bus_gb_per_s = inputs.zero_copy_gb_per_s or inputs.pcie_gb_per_s
+    bus_ms = misses * ROW_BYTES * 2 / (bus_gb_per_s * 1e9) * 1000
+    return 1000 / (inputs.dense_ms + LAYERS * max(TOP_K * inputs.kernel_expert_ms, bus_ms))
+
+
 def measured_dense_ms(report: dict) -> float:
     """Per token, what is not the routed experts: a decode step's time less its experts' time, at the least
     over the variants (a variant's first steps can be slow: warm-up)."""
@@ -92,6 +105,7 @@ def measured_dense_ms(report: dict) -> float:
 def inputs_from_measurement(report: dict, budget_gb: float) -> Inputs:
     measured = Inputs(gpu_budget_gb=budget_gb, resident_gb=report["resident_gb"],
                       pcie_gb_per_s=report["h2d_gb_per_s"], gpu_expert_ms=report["expert_compute_ms"],
+                      kernel_expert_ms=report.get("fused_expert_compute_ms") or Inputs.kernel_expert_ms,
                       dense_ms=measured_dense_ms(report), measured_cpu_expert_ms=report.get("cpu_expert_ms"),
                       layer_host_ms=0.0)
     # What the run's experts took per layer beyond the modelled copy and compute is the host's share.
@@ -106,6 +120,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--budget-gb", type=float, default=16.0)
     parser.add_argument("--pcie-gb-per-s", type=float, default=None)
     parser.add_argument("--host-ram-gb-per-s", type=float, default=Inputs.host_ram_gb_per_s)
+    parser.add_argument("--zero-copy-gb-per-s", type=float, default=None,
+                        help="kernels reading mapped host RAM (benchmarks/zero_copy_probe.py; default: the bus)")
     parser.add_argument("--cpu-expert-ms", type=float, default=None,
                         help="a CPU's measured time per 4-bit expert (default: the run's, else row bytes / host RAM)")
     args = parser.parse_args(argv)
@@ -125,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         inputs = Inputs(gpu_budget_gb=args.budget_gb)
         source = "assumed times (no GPU measurement committed yet)"
-    overrides = {"host_ram_gb_per_s": args.host_ram_gb_per_s}
+    overrides = {"host_ram_gb_per_s": args.host_ram_gb_per_s, "zero_copy_gb_per_s": args.zero_copy_gb_per_s}
     if args.cpu_expert_ms is not None:
         overrides["measured_cpu_expert_ms"] = args.cpu_expert_ms
     if args.pcie_gb_per_s:
@@ -141,18 +157,22 @@ def main(argv: list[str] | None = None) -> dict:
           f"per MoE layer; dense part {inputs.dense_ms:.1f} ms")
     rows = [("uniform, independent routing", inputs.uniform_hit_rate), ("real routing, low skew", 0.67),
             ("real routing, high skew", 0.81), ("every expert a miss", 0.0)]
-    print(f"| {'routing':<34} | {'hit rate':>8} | {'copy tok/s':>10} | {'hybrid tok/s':>12} |")
-    print(f"|{'-' * 36}|{'-' * 10}|{'-' * 12}|{'-' * 14}|")
+    print(f"| {'routing':<34} | {'hit rate':>8} | {'copy tok/s':>10} | {'hybrid tok/s':>12} | {'graph tok/s':>11} |")
+    print(f"|{'-' * 36}|{'-' * 10}|{'-' * 12}|{'-' * 14}|{'-' * 13}|")
     predictions = []
     for label, hit_rate in rows:
         copy, hybrid = tok_per_s(inputs, hit_rate), tok_per_s(inputs, hit_rate, hybrid=True)
-        predictions.append({"routing": label, "hit_rate": hit_rate, "copy_tok_s": copy, "hybrid_tok_s": hybrid})
-        print(f"| {label:<34} | {hit_rate:>8.1%} | {copy:>10.1f} | {hybrid:>12.1f} |")
+        graph = graph_tok_per_s(inputs, hit_rate)
+        predictions.append({"routing": label, "hit_rate": hit_rate, "copy_tok_s": copy, "hybrid_tok_s": hybrid,
+                            "graph_tok_s": graph})
+        print(f"| {label:<34} | {hit_rate:>8.1%} | {copy:>10.1f} | {hybrid:>12.1f} | {graph:>11.1f} |")
     if measured:
-        best = max(measured["variants"], key=lambda run: run["tok_per_s"])
+        with_experts = [run for run in measured["variants"] if run["cache"]["hits"] + run["cache"]["misses"]]
+        best = max(with_experts or measured["variants"], key=lambda run: run["tok_per_s"])
         on_card = Inputs(**{**inputs.__dict__, "pcie_gb_per_s": measured["h2d_gb_per_s"]})
+        predict = graph_tok_per_s if "graph decode" in best["label"] else tok_per_s
         print(f"# measured on {measured['card']}: {best['tok_per_s']:.1f} tok/s ({best['label']}, hit rate "
-              f"{best['hit_rate']:.1%}); the model predicts {tok_per_s(on_card, best['hit_rate']):.1f} for that "
+              f"{best['hit_rate']:.1%}); the model predicts {predict(on_card, best['hit_rate']):.1f} for that "
               f"card's bus ({measured['h2d_gb_per_s']:.1f} GB/s) and hit rate")
     else:
         print("# measured: none yet; run benchmarks/moe_offload_gpu.py on a GPU")

@@ -61,6 +61,19 @@ def test_cost_model_predictions_follow_hit_rate_and_bandwidth():
     assert moe_cost_model.tok_per_s(free_compute, 0.0) == pytest.approx(ceiling)
 
 
+def test_cost_model_graph_decode_is_bound_by_the_bus_or_the_kernels():
+    base = moe_cost_model.Inputs(dense_ms=0.0)
+    assert moe_cost_model.graph_tok_per_s(base, 0.8) > moe_cost_model.graph_tok_per_s(base, 0.2)
+    # every expert a miss, read over the bus and copied in again: 2 rows a miss
+    bus_ms = moe_cost_model.TOP_K * moe_cost_model.ROW_BYTES * 2 / (base.pcie_gb_per_s * 1e9) * 1000
+    assert moe_cost_model.graph_tok_per_s(base, 0.0) == pytest.approx(1000 / (moe_cost_model.LAYERS * bus_ms))
+    faster = moe_cost_model.Inputs(dense_ms=0.0, zero_copy_gb_per_s=4 * base.pcie_gb_per_s)
+    assert moe_cost_model.graph_tok_per_s(faster, 0.0) == pytest.approx(4 * moe_cost_model.graph_tok_per_s(base, 0.0))
+    # every expert a hit: the kernels alone
+    kernels_ms = moe_cost_model.LAYERS * moe_cost_model.TOP_K * base.kernel_expert_ms
+    assert moe_cost_model.graph_tok_per_s(base, 1.0) == pytest.approx(1000 / kernels_ms)
+
+
 def test_cost_model_refuses_a_smoke_measurement(tmp_path):
     smoke = tmp_path / "smoke.json"
     smoke.write_text(json.dumps({"smoke": True}))
