@@ -123,7 +123,8 @@ def synthetic_host_rows(layout: ExpertLayout, layers: int, experts: int, pin: bo
 
 class TimedExperts(torch.nn.Module):
     """Wraps a layer's experts to time them (`marks`: [start, end] per call). A compiled decode breaks its
-    graph here as it does at the experts themselves, so the wrapper changes nothing it measures."""
+    graph here as it does at the experts themselves, so the wrapper changes nothing it measures; with graph
+    decode (no break) it stands aside, and only the prompt's call is timed."""
 
     def __init__(self, inner: torch.nn.Module, clock: Clock):
         super().__init__()
