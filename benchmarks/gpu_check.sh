@@ -58,8 +58,12 @@ print('torch', torch.__version__, 'cuda', torch.version.cuda, '| transformers', 
             echo "## 2b. real shapes, 16 GB cap, transformers' reference Gated DeltaNet"
             BENCH_TIMEOUT_S=${MAIN_TIMEOUT_S:-150} bench --out "$OUT/moe_offload_gpu.json" --variants "$MAIN_VARIANTS"
         fi
-        echo "## 3. cost model"
-        python3 -m benchmarks.moe_cost_model --measured "$OUT/moe_offload_gpu-fla.json"
+        echo "## 3. cost model (zero-copy share: the probe's GB/s for 10 experts over the run's host-to-device GB/s)"
+        share=$(python3 -c "import json, sys
+probe, run = (json.load(open(path)) for path in sys.argv[1:])
+print(probe['runs'][-1]['zero_copy_gb_per_s'] / run['h2d_gb_per_s'])" "$OUT/zero_copy_probe.json" \
+            "$OUT/moe_offload_gpu-fla.json" 2>/dev/null)
+        python3 -m benchmarks.moe_cost_model --measured "$OUT/moe_offload_gpu-fla.json" ${share:+--zero-copy-share "$share"}
     fi
     echo "## 1. CUDA correctness (tiny Qwen3-Next)"
     MOE_TEST_DEVICE=cuda timeout "${TESTS_TIMEOUT_S:-80}" python3 -m pytest -q -p no:cacheprovider -p no:logging \

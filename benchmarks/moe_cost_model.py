@@ -9,7 +9,8 @@ Per token, each of the L MoE layers routes to k experts; a fraction h of them is
                t_layer = max(m * t_copy * t_cpu / (t_copy + t_cpu), (k - m) * t_gpu) + ... (same tail)
   graph path   (EXPERT_DECODE=graph) no host work a layer: the kernels read the hits from slots and the
                misses from host RAM over the bus, while the refills of the last step's misses share it:
-               t_layer = max(k * t_kernel, m * row_bytes * 2 / zero-copy bandwidth)
+               t_layer = max(k * t_kernel, m * row_bytes * 2 / (share * PCIe bandwidth))
+               (share: what kernels reading mapped host RAM reach of a copy's bandwidth)
   token        t = t_dense + L * t_layer        (t_dense: attention, DeltaNet, shared experts, lm_head)
 with t_copy = row_bytes / PCIe bandwidth and t_cpu = row_bytes / host-RAM bandwidth (a 4-bit expert
 matvec on the CPU is bound by reading its row). Under uniform, independent routing the hit rate is
@@ -48,7 +49,7 @@ class Inputs:
     layer_host_ms: float = 0.05
     measured_cpu_expert_ms: float | None = None  # the CPU's 4-bit matvec per expert, when a run timed it
     kernel_expert_ms: float = 0.008  # the Triton kernels, per expert of one token (H100: 78 us for 10)
-    zero_copy_gb_per_s: float | None = None  # kernels reading mapped host RAM (None: as fast as a copy)
+    zero_copy_share: float = 1.0  # kernels reading mapped host RAM, as a share of a copy's bandwidth
 
     @property
     def slots(self) -> int:
@@ -91,8 +92,7 @@ def tok_per_s(inputs: Inputs, hit_rate: float, hybrid: bool = False) -> float:
 def graph_tok_per_s(inputs: Inputs, hit_rate: float) -> float:
     """Decode with the step on the device: misses read over the bus and copied in again by the refills."""
     misses = TOP_K * (1 - hit_rate)
-    bus_gb_per_s = inputs.zero_copy_gb_per_s or inputs.pcie_gb_per_s
-    bus_ms = misses * ROW_BYTES * 2 / (bus_gb_per_s * 1e9) * 1000
+    bus_ms = misses * ROW_BYTES * 2 / (inputs.zero_copy_share * inputs.pcie_gb_per_s * 1e9) * 1000
     return 1000 / (inputs.dense_ms + LAYERS * max(TOP_K * inputs.kernel_expert_ms, bus_ms))
 
 
@@ -120,8 +120,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--budget-gb", type=float, default=16.0)
     parser.add_argument("--pcie-gb-per-s", type=float, default=None)
     parser.add_argument("--host-ram-gb-per-s", type=float, default=Inputs.host_ram_gb_per_s)
-    parser.add_argument("--zero-copy-gb-per-s", type=float, default=None,
-                        help="kernels reading mapped host RAM (benchmarks/zero_copy_probe.py; default: the bus)")
+    parser.add_argument("--zero-copy-share", type=float, default=Inputs.zero_copy_share,
+                        help="what kernels reading mapped host RAM reach of a copy's bandwidth "
+                             "(benchmarks/zero_copy_probe.py's GB/s over the run's host-to-device GB/s)")
     parser.add_argument("--cpu-expert-ms", type=float, default=None,
                         help="a CPU's measured time per 4-bit expert (default: the run's, else row bytes / host RAM)")
     args = parser.parse_args(argv)
@@ -141,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         inputs = Inputs(gpu_budget_gb=args.budget_gb)
         source = "assumed times (no GPU measurement committed yet)"
-    overrides = {"host_ram_gb_per_s": args.host_ram_gb_per_s, "zero_copy_gb_per_s": args.zero_copy_gb_per_s}
+    overrides = {"host_ram_gb_per_s": args.host_ram_gb_per_s, "zero_copy_share": args.zero_copy_share}
     if args.cpu_expert_ms is not None:
         overrides["measured_cpu_expert_ms"] = args.cpu_expert_ms
     if args.pcie_gb_per_s:
