@@ -269,11 +269,12 @@ class NoExperts(torch.nn.Module):
         return torch.zeros_like(hidden_states)
 
 
-def _profile_host(model, config, device, tokens: int, clock: Clock, path: Path) -> None:
+def _profile_host(model, config, device, tokens: int, clock: Clock, path: Path,
+                  compiled: CompiledDecode | None) -> None:
     """Where the host's time goes in `tokens` decode steps, prompt left out (cProfile, by own time), printed
     and saved."""
     profiler = cProfile.Profile()
-    decode_run(model, config, device, tokens, clock, on_prefill_done=profiler.enable)
+    decode_run(model, config, device, tokens, clock, on_prefill_done=profiler.enable, compiled=compiled)
     profiler.disable()
     text = io.StringIO()
     pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(30)
@@ -436,6 +437,8 @@ def main(argv: list[str] | None = None) -> dict:
             run["dynamo"] = {"unique_graphs": counters["stats"]["unique_graphs"],
                              "graph_breaks": sum(counters["graph_break"].values()), "frames": dict(counters["frames"])}
         print(f"# {label}: {run['tok_per_s']:.2f} tok/s, hit rate {stats.hit_rate:.1%}, warm-up {warm_up_s:.0f} s")
+        if index == 0 and args.profile:
+            _profile_host(model, config, device, args.profile, clock, out.with_suffix(".profile.txt"), compiled)
         return run
 
     for index, name in enumerate(args.variants.split(",")):
@@ -450,8 +453,6 @@ def main(argv: list[str] | None = None) -> dict:
         if report["variants"]:
             report["non_expert_ms_per_token"] = measured_dense_ms(report)
         out.write_text(json.dumps(report, indent=2))
-        if index == 0 and args.profile:
-            _profile_host(model, config, device, args.profile, clock, out.with_suffix(".profile.txt"))
 
     if args.skip_naive:
         _print_table(report)
