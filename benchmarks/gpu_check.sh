@@ -52,7 +52,7 @@ print('torch', torch.__version__, 'cuda', torch.version.cuda, '| transformers', 
         timeout "${PROBE_TIMEOUT_S:-45}" python3 -m benchmarks.zero_copy_probe --out "$OUT/zero_copy_probe.json"
         echo "## 2. real shapes, 16 GB cap, transformers' reference Gated DeltaNet"
         BENCH_TIMEOUT_S=${MAIN_TIMEOUT_S:-240} bench --out "$OUT/moe_offload_gpu.json" --skip-naive \
-            --variants "${MAIN_VARIANTS:-lru:compiled:graph,lru+prefetch:compiled,lru:compiled:graph:norefill}"
+            --variants "${MAIN_VARIANTS:-lru:compiled:graph,lru+prefetch:compiled,lfu+prefetch:compiled:graph,lru:compiled:graph:norefill}"
         echo "## 2b. real shapes, 16 GB cap, flash-linear-attention kernels for Gated DeltaNet"
         PYTHONPATH=/tmp/fla-site:$PYTHONPATH python3 -c "import fla; print('fla', fla.__version__)"
         PYTHONPATH=/tmp/fla-site:$PYTHONPATH BENCH_TIMEOUT_S=${FLA_TIMEOUT_S:-200} bench --skip-naive \

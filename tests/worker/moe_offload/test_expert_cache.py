@@ -143,3 +143,15 @@ def test_a_device_decode_step_is_counted_refilled_and_reported_as_table_changes(
     for _ in range(30):  # changes nobody drains stay bounded: one entry per expert at most
         cache.record_step(random.sample(range(EXPERTS), 3), hits=0, refills=3)
     assert len(cache.drain_table_changes()) <= 2 * EXPERTS
+
+
+def test_under_lfu_a_device_step_copies_in_only_experts_used_more_often_than_their_victim():
+    cache = _cache(slots=2, policy="lfu")
+    for _ in range(3):  # experts 0 and 1 resident, used three times each
+        _wait(cache, cache.acquire([0, 1]))
+    cache.track_table()
+    refilled, _ = cache.record_step([0, 9], hits=1, refills=1)  # 9 seen once: not worth evicting 1
+    assert refilled == set() and not cache.holds(9)
+    for _ in range(3):
+        cache.record_step([0, 9], hits=1, refills=1)
+    assert cache.holds(9) and cache.holds(0) and not cache.holds(1)  # 9 overtook 1; 0, in use, stayed

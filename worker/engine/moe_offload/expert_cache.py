@@ -28,6 +28,17 @@ class LRUPolicy:
     def victim(self, protected: set[int]) -> int:
         return next(expert for expert in self._order if expert not in protected)
 
+    def seen(self, expert: int) -> None:
+        """A use served without a slot: recency counts only once the expert has one."""
+
+    def admits(self, expert: int, protected: set[int]) -> bool:
+        """Whether `expert` deserves the victim's slot: under LRU, always."""
+        return True
+
+    def admit(self, expert: int) -> None:
+        """`expert`, `seen` this step, now has a slot."""
+        self.touch(expert)
+
 
 class LFUPolicy:
     """Evict the expert used least often, counts halved every `decay_every` uses so old habits fade."""
@@ -40,6 +51,9 @@ class LFUPolicy:
 
     def touch(self, expert: int) -> None:
         self._counts[expert] = self._counts.get(expert, self._history.get(expert, 0.0)) + 1.0
+        self._tick()
+
+    def _tick(self) -> None:
         self._uses += 1
         if self._uses % self._decay_every == 0:
             self._counts = {e: c / 2 for e, c in self._counts.items()}
@@ -50,6 +64,20 @@ class LFUPolicy:
 
     def victim(self, protected: set[int]) -> int:
         return min((e for e in self._counts if e not in protected), key=self._counts.__getitem__)
+
+    def seen(self, expert: int) -> None:
+        """A use served without a slot (read where it is): it counts towards earning one."""
+        self._history[expert] = self._history.get(expert, 0.0) + 1.0
+        self._tick()
+
+    def admits(self, expert: int, protected: set[int]) -> bool:
+        """Only an expert used more often than the one it would evict earns a copy (frequency-based admission:
+        under flat routing the slots stop churning, under skewed routing the popular experts move in)."""
+        return self._history.get(expert, 0.0) > self._counts[self.victim(protected)]
+
+    def admit(self, expert: int) -> None:
+        """`expert`, `seen` this step, now has a slot: its uses so far come with it."""
+        self._counts[expert] = self._history.get(expert, 0.0)
 
 
 def make_policy(name: CachePolicyName) -> LRUPolicy | LFUPolicy:
@@ -193,13 +221,20 @@ class ExpertCache:
             if expert in self._slot_of:
                 self._policy.touch(expert)
             else:
+                self._policy.seen(expert)
                 missed.append(expert)
-        chosen = missed[:min(refills, self.capacity)]
+        protected = set(experts)  # the step's own experts stay, whatever the policy says
+        copies = []
+        for expert in missed:
+            if len(copies) == min(refills, self.capacity):
+                break
+            if self._free or (len(self._slot_of) > len(protected & self._slot_of.keys())
+                              and self._policy.admits(expert, protected)):
+                copies.append((self._assign_slot(expert, protected), expert))
+                self._policy.admit(expert)
+        chosen = [expert for _, expert in copies]
         if not chosen:
             return set(), None
-        copies = [(self._assign_slot(expert, set(chosen)), expert) for expert in chosen]
-        for expert in chosen:
-            self._policy.touch(expert)
         self._copy_in(copies)
         self._refilled.update(chosen)  # the host path waits for them if it uses them first
         self._ahead_landed = self.copier.record()
