@@ -22,7 +22,7 @@ route alike).
 
 import argparse
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from worker.engine.moe_offload.packing import ExpertLayout
@@ -102,16 +102,26 @@ def measured_dense_ms(report: dict) -> float:
     return min(1000 / run["tok_per_s"] - run["expert_ms_per_token"] for run in report["variants"])
 
 
+def expert_compute_ms(report: dict, run: dict) -> float:
+    """One expert's compute time by the path `run` took: the Triton kernels, or dequantize-then-multiply."""
+    fused = report.get("fused_expert_compute_ms")
+    return fused if run.get("expert_kernel") == "triton" and fused else report["expert_compute_ms"]
+
+
 def inputs_from_measurement(report: dict, budget_gb: float) -> Inputs:
+    # Runs whose experts were timed at every MoE layer (a graph decode's are inside its one graph)
+    host_path = [run for run in report["variants"]
+                 if run["hit_rate"] > 0 and "graph decode" not in run.get("label", "")]
+    fastest = max(host_path or report["variants"], key=lambda run: run["tok_per_s"])
     measured = Inputs(gpu_budget_gb=budget_gb, resident_gb=report["resident_gb"],
-                      pcie_gb_per_s=report["h2d_gb_per_s"], gpu_expert_ms=report["expert_compute_ms"],
+                      pcie_gb_per_s=report["h2d_gb_per_s"], gpu_expert_ms=expert_compute_ms(report, fastest),
                       kernel_expert_ms=report.get("fused_expert_compute_ms") or Inputs.kernel_expert_ms,
                       dense_ms=measured_dense_ms(report), measured_cpu_expert_ms=report.get("cpu_expert_ms"),
                       layer_host_ms=0.0)
-    # What the run's experts took per layer beyond the modelled copy and compute is the host's share.
-    layer_host_ms = min((run["expert_ms_per_token"] / LAYERS - layer_ms(measured, run["hit_rate"], hybrid=False)
-                         for run in report["variants"] if run["hit_rate"] > 0), default=0.0)
-    return Inputs(**{**measured.__dict__, "layer_host_ms": max(0.0, layer_host_ms)})
+    # What the fastest run's experts took per layer beyond the modelled copy and compute is the host's share.
+    layer_host_ms = (fastest["expert_ms_per_token"] / LAYERS - layer_ms(measured, fastest["hit_rate"], hybrid=False)
+                     if host_path else 0.0)
+    return replace(measured, layer_host_ms=max(0.0, layer_host_ms))
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -1,6 +1,7 @@
 """The GPU benchmark and the cost model stay runnable between the rare sessions that have a GPU."""
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -91,3 +92,17 @@ def test_cost_model_calibrated_on_a_run_reproduces_it():
     # dense part from the fastest variant, host time per layer from the experts' share: the run comes back
     predicted = moe_cost_model.tok_per_s(inputs, run["hit_rate"])
     assert predicted == pytest.approx(1000 / (inputs.dense_ms + run["expert_ms_per_token"]))
+
+
+def test_cost_model_times_each_run_by_the_expert_path_it_took():
+    report = {"resident_gb": 4.41, "h2d_gb_per_s": 55.0, "expert_compute_ms": 0.19, "fused_expert_compute_ms": 0.024,
+              "cpu_expert_ms": None,
+              "variants": [{"label": "offload lru + prefetch, triton, compiled", "expert_kernel": "triton",
+                            "tok_per_s": 10.3, "expert_ms_per_token": 52.8, "hit_rate": 0.85},
+                           {"label": "offload lru, graph decode, compiled", "expert_kernel": "triton",
+                            "tok_per_s": 20.0, "expert_ms_per_token": 0.0, "hit_rate": 0.5}]}
+    inputs = moe_cost_model.inputs_from_measurement(report, budget_gb=16)
+    assert inputs.gpu_expert_ms == 0.024  # the kernels the host-path run used, not dequantize-then-multiply
+    assert inputs.layer_host_ms > 0  # calibrated on the host-path run; the graph run's experts are not timed
+    predicted = moe_cost_model.tok_per_s(replace(inputs, pcie_gb_per_s=55.0), 0.85)
+    assert predicted == pytest.approx(10.3, rel=0.02)  # the run comes back
