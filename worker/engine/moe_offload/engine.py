@@ -60,6 +60,9 @@ class MoEOffloadEngine(TransformersEngine):
                 checkpoint_dir = resolve_checkpoint_dir(self.model_path)
                 convert_checkpoint(checkpoint_dir, folder, self.options.quant, self.options.host_memory_gb)
         self.model_path = str(folder)  # tokenizer and config load from the converted folder
+        if self.options.decode == "graph" and not self.compiles_decode:
+            log.warning("EXPERT_DECODE=graph takes effect in a compiled decode only (DECODE_COMPILE is %s on %s): "
+                        "decode runs the experts through the host", self.decode_compile, self.device)
         super().load()
 
     def _needs_conversion(self, folder: Path) -> bool:
