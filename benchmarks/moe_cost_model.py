@@ -96,10 +96,16 @@ def graph_tok_per_s(inputs: Inputs, hit_rate: float) -> float:
     return 1000 / (inputs.dense_ms + LAYERS * max(TOP_K * inputs.kernel_expert_ms, bus_ms))
 
 
+def experts_timed(run: dict) -> bool:
+    """Whether a run timed its experts apart from the rest (a graph decode's are inside its one graph)."""
+    return "graph decode" not in run.get("label", "")
+
+
 def measured_dense_ms(report: dict) -> float:
     """Per token, what is not the routed experts: a decode step's time less its experts' time, at the least
-    over the variants (a variant's first steps can be slow: warm-up)."""
-    return min(1000 / run["tok_per_s"] - run["expert_ms_per_token"] for run in report["variants"])
+    over the variants that timed their experts (a variant's first steps can be slow: warm-up)."""
+    runs = [run for run in report["variants"] if experts_timed(run)] or report["variants"]
+    return min(1000 / run["tok_per_s"] - run["expert_ms_per_token"] for run in runs)
 
 
 def expert_compute_ms(report: dict, run: dict) -> float:
@@ -109,9 +115,7 @@ def expert_compute_ms(report: dict, run: dict) -> float:
 
 
 def inputs_from_measurement(report: dict, budget_gb: float) -> Inputs:
-    # Runs whose experts were timed at every MoE layer (a graph decode's are inside its one graph)
-    host_path = [run for run in report["variants"]
-                 if run["hit_rate"] > 0 and "graph decode" not in run.get("label", "")]
+    host_path = [run for run in report["variants"] if run["hit_rate"] > 0 and experts_timed(run)]
     fastest = max(host_path or report["variants"], key=lambda run: run["tok_per_s"])
     measured = Inputs(gpu_budget_gb=budget_gb, resident_gb=report["resident_gb"],
                       pcie_gb_per_s=report["h2d_gb_per_s"], gpu_expert_ms=expert_compute_ms(report, fastest),

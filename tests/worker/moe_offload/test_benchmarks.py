@@ -100,8 +100,9 @@ def test_cost_model_times_each_run_by_the_expert_path_it_took():
               "variants": [{"label": "offload lru + prefetch, triton, compiled", "expert_kernel": "triton",
                             "tok_per_s": 10.3, "expert_ms_per_token": 52.8, "hit_rate": 0.85},
                            {"label": "offload lru, graph decode, compiled", "expert_kernel": "triton",
-                            "tok_per_s": 20.0, "expert_ms_per_token": 0.0, "hit_rate": 0.5}]}
+                            "tok_per_s": 30.0, "expert_ms_per_token": 0.0, "hit_rate": 0.5}]}
     inputs = moe_cost_model.inputs_from_measurement(report, budget_gb=16)
+    assert inputs.dense_ms == pytest.approx(1000 / 10.3 - 52.8)  # not the graph run's whole step
     assert inputs.gpu_expert_ms == 0.024  # the kernels the host-path run used, not dequantize-then-multiply
     assert inputs.layer_host_ms > 0  # calibrated on the host-path run; the graph run's experts are not timed
     predicted = moe_cost_model.tok_per_s(replace(inputs, pcie_gb_per_s=55.0), 0.85)
