@@ -7,10 +7,13 @@ Per token, each of the L MoE layers routes to k experts; a fraction h of them is
   hybrid path  some misses are copied, the rest computed on the CPU at host-RAM speed in parallel;
                the best split copies m * t_cpu / (t_copy + t_cpu) of them:
                t_layer = max(m * t_copy * t_cpu / (t_copy + t_cpu), (k - m) * t_gpu) + ... (same tail)
-  graph path   (EXPERT_DECODE=graph) no host work a layer: the kernels read the hits from slots and the
-               misses from host RAM over the bus, while the refills of the last step's misses share it:
-               t_layer = max(k * t_kernel, m * row_bytes * 2 / (share * PCIe bandwidth))
-               (share: what kernels reading mapped host RAM reach of a copy's bandwidth)
+  graph path   (EXPERT_DECODE=graph) no host work a layer: a copy kernel gathers the misses' rows from host
+               RAM over the bus, then the kernels compute all k experts from device memory:
+               t_layer = m * row_bytes / (share * PCIe bandwidth) + k * t_kernel
+               (share: what a kernel reading mapped host RAM draws of a copy's bandwidth: 39.4 of 55.1 GB/s
+               on an H100). The refills copy each miss in once more, beside the step, so the bus also bounds
+               the whole step: t = max(t_dense_graph + L * t_layer, 2 * L * m * row_bytes / PCIe bandwidth).
+               t_dense_graph: the rest of a step that is one CUDA graph (no breaks), fitted on a graph run.
   token        t = t_dense + L * t_layer        (t_dense: attention, DeltaNet, shared experts, lm_head)
 with t_copy = row_bytes / PCIe bandwidth and t_cpu = row_bytes / host-RAM bandwidth (a 4-bit expert
 matvec on the CPU is bound by reading its row). Under uniform, independent routing the hit rate is
@@ -49,7 +52,8 @@ class Inputs:
     layer_host_ms: float = 0.05
     measured_cpu_expert_ms: float | None = None  # the CPU's 4-bit matvec per expert, when a run timed it
     kernel_expert_ms: float = 0.008  # the Triton kernels, per expert of one token (H100: 78 us for 10)
-    zero_copy_share: float = 1.0  # kernels reading mapped host RAM, as a share of a copy's bandwidth
+    zero_copy_share: float = 0.715  # the gather kernel reading mapped host RAM, as a share of a copy's bandwidth
+    graph_dense_ms: float = 12.0  # the dense part of a decode step that is one CUDA graph (assumed until measured)
 
     @property
     def slots(self) -> int:
@@ -89,11 +93,18 @@ def tok_per_s(inputs: Inputs, hit_rate: float, hybrid: bool = False) -> float:
     return 1000 / (inputs.dense_ms + LAYERS * layer_ms(inputs, hit_rate, hybrid))
 
 
+def graph_experts_ms(inputs: Inputs, hit_rate: float) -> float:
+    """Per token, a graph decode step's routed experts: each layer's misses gathered over the bus, then its
+    k experts computed."""
+    gather_ms = TOP_K * (1 - hit_rate) * ROW_BYTES / (inputs.zero_copy_share * inputs.pcie_gb_per_s * 1e9) * 1000
+    return LAYERS * (gather_ms + TOP_K * inputs.kernel_expert_ms)
+
+
 def graph_tok_per_s(inputs: Inputs, hit_rate: float) -> float:
-    """Decode with the step on the device: misses read over the bus and copied in again by the refills."""
-    misses = TOP_K * (1 - hit_rate)
-    bus_ms = misses * ROW_BYTES * 2 / (inputs.zero_copy_share * inputs.pcie_gb_per_s * 1e9) * 1000
-    return 1000 / (inputs.dense_ms + LAYERS * max(TOP_K * inputs.kernel_expert_ms, bus_ms))
+    """Decode with the step on the device: the step, or the bus carrying every miss twice (read by the step,
+    copied in by its refill), whichever takes longer."""
+    bus_ms = 2 * LAYERS * TOP_K * (1 - hit_rate) * ROW_BYTES / (inputs.pcie_gb_per_s * 1e9) * 1000
+    return 1000 / max(inputs.graph_dense_ms + graph_experts_ms(inputs, hit_rate), bus_ms)
 
 
 def experts_timed(run: dict) -> bool:
@@ -101,11 +112,19 @@ def experts_timed(run: dict) -> bool:
     return "graph decode" not in run.get("label", "")
 
 
-def measured_dense_ms(report: dict) -> float:
+def measured_dense_ms(report: dict) -> float | None:
     """Per token, what is not the routed experts: a decode step's time less its experts' time, at the least
-    over the variants that timed their experts (a variant's first steps can be slow: warm-up)."""
-    runs = [run for run in report["variants"] if experts_timed(run)] or report["variants"]
-    return min(1000 / run["tok_per_s"] - run["expert_ms_per_token"] for run in runs)
+    over the variants that timed their experts (a variant's first steps can be slow: warm-up); None without
+    one."""
+    runs = [run for run in report["variants"] if experts_timed(run)]
+    return min(1000 / run["tok_per_s"] - run["expert_ms_per_token"] for run in runs) if runs else None
+
+
+def measured_graph_dense_ms(report: dict, on_card: Inputs) -> float | None:
+    """The dense part of a one-graph decode step: a graph decode run's step less its modelled experts at the
+    card's bus (`on_card`), at the least over such runs; None without one."""
+    runs = [run for run in report["variants"] if not experts_timed(run)]
+    return min(1000 / run["tok_per_s"] - graph_experts_ms(on_card, run["hit_rate"]) for run in runs) if runs else None
 
 
 def expert_compute_ms(report: dict, run: dict) -> float:
@@ -114,14 +133,21 @@ def expert_compute_ms(report: dict, run: dict) -> float:
     return fused if run.get("expert_kernel") == "triton" and fused else report["expert_compute_ms"]
 
 
-def inputs_from_measurement(report: dict, budget_gb: float) -> Inputs:
+def inputs_from_measurement(report: dict, budget_gb: float,
+                            zero_copy_share: float = Inputs.zero_copy_share) -> Inputs:
     host_path = [run for run in report["variants"] if run["hit_rate"] > 0 and experts_timed(run)]
     fastest = max(host_path or report["variants"], key=lambda run: run["tok_per_s"])
     measured = Inputs(gpu_budget_gb=budget_gb, resident_gb=report["resident_gb"],
                       pcie_gb_per_s=report["h2d_gb_per_s"], gpu_expert_ms=expert_compute_ms(report, fastest),
                       kernel_expert_ms=report.get("fused_expert_compute_ms") or Inputs.kernel_expert_ms,
-                      dense_ms=measured_dense_ms(report), measured_cpu_expert_ms=report.get("cpu_expert_ms"),
-                      layer_host_ms=0.0)
+                      measured_cpu_expert_ms=report.get("cpu_expert_ms"), layer_host_ms=0.0,
+                      zero_copy_share=zero_copy_share)
+    graph_dense = measured_graph_dense_ms(report, measured)
+    host_dense = measured_dense_ms(report)
+    # Each path's dense part from its own runs; where one path has none, the other's stands in (a host-path
+    # step's dense part also holds the graph breaks' cost: an upper bound for a one-graph step).
+    measured = replace(measured, dense_ms=host_dense if host_dense is not None else graph_dense,
+                       graph_dense_ms=graph_dense if graph_dense is not None else host_dense)
     # What the fastest run's experts took per layer beyond the modelled copy and compute is the host's share.
     layer_host_ms = (fastest["expert_ms_per_token"] / LAYERS - layer_ms(measured, fastest["hit_rate"], hybrid=False)
                      if host_path else 0.0)
@@ -151,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
             parser.error(f"{args.measured} is a --smoke run (tiny shapes): it says nothing about the real model")
         if not measured["variants"]:
             parser.error(f"{args.measured} holds no finished decode run")
-        inputs = inputs_from_measurement(measured, args.budget_gb)
+        inputs = inputs_from_measurement(measured, args.budget_gb, args.zero_copy_share)
         source = f"times measured on {measured['card']} ({args.measured.name})"
     else:
         inputs = Inputs(gpu_budget_gb=args.budget_gb)
@@ -169,21 +195,31 @@ def main(argv: list[str] | None = None) -> dict:
           f"host RAM {inputs.host_ram_gb_per_s:g} GB/s; {source}")
     print(f"# {inputs.slots} slots per layer; expert row {ROW_BYTES / 2**20:.2f} MiB: copy {inputs.copy_ms:.3f} ms, "
           f"CPU {inputs.cpu_expert_ms:.3f} ms, GPU {inputs.gpu_expert_ms:.3f} ms; host {inputs.layer_host_ms:.2f} ms "
-          f"per MoE layer; dense part {inputs.dense_ms:.1f} ms")
+          f"per MoE layer; dense part {inputs.dense_ms:.1f} ms (one-graph step: {inputs.graph_dense_ms:.1f} ms); "
+          f"zero-copy share {inputs.zero_copy_share:.2f}")
     rows = [("uniform, independent routing", inputs.uniform_hit_rate), ("real routing, low skew", 0.67),
             ("real routing, high skew", 0.81), ("every expert a miss", 0.0)]
+    best = None
+    if measured:
+        with_experts = [run for run in measured["variants"] if run["cache"]["hits"] + run["cache"]["misses"]]
+        best = max(with_experts or measured["variants"], key=lambda run: run["tok_per_s"])
+        rows.insert(1, ("as measured (random weights)", best["hit_rate"]))
+    # The host path's columns stand on a host-path run's timings (its per-layer host time above all); a
+    # measurement without one leaves them out rather than print what nothing measured.
+    host_path = measured is None or any(run["hit_rate"] > 0 and experts_timed(run) for run in measured["variants"])
     print(f"| {'routing':<34} | {'hit rate':>8} | {'copy tok/s':>10} | {'hybrid tok/s':>12} | {'graph tok/s':>11} |")
     print(f"|{'-' * 36}|{'-' * 10}|{'-' * 12}|{'-' * 14}|{'-' * 13}|")
     predictions = []
     for label, hit_rate in rows:
-        copy, hybrid = tok_per_s(inputs, hit_rate), tok_per_s(inputs, hit_rate, hybrid=True)
+        copy = tok_per_s(inputs, hit_rate) if host_path else None
+        hybrid = tok_per_s(inputs, hit_rate, hybrid=True) if host_path else None
         graph = graph_tok_per_s(inputs, hit_rate)
         predictions.append({"routing": label, "hit_rate": hit_rate, "copy_tok_s": copy, "hybrid_tok_s": hybrid,
                             "graph_tok_s": graph})
-        print(f"| {label:<34} | {hit_rate:>8.1%} | {copy:>10.1f} | {hybrid:>12.1f} | {graph:>11.1f} |")
-    if measured:
-        with_experts = [run for run in measured["variants"] if run["cache"]["hits"] + run["cache"]["misses"]]
-        best = max(with_experts or measured["variants"], key=lambda run: run["tok_per_s"])
+        print(f"| {label:<34} | {hit_rate:>8.1%} | {_cell(copy):>10} | {_cell(hybrid):>12} | {graph:>11.1f} |")
+    if not host_path:
+        print("# copy and hybrid: no host-path run with experts in this measurement")
+    if best:
         on_card = Inputs(**{**inputs.__dict__, "pcie_gb_per_s": measured["h2d_gb_per_s"]})
         predict = graph_tok_per_s if "graph decode" in best["label"] else tok_per_s
         print(f"# measured on {measured['card']}: {best['tok_per_s']:.1f} tok/s ({best['label']}, hit rate "
@@ -192,6 +228,10 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         print("# measured: none yet; run benchmarks/moe_offload_gpu.py on a GPU")
     return {"inputs": inputs.__dict__, "predictions": predictions}
+
+
+def _cell(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
 
 
 if __name__ == "__main__":

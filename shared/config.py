@@ -56,8 +56,9 @@ class Settings(BaseSettings):
     expert_kernel: Literal["auto", "triton", "torch"] = "auto"
     # A compiled decode's experts: host = the host reads each MoE layer's routing and copies misses in (the
     # graph breaks there); graph = the step stays on the device, reading each expert from its slot or from
-    # host RAM over the bus, with slots refilled between steps (worker/engine/moe_offload/graph_decode.py).
-    expert_decode: Literal["host", "graph"] = "host"
+    # host RAM over the bus, with slots refilled between steps (worker/engine/moe_offload/graph_decode.py);
+    # auto = graph wherever decode compiles (on an H100 at 16 GB: 31.2 tok/s against the host path's 10.3).
+    expert_decode: Literal["auto", "host", "graph"] = "auto"
 
     # --- request limits ---
     max_tokens_default: int = Field(100, ge=1)

@@ -13,7 +13,9 @@ outside the graphs.
 
 import logging
 import os
+import threading
 import time
+from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
@@ -106,6 +108,8 @@ class CompiledDecode:
 
     def generate_kwargs(self) -> dict:
         """For one `generate` call: the same cache tensors every time (CUDA graphs replay fixed addresses)."""
+        if self.config.mode == "reduce-overhead":
+            _cuda_graph_trees_on_this_thread()
         self.cache.reset()
         kwargs = {"cache": self.cache, "compile_config": self.config}
         if self.between_steps:
@@ -122,6 +126,20 @@ class CompiledDecode:
         elapsed = time.perf_counter() - started
         log.info("Decode step compiled in %.1f s", elapsed)
         return elapsed
+
+
+def _cuda_graph_trees_on_this_thread() -> None:
+    """Inductor keeps its CUDA graph trees in thread-local state. Before torch 2.13 only the thread that imported it
+    (and autograd's) had that state: a compiled decode run on any other thread, such as a second engine's own
+    thread, failed an assertion (`torch._C._is_key_in_tls`; on an H100 with torch 2.11). 2.13 sets the state up
+    on first use; this does the same for the builds before it."""
+    from torch._inductor import cudagraph_trees
+
+    local = cudagraph_trees.local
+    if hasattr(local, "tree_manager_containers") or torch._C._is_key_in_tls("tree_manager_containers"):
+        return
+    local.tree_manager_containers = {}
+    local.tree_manager_locks = defaultdict(threading.Lock)
 
 
 class _BetweenSteps(LogitsProcessor):

@@ -62,17 +62,33 @@ def test_cost_model_predictions_follow_hit_rate_and_bandwidth():
     assert moe_cost_model.tok_per_s(free_compute, 0.0) == pytest.approx(ceiling)
 
 
-def test_cost_model_graph_decode_is_bound_by_the_bus_or_the_kernels():
-    base = moe_cost_model.Inputs(dense_ms=0.0)
+def test_cost_model_graph_decode_gathers_the_misses_then_computes_and_the_bus_bounds_the_step():
+    base = moe_cost_model.Inputs(graph_dense_ms=0.0, zero_copy_share=0.4)  # a gather slower than the refills
+    layers, top_k, row = moe_cost_model.LAYERS, moe_cost_model.TOP_K, moe_cost_model.ROW_BYTES
     assert moe_cost_model.graph_tok_per_s(base, 0.8) > moe_cost_model.graph_tok_per_s(base, 0.2)
-    # every expert a miss, read over the bus and copied in again: 2 rows a miss
-    bus_ms = moe_cost_model.TOP_K * moe_cost_model.ROW_BYTES * 2 / (base.pcie_gb_per_s * 1e9) * 1000
-    assert moe_cost_model.graph_tok_per_s(base, 0.0) == pytest.approx(1000 / (moe_cost_model.LAYERS * bus_ms))
-    slower = moe_cost_model.Inputs(dense_ms=0.0, zero_copy_share=0.5)
-    assert moe_cost_model.graph_tok_per_s(slower, 0.0) == pytest.approx(moe_cost_model.graph_tok_per_s(base, 0.0) / 2)
     # every expert a hit: the kernels alone
-    kernels_ms = moe_cost_model.LAYERS * moe_cost_model.TOP_K * base.kernel_expert_ms
+    kernels_ms = layers * top_k * base.kernel_expert_ms
     assert moe_cost_model.graph_tok_per_s(base, 1.0) == pytest.approx(1000 / kernels_ms)
+    # every expert a miss: gathered at the zero-copy share of the bus, then computed
+    gather_ms = layers * top_k * row / (base.zero_copy_share * base.pcie_gb_per_s * 1e9) * 1000
+    assert moe_cost_model.graph_tok_per_s(base, 0.0) == pytest.approx(1000 / (gather_ms + kernels_ms))
+    # a gather as fast as the bus and free compute: the refills' copies make the bus carry each miss twice
+    bus_bound = moe_cost_model.Inputs(graph_dense_ms=0.0, zero_copy_share=1.0, kernel_expert_ms=0.0)
+    bus_ms = 2 * layers * top_k * row / (base.pcie_gb_per_s * 1e9) * 1000
+    assert moe_cost_model.graph_tok_per_s(bus_bound, 0.0) == pytest.approx(1000 / bus_ms)
+
+
+def test_cost_model_fits_the_dense_part_of_a_one_graph_step_on_a_graph_run():
+    run = {"label": "offload lru, triton, graph decode, compiled", "expert_kernel": "triton", "tok_per_s": 31.2,
+           "expert_ms_per_token": 0.0, "hit_rate": 0.514}
+    report = {"resident_gb": 4.41, "h2d_gb_per_s": 55.2, "expert_compute_ms": 0.045,
+              "fused_expert_compute_ms": 0.009, "cpu_expert_ms": None, "variants": [run]}
+    inputs = moe_cost_model.inputs_from_measurement(report, budget_gb=16, zero_copy_share=0.715)
+    assert 0 < inputs.graph_dense_ms < 1000 / 31.2  # the step less its modelled experts
+    assert inputs.dense_ms == inputs.graph_dense_ms  # no host-path run: the graph's stands in
+    predicted = moe_cost_model.graph_tok_per_s(replace(inputs, pcie_gb_per_s=55.2), run["hit_rate"])
+    assert predicted == pytest.approx(31.2)  # the run comes back
+    assert moe_cost_model.graph_tok_per_s(replace(inputs, pcie_gb_per_s=25.0), run["hit_rate"]) < predicted
 
 
 def test_cost_model_refuses_a_smoke_measurement(tmp_path):
@@ -103,6 +119,7 @@ def test_cost_model_times_each_run_by_the_expert_path_it_took():
                             "tok_per_s": 30.0, "expert_ms_per_token": 0.0, "hit_rate": 0.5}]}
     inputs = moe_cost_model.inputs_from_measurement(report, budget_gb=16)
     assert inputs.dense_ms == pytest.approx(1000 / 10.3 - 52.8)  # not the graph run's whole step
+    assert inputs.graph_dense_ms < 1000 / 30.0  # the graph run's, its modelled experts taken out
     assert inputs.gpu_expert_ms == 0.024  # the kernels the host-path run used, not dequantize-then-multiply
     assert inputs.layer_host_ms > 0  # calibrated on the host-path run; the graph run's experts are not timed
     predicted = moe_cost_model.tok_per_s(replace(inputs, pcie_gb_per_s=55.0), 0.85)

@@ -1,5 +1,6 @@
 """The offload engine behind the worker's Engine interface: the same text as the plain engine."""
 
+import logging
 import os
 import shutil
 
@@ -76,6 +77,17 @@ def test_host_budget_smaller_than_the_experts_is_refused_clearly(tiny_checkpoint
         engine.load()
 
 
+def test_graph_decode_without_a_compiled_decode_says_so_and_decodes_through_the_host(converted, tmp_path, caplog):
+    options = OffloadOptions(converted_root=tmp_path, quant="nf4", slots=6, decode="graph")
+    engine = MoEOffloadEngine(str(converted("nf4")), "tiny", options, device="cpu", dtype="float32",
+                              apply_chat_template=False, decode_compile="off")
+    with caplog.at_level(logging.WARNING, logger="worker.engine.moe_offload.engine"):
+        engine.load()
+    assert "EXPERT_DECODE=graph takes effect in a compiled decode only" in caplog.text
+    layers = [m for m in engine.model.modules() if isinstance(m, OffloadedExperts)]
+    assert layers and all(m.graph_decode is None for m in layers)
+
+
 def test_a_changed_local_checkpoint_is_converted_again(tiny_checkpoint, tmp_path):
     checkpoint = shutil.copytree(tiny_checkpoint, tmp_path / "checkpoint")
     settings = _settings(checkpoint, tmp_path, offload="experts", expert_quant="bf16", expert_slots=6)
@@ -100,7 +112,7 @@ def test_compiled_decode_generates_what_eager_decode_does_and_replays_the_same_g
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)  # the engine points it under MODEL_CACHE_DIR
 
     settings = _settings(tiny_checkpoint, tmp_path, offload="experts", expert_quant="bf16", expert_slots=6,
-                         device=TEST_DEVICE.type, max_model_len=96)
+                         device=TEST_DEVICE.type, max_model_len=96, expert_decode="host")
     eager = create_engine(settings.model_copy(update={"decode_compile": "off"}))
     eager.load()
     compiled = create_engine(settings.model_copy(update={"decode_compile": "on"}))
@@ -137,7 +149,7 @@ def test_graph_decode_keeps_each_step_on_the_device_and_generates_what_eager_dec
     eager = create_engine(settings.model_copy(update={"decode_compile": "off"}))
     eager.load()
     torch._dynamo.utils.counters.clear()
-    graph = create_engine(settings.model_copy(update={"expert_decode": "graph"}))
+    graph = create_engine(settings)  # EXPERT_DECODE=auto: graph, since decode compiles
     graph.load()
     assert sum(torch._dynamo.utils.counters["graph_break"].values()) == 0  # the experts are inside the graph
     layers = [m for m in graph.inner.model.modules() if isinstance(m, OffloadedExperts)]

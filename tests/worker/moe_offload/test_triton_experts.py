@@ -12,6 +12,7 @@ from worker.engine.moe_offload.budget import MemoryPlan
 from worker.engine.moe_offload.builder import build_offloaded_model, fused_decode_kernels
 from worker.engine.moe_offload.offloaded_experts import OffloadedExperts, mix_decode, mix_decode_table
 from worker.engine.moe_offload.packing import ExpertLayout, pack_expert
+from worker.engine.moe_offload.pinning import mapped_device_view
 
 pytest.importorskip("triton")
 from worker.engine.moe_offload import triton_experts  # noqa: E402
@@ -47,9 +48,11 @@ def test_fused_kernels_compute_what_dequantize_then_multiply_does(quant, dtype):
 
 
 @torch.inference_mode()
-def test_table_mode_reads_each_expert_from_its_slot_or_else_from_host_memory():
+@pytest.mark.parametrize("gather", [True, False], ids=["gathered-first", "read-in-place"])
+def test_table_mode_reads_each_expert_from_its_slot_or_else_from_host_memory(gather):
     """A decode step that never leaves the device: experts by id, a table of their slots (-1: none), the rows of
-    the ones without a slot read in host memory. Both paths must give what the same experts give from slots."""
+    the ones without a slot read in host memory (gathered into device memory first, or read where they are).
+    Both paths must give what the same experts give from slots."""
     torch.manual_seed(0)
     layout = ExpertLayout(hidden=128, intermediate=64, quant="nf4")
     host = _rows(layout, 8)  # every expert's row, by id
@@ -60,6 +63,8 @@ def test_table_mode_reads_each_expert_from_its_slot_or_else_from_host_memory():
         table[expert] = slot
     host_only = host.clone()
     host_only[[6, 2, 5]] = 0  # so a resident expert read from host memory would show
+    if TEST_DEVICE.type == "cuda":  # where graph decode keeps them: host RAM, mapped for the device
+        host_only = mapped_device_view(host_only.cpu(), TEST_DEVICE)
     experts = torch.tensor([2, 7, 6, 0], device=TEST_DEVICE)  # two resident, two not
     positions = torch.arange(4, device=TEST_DEVICE)
     flat_weights, x = torch.rand(4, device=TEST_DEVICE), torch.randn(1, layout.hidden, device=TEST_DEVICE)
@@ -70,7 +75,7 @@ def test_table_mode_reads_each_expert_from_its_slot_or_else_from_host_memory():
                                      positions, flat_weights, x)
     code = triton_experts.code_table(layout, TEST_DEVICE)
     through_kernels = triton_experts.fused_mix_decode_table(layout, code, triton_experts.Blocks(), buffer, host_only,
-                                                            experts, table, positions, flat_weights, x)
+                                                            experts, table, positions, flat_weights, x, gather)
     torch.testing.assert_close(through_torch, reference)
     torch.testing.assert_close(through_kernels, reference, rtol=1e-5, atol=1e-5 * reference.abs().max().item())
 

@@ -5,6 +5,7 @@ import logging
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -36,7 +37,7 @@ class OffloadOptions:
     prefetch: bool = True
     misses: MissMode = "auto"
     kernel: ExpertKernel = "auto"
-    decode: ExpertDecode = "host"
+    decode: Literal["auto", "host", "graph"] = "auto"
 
 
 def converted_folder(root: Path, model_id: str, quant: ExpertQuant) -> Path:
@@ -60,10 +61,18 @@ class MoEOffloadEngine(TransformersEngine):
                 checkpoint_dir = resolve_checkpoint_dir(self.model_path)
                 convert_checkpoint(checkpoint_dir, folder, self.options.quant, self.options.host_memory_gb)
         self.model_path = str(folder)  # tokenizer and config load from the converted folder
-        if self.options.decode == "graph" and not self.compiles_decode:
+        super().load()
+
+    def _expert_decode(self) -> ExpertDecode:
+        """The path a decode step's experts take (EXPERT_DECODE): auto = graph wherever decode compiles."""
+        if self.options.decode == "host":
+            return "host"
+        if self.compiles_decode:
+            return "graph"
+        if self.options.decode == "graph":
             log.warning("EXPERT_DECODE=graph takes effect in a compiled decode only (DECODE_COMPILE is %s on %s): "
                         "decode runs the experts through the host", self.decode_compile, self.device)
-        super().load()
+        return "host"
 
     def _needs_conversion(self, folder: Path) -> bool:
         """No conversion yet, one in an older format, or one of a local checkpoint that has changed since
@@ -111,7 +120,7 @@ class MoEOffloadEngine(TransformersEngine):
         )
         self.offloaded = build_offloaded_model(folder, device, self.torch_dtype, plan,
                                                self.options.cache_policy, self.options.prefetch,
-                                               self.options.misses, self.options.kernel, self.options.decode)
+                                               self.options.misses, self.options.kernel, self._expert_decode())
         return self.offloaded.model
 
     def _cap_gpu_memory(self) -> float:

@@ -61,10 +61,18 @@ class _CudaArray:
 
 
 def _cudart() -> ctypes.CDLL:
-    """The CUDA runtime library torch loaded (same soname), for the calls torch's cudart binding lacks.
-    RTLD_NOLOAD: only the runtime already in this process, never a second copy with its own state."""
+    """The CUDA runtime library torch loaded, for the calls torch's cudart binding lacks. RTLD_NOLOAD: only the
+    runtime already in this process, never a second copy with its own state. By its soname first, else by the
+    path this process mapped it from (a build may ship it under another name)."""
     version = (torch.version.cuda or "").split(".")[0]
-    return ctypes.CDLL(f"libcudart.so.{version}", mode=os.RTLD_NOLOAD)
+    try:
+        return ctypes.CDLL(f"libcudart.so.{version}", mode=os.RTLD_NOLOAD)
+    except OSError:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "libcudart" in line}
+        if not paths:
+            raise
+        return ctypes.CDLL(sorted(paths)[0], mode=os.RTLD_NOLOAD)
 
 
 def _clear_last_cuda_error() -> None:
