@@ -13,10 +13,11 @@
 # on an H100, and over 170 s for the host path with flash-linear-attention, whose one try was cut off):
 #   2. benchmarks/moe_offload_gpu.py at Qwen3-Next-80B-A3B's real shapes, 16 GB cap, with flash-linear-attention's
 #      Gated DeltaNet kernels (what a GPU install runs): the decode step kept on the device (EXPERT_DECODE=graph:
-#      one CUDA graph a token, misses read from host RAM) with LRU and LFU refills, then the rest of the model
-#      alone (35.1 tok/s on an H100, run 1);
-#   2b. the same with transformers' reference DeltaNet (compiles in about a minute): graph path against the
-#      host-path compiled decode (10.3 tok/s on an H100, run 2);
+#      one CUDA graph a token, misses gathered from host RAM; 29.6 tok/s on an H100, run 3) with LRU refills,
+#      LFU refills and none, then the rest of the model alone (32.4-35.1 tok/s, runs 1 and 3);
+#   2b. the same with transformers' reference DeltaNet (the graph step compiled in 103 s): graph path (31.2
+#      tok/s, run 3) against the host-path compiled decode (10.3 tok/s, run 2; its run-3 try ran out of memory
+#      behind the graph variant, fixed since);
 #   3. the cost model beside what was measured.
 # Each benchmark's JSON is rewritten after every variant, so a run cut off keeps what it measured.
 # Output goes to $OUT (the device tool's folder that comes back), else benchmarks/results/gpu-check/.
@@ -62,7 +63,7 @@ print('torch', torch.__version__, 'cuda', torch.version.cuda, '| transformers', 
         echo "## 2. real shapes, 16 GB cap, flash-linear-attention kernels for Gated DeltaNet"
         PYTHONPATH=/tmp/fla-site:$PYTHONPATH python3 -c "import fla; print('fla', fla.__version__)"
         PYTHONPATH=/tmp/fla-site:$PYTHONPATH BENCH_TIMEOUT_S=${FLA_TIMEOUT_S:-250} bench --skip-naive \
-            --variants "${FLA_VARIANTS:-lru:compiled:graph,lfu+prefetch:compiled:graph,no-experts:compiled}" \
+            --variants "${FLA_VARIANTS:-lru:compiled:graph,lfu+prefetch:compiled:graph,lru:compiled:graph:norefill,no-experts:compiled}" \
             --out "$OUT/moe_offload_gpu-fla.json"
         echo "## 2b. real shapes, 16 GB cap, transformers' reference Gated DeltaNet"
         BENCH_TIMEOUT_S=${MAIN_TIMEOUT_S:-150} bench --out "$OUT/moe_offload_gpu.json" --skip-naive \
