@@ -112,6 +112,12 @@ def experts_timed(run: dict) -> bool:
     return "graph decode" not in run.get("label", "")
 
 
+def host_path_runs(report: dict) -> list[dict]:
+    """The runs whose experts went through the host path and its cache (what the copy and hybrid columns are
+    calibrated on)."""
+    return [run for run in report["variants"] if run["hit_rate"] > 0 and experts_timed(run)]
+
+
 def measured_dense_ms(report: dict) -> float | None:
     """Per token, what is not the routed experts: a decode step's time less its experts' time, at the least
     over the variants that timed their experts (a variant's first steps can be slow: warm-up); None without
@@ -135,7 +141,7 @@ def expert_compute_ms(report: dict, run: dict) -> float:
 
 def inputs_from_measurement(report: dict, budget_gb: float,
                             zero_copy_share: float = Inputs.zero_copy_share) -> Inputs:
-    host_path = [run for run in report["variants"] if run["hit_rate"] > 0 and experts_timed(run)]
+    host_path = host_path_runs(report)
     fastest = max(host_path or report["variants"], key=lambda run: run["tok_per_s"])
     measured = Inputs(gpu_budget_gb=budget_gb, resident_gb=report["resident_gb"],
                       pcie_gb_per_s=report["h2d_gb_per_s"], gpu_expert_ms=expert_compute_ms(report, fastest),
@@ -206,7 +212,7 @@ def main(argv: list[str] | None = None) -> dict:
         rows.insert(1, ("as measured (random weights)", best["hit_rate"]))
     # The host path's columns stand on a host-path run's timings (its per-layer host time above all); a
     # measurement without one leaves them out rather than print what nothing measured.
-    host_path = measured is None or any(run["hit_rate"] > 0 and experts_timed(run) for run in measured["variants"])
+    host_path = measured is None or bool(host_path_runs(measured))
     print(f"| {'routing':<34} | {'hit rate':>8} | {'copy tok/s':>10} | {'hybrid tok/s':>12} | {'graph tok/s':>11} |")
     print(f"|{'-' * 36}|{'-' * 10}|{'-' * 12}|{'-' * 14}|{'-' * 13}|")
     predictions = []

@@ -389,7 +389,9 @@ def main(argv: list[str] | None = None) -> dict:
         gc.collect()
         if device.type == "cuda":
             from torch._inductor.cudagraph_trees import reset_cudagraph_trees
-            reset_cudagraph_trees()  # recorded graphs may hold the last variant's tensors; the next one records anew
+            # Recorded graphs may hold the last variant's tensors, and a failed recording leaves the tree mid-way
+            # (its pool held): the next variant records anew.
+            reset_cudagraph_trees()
             torch.cuda.empty_cache()
 
     def measure(index: int, name: str) -> dict:
@@ -453,9 +455,6 @@ def main(argv: list[str] | None = None) -> dict:
         except Exception as error:  # a variant that fails (a compile error, say) leaves the others measured
             traceback.print_exc()
             report["failed"].append({"variant": name, "error": repr(error)})
-            if device.type == "cuda":  # a failed recording leaves the graph tree mid-way (and its pool held)
-                from torch._inductor.cudagraph_trees import reset_cudagraph_trees
-                reset_cudagraph_trees()
         if report["variants"]:
             report["non_expert_ms_per_token"] = measured_dense_ms(report)
         out.write_text(json.dumps(report, indent=2))

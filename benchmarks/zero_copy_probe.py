@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
         def gathered(indices: torch.Tensor | None = None) -> torch.Tensor:
             experts, positions = (next(turn) if indices is None else indices).view(2, k)
             return fused_mix_decode_table(layout, code, blocks, slots, mapped, experts, no_slots, positions, weights,
-                                          x, gather=True)
+                                          x)
 
         expected = kernels(host_rows.to(device), sets[1])
         difference = max((kernels(mapped, sets[1]) - expected).abs().max().item(),

@@ -48,11 +48,10 @@ def test_fused_kernels_compute_what_dequantize_then_multiply_does(quant, dtype):
 
 
 @torch.inference_mode()
-@pytest.mark.parametrize("gather", [True, False], ids=["gathered-first", "read-in-place"])
-def test_table_mode_reads_each_expert_from_its_slot_or_else_from_host_memory(gather):
+def test_table_mode_reads_each_expert_from_its_slot_or_else_from_host_memory():
     """A decode step that never leaves the device: experts by id, a table of their slots (-1: none), the rows of
-    the ones without a slot read in host memory (gathered into device memory first, or read where they are).
-    Both paths must give what the same experts give from slots."""
+    the ones without a slot read in host memory (gathered into device memory first by the kernels). Both paths
+    must give what the same experts give from slots."""
     torch.manual_seed(0)
     layout = ExpertLayout(hidden=128, intermediate=64, quant="nf4")
     host = _rows(layout, 8)  # every expert's row, by id
@@ -75,7 +74,7 @@ def test_table_mode_reads_each_expert_from_its_slot_or_else_from_host_memory(gat
                                      positions, flat_weights, x)
     code = triton_experts.code_table(layout, TEST_DEVICE)
     through_kernels = triton_experts.fused_mix_decode_table(layout, code, triton_experts.Blocks(), buffer, host_only,
-                                                            experts, table, positions, flat_weights, x, gather)
+                                                            experts, table, positions, flat_weights, x)
     torch.testing.assert_close(through_torch, reference)
     torch.testing.assert_close(through_kernels, reference, rtol=1e-5, atol=1e-5 * reference.abs().max().item())
 

@@ -3,9 +3,10 @@
 In a compiled decode the host path of `OffloadedExperts` breaks the graph at every MoE layer: the host reads
 the routing, decides what to copy, and the next graph waits for it (on an H100, 2026-11-26: ~1.1 ms a layer,
 53 of a token's 97 ms). Here a compiled decode step reads instead a table [layers, experts] of the slot each
-expert sits in (-1: none) and computes each routed expert from its slot, or, without one, from its row where
-it is in host RAM (page-locked and mapped for the device: read over the bus, not copied first). The whole
-step is one graph, one CUDA graph replay.
+expert sits in (-1: none) and computes each routed expert from its slot, or, without one, from its row in
+host RAM, page-locked and mapped for the device (the Triton path gathers such rows over the bus into device
+memory first, with a copy kernel; the torch path reads them where they are). The whole step is one graph,
+one CUDA graph replay.
 
 The step also writes the experts it routed to (`routes`). Between steps, `between_steps` (run by the compiled
 decode after every forward) reads them back once, counts each layer's hits and misses, lets the cache's

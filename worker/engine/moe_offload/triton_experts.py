@@ -46,29 +46,24 @@ class Blocks:
 CANDIDATES = tuple(Blocks(g, d, w) for g in (16, 32, 64) for d in (8, 16) for w in (2, 4))
 
 
-# Where a kernel finds the i-th expert's row (its `MODE`): `experts_ptr` holds slots of the buffer (SLOTS), or
-# expert ids whose slots `table_ptr` gives, -1 for none; such a row is read from the host rows by its id
-# (BY_ID: host memory mapped for the device, read where it is) or from row i of the gathered rows (GATHERED).
-SLOTS, BY_ID, GATHERED = 0, 1, 2
+# Where a kernel finds the i-th expert's row: `experts_ptr` holds slots of the buffer, or (GATHERED) expert ids
+# whose slots `table_ptr` gives, -1 for none, such an expert's row being row i of what `_gather_kernel` gathered.
 GATHER_CHUNK = 8192  # bytes of a row each gathering program copies
 
 
 @triton.jit
-def _row(buf_u8, buf_f32, host_u8, host_f32, experts_ptr, table_ptr, i, row_bytes, MODE: tl.constexpr):
+def _row(buf_u8, buf_f32, gathered_u8, gathered_f32, experts_ptr, table_ptr, i, row_bytes,
+         GATHERED: tl.constexpr):
     """Byte and float32 pointers to the i-th expert's row."""
     index = tl.load(experts_ptr + i).to(tl.int64)
-    if MODE == 0:  # SLOTS (a jitted function reads no module globals: the modes' numbers, written out)
-        u8 = buf_u8 + index * row_bytes
-        f32 = buf_f32 + index * (row_bytes // 4)
-    else:
+    if GATHERED:
         slot = tl.load(table_ptr + index).to(tl.int64)
         resident = slot >= 0
-        if MODE == 1:  # noqa: SIM108 (BY_ID; a constexpr branch: each kernel compiles only one side)
-            own = index
-        else:
-            own = i
-        u8 = tl.where(resident, buf_u8 + slot * row_bytes, host_u8 + own * row_bytes)
-        f32 = tl.where(resident, buf_f32 + slot * (row_bytes // 4), host_f32 + own * (row_bytes // 4))
+        u8 = tl.where(resident, buf_u8 + slot * row_bytes, gathered_u8 + i * row_bytes)
+        f32 = tl.where(resident, buf_f32 + slot * (row_bytes // 4), gathered_f32 + i * (row_bytes // 4))
+    else:
+        u8 = buf_u8 + index * row_bytes
+        f32 = buf_f32 + index * (row_bytes // 4)
     return u8, f32
 
 
@@ -101,12 +96,13 @@ def _dot_block(row_u8, row_f32, code_ptr, packed_off, absmax_off, rows, row_len,
 
 
 @triton.jit
-def _gate_up_kernel(buf_u8, buf_f32, host_u8, host_f32, code_ptr, experts_ptr, table_ptr, x_ptr, h_ptr, row_bytes,
-                    packed_off, absmax_off, HIDDEN: tl.constexpr, INTER: tl.constexpr, BLOCK: tl.constexpr,
-                    MODE: tl.constexpr):
+def _gate_up_kernel(buf_u8, buf_f32, gathered_u8, gathered_f32, code_ptr, experts_ptr, table_ptr, x_ptr, h_ptr,
+                    row_bytes, packed_off, absmax_off, HIDDEN: tl.constexpr, INTER: tl.constexpr, BLOCK: tl.constexpr,
+                    GATHERED: tl.constexpr):
     expert = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    row_u8, row_f32 = _row(buf_u8, buf_f32, host_u8, host_f32, experts_ptr, table_ptr, expert, row_bytes, MODE)
+    row_u8, row_f32 = _row(buf_u8, buf_f32, gathered_u8, gathered_f32, experts_ptr, table_ptr, expert, row_bytes,
+                               GATHERED)
     half = tl.arange(0, 32)
     gate = tl.zeros([BLOCK], dtype=tl.float32)
     up = tl.zeros([BLOCK], dtype=tl.float32)
@@ -120,14 +116,15 @@ def _gate_up_kernel(buf_u8, buf_f32, host_u8, host_f32, code_ptr, experts_ptr, t
 
 
 @triton.jit
-def _down_kernel(buf_u8, buf_f32, host_u8, host_f32, code_ptr, experts_ptr, table_ptr, positions_ptr, weights_ptr,
-                 h_ptr, y_ptr, row_bytes, packed_off, absmax_off, EXPERTS: tl.constexpr, HIDDEN: tl.constexpr,
-                 INTER: tl.constexpr, BLOCK: tl.constexpr, MODE: tl.constexpr):
+def _down_kernel(buf_u8, buf_f32, gathered_u8, gathered_f32, code_ptr, experts_ptr, table_ptr, positions_ptr,
+                 weights_ptr, h_ptr, y_ptr, row_bytes, packed_off, absmax_off, EXPERTS: tl.constexpr,
+                 HIDDEN: tl.constexpr, INTER: tl.constexpr, BLOCK: tl.constexpr, GATHERED: tl.constexpr):
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     half = tl.arange(0, 32)
     total = tl.zeros([BLOCK], dtype=tl.float32)
     for expert in range(EXPERTS):
-        row_u8, row_f32 = _row(buf_u8, buf_f32, host_u8, host_f32, experts_ptr, table_ptr, expert, row_bytes, MODE)
+        row_u8, row_f32 = _row(buf_u8, buf_f32, gathered_u8, gathered_f32, experts_ptr, table_ptr, expert, row_bytes,
+                               GATHERED)
         weight = tl.load(weights_ptr + tl.load(positions_ptr + expert)).to(tl.float32)
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for k0 in range(0, INTER, 64):
@@ -148,43 +145,43 @@ def fused_mix_decode(layout: ExpertLayout, code: torch.Tensor, blocks: Blocks, b
                      indices: torch.Tensor, flat_weights: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """`offloaded_experts.mix_decode` for 4-bit rows: the same [1, H] result, from the rows in place."""
     experts = indices.shape[0] // 2
-    return _launch(layout, code, blocks, buffer, buffer, indices[:experts], None, indices[experts:], flat_weights, x,
-                   SLOTS)
+    return _launch(layout, code, blocks, buffer, buffer, indices[:experts], None, indices[experts:], flat_weights, x)
 
 
 def fused_mix_decode_table(layout: ExpertLayout, code: torch.Tensor, blocks: Blocks, buffer: torch.Tensor,
                            host: torch.Tensor, experts: torch.Tensor, table: torch.Tensor, positions: torch.Tensor,
-                           flat_weights: torch.Tensor, x: torch.Tensor, gather: bool = True) -> torch.Tensor:
+                           flat_weights: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """`offloaded_experts.mix_decode_table` for 4-bit rows: each expert's row read from its slot in `buffer`
-    where `table` gives one, else from `host` (page-locked host memory mapped for the device): first gathered
-    into device memory by `_gather_kernel` (`gather`), or read by the expert kernels where it is."""
-    if not gather:
-        return _launch(layout, code, blocks, buffer, host, experts, table, positions, flat_weights, x, BY_ID)
+    where `table` gives one, else from `host` (page-locked host memory mapped for the device), gathered into
+    device memory by `_gather_kernel` first."""
     count = experts.shape[0]
     gathered = torch.empty((count, layout.row_bytes), dtype=torch.uint8, device=x.device)
     _gather_kernel[(count, triton.cdiv(layout.row_bytes, GATHER_CHUNK))](
         host, gathered, experts, table, layout.row_bytes, CHUNK=GATHER_CHUNK)
-    return _launch(layout, code, blocks, buffer, gathered, experts, table, positions, flat_weights, x, GATHERED)
+    return _launch(layout, code, blocks, buffer, gathered, experts, table, positions, flat_weights, x)
 
 
-def _launch(layout: ExpertLayout, code: torch.Tensor, blocks: Blocks, buffer: torch.Tensor, host: torch.Tensor,
-            experts: torch.Tensor, table: torch.Tensor | None, positions: torch.Tensor, flat_weights: torch.Tensor,
-            x: torch.Tensor, mode: int) -> torch.Tensor:
+def _launch(layout: ExpertLayout, code: torch.Tensor, blocks: Blocks, buffer: torch.Tensor,
+            gathered: torch.Tensor, experts: torch.Tensor, table: torch.Tensor | None, positions: torch.Tensor,
+            flat_weights: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The two expert kernels; with a `table`, experts by id and the rows of those without a slot in `gathered`,
+    else slots of `buffer` (and `gathered` unused)."""
     count = experts.shape[0]
     hidden, inter = layout.hidden, layout.intermediate
     sections = layout.sections
     h = torch.empty((count, inter), dtype=torch.float32, device=x.device)
     y = torch.empty((1, hidden), dtype=x.dtype, device=x.device)
+    gathers = table is not None
     # float32 views for the absmax sections, 16-byte aligned in every row
-    rows = (buffer, buffer.view(torch.float32), host, host.view(torch.float32), code, experts,
+    rows = (buffer, buffer.view(torch.float32), gathered, gathered.view(torch.float32), code, experts,
             table if table is not None else experts)
     _gate_up_kernel[(count, inter // blocks.gate_up_rows)](
         *rows, x, h, layout.row_bytes, sections["gate_up_packed"].offset, sections["gate_up_absmax"].offset,
-        HIDDEN=hidden, INTER=inter, BLOCK=blocks.gate_up_rows, MODE=mode, num_warps=blocks.warps)
+        HIDDEN=hidden, INTER=inter, BLOCK=blocks.gate_up_rows, GATHERED=gathers, num_warps=blocks.warps)
     _down_kernel[(hidden // blocks.down_rows,)](
         *rows, positions, flat_weights, h, y, layout.row_bytes, sections["down_packed"].offset,
         sections["down_absmax"].offset, EXPERTS=count, HIDDEN=hidden, INTER=inter, BLOCK=blocks.down_rows,
-        MODE=mode, num_warps=blocks.warps)
+        GATHERED=gathers, num_warps=blocks.warps)
     return y
 
 
