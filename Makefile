@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PY
 
-.PHONY: install model run test test-unit lint bench flower
+.PHONY: install model run test test-unit lint settings-docs bench flower
 
 install: $(VENV)/.installed
 
@@ -26,6 +26,13 @@ test-unit: install
 
 lint: install
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+	$(PY) scripts/settings_reference.py --check
+
+# docs/configuration.md and .env.example, from the settings classes
+settings-docs: install
+	$(PY) scripts/settings_reference.py
 
 bench: install model
 	scripts/with_redis.sh $(PY) -m benchmarks.serving_overhead

@@ -1,26 +1,24 @@
 #!/usr/bin/env bash
-# The prepared runs for a session that has a lent GPU. Here first: benchmarks/gpu_wheels.sh. Then the device tool,
-# in two calls (the first finds what breaks cheaply, before the long one) or one:
-#   run(command="bash benchmarks/gpu_check.sh quick", carry=[".whl"], timeout_s=160)  # ~2 min: probe, CUDA tests
-#   run(command="bash benchmarks/gpu_check.sh bench", carry=[".whl"], timeout_s=450)  # ~7 min: the benchmarks
-#   run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=580)        # both, time boxes cut
+# The GPU checks, run on a machine with a CUDA GPU from the repository root, each step time-boxed; when that
+# machine has no network, fill .whl/ first with benchmarks/gpu_wheels.sh and take it along. In two runs (the
+# first finds what breaks cheaply, before the long one) or one:
+#   bash benchmarks/gpu_check.sh quick   # ~2 min: probe, CUDA tests
+#   bash benchmarks/gpu_check.sh bench   # ~7 min: the benchmarks
+#   bash benchmarks/gpu_check.sh         # both, time boxes cut
 # Part quick:
 #   0. benchmarks/zero_copy_probe.py: the expert kernels reading rows from GPU memory, from mapped host memory,
 #      and after copying them in (what a decode step without graph breaks stands on);
 #   1. the CUDA tests: the compiled decodes (host path: CUDA graphs around the experts' graph breaks; graph
 #      path: one graph) against the eager one, the Triton kernels (table mode over mapped host memory).
-# Part bench (a fresh machine compiles everything cold: the first compiled variant of a process took 57-86 s
-# on an H100, and over 170 s for the host path with flash-linear-attention, whose one try was cut off):
+# Part bench (a fresh machine compiles everything cold, for minutes; benchmarks/results/README.md has the times):
 #   2. benchmarks/moe_offload_gpu.py at Qwen3-Next-80B-A3B's real shapes, 16 GB cap, with flash-linear-attention's
 #      Gated DeltaNet kernels (what a GPU install runs): the decode step kept on the device (EXPERT_DECODE=graph:
-#      one CUDA graph a token, misses gathered from host RAM; 29.6 tok/s on an H100, run 3) with LRU refills,
-#      LFU refills and none, then the rest of the model alone (32.4-35.1 tok/s, runs 1 and 3);
-#   2b. the same with transformers' reference DeltaNet (the graph step compiled in 103 s): graph path (31.2
-#      tok/s, run 3) against the host-path compiled decode (10.3 tok/s, run 2; its run-3 try ran out of memory
-#      behind the graph variant, fixed since);
+#      one CUDA graph a token, misses gathered from host RAM) with LRU refills, LFU refills and none, then the
+#      rest of the model alone;
+#   2b. the same with transformers' reference DeltaNet: graph path against the host-path compiled decode;
 #   3. the cost model beside what was measured.
 # Each benchmark's JSON is rewritten after every variant, so a run cut off keeps what it measured.
-# Output goes to $OUT (the device tool's folder that comes back), else benchmarks/results/gpu-check/.
+# Output goes to $OUT when set, else benchmarks/results/gpu-check/.
 set -uo pipefail
 PART=${1:-main}
 OUT=${OUT:-benchmarks/results/gpu-check}
@@ -49,8 +47,8 @@ bench() {  # benchmark arguments...
 print('torch', torch.__version__, 'cuda', torch.version.cuda, '| transformers', transformers.__version__,
       '| bitsandbytes', bitsandbytes.__version__, '| triton', triton.__version__,
       '| cpu', torch.backends.cpu.get_cpu_capability(), os.cpu_count(), 'cores')"
-    # Time-boxed step by step (a lent machine gives 15 minutes in all); variant lists and boxes can be set from
-    # outside.
+    # Time-boxed step by step, so that one stuck step cannot eat the others' time; variant lists and boxes can
+    # be set from outside.
     if [ "$PART" != bench ]; then
         echo "## 0. zero-copy probe"
         timeout "${PROBE_TIMEOUT_S:-35}" python3 -m benchmarks.zero_copy_probe --out "$OUT/zero_copy_probe.json"

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Fill .whl/ (ignored by git) with the wheels the lent GPU machine's image lacks, at the versions of this
-# checkout's venv, for its Python 3.12. Run here once per checkout, before benchmarks/gpu_check.sh.
-# The image has torch (CUDA), transformers, accelerate, safetensors, tokenizers, psutil, nvidia-ml-py,
-# pytest (see /work/.library/device/KINDS.md); the offload engine and its tests also import these:
+# Fill .whl/ (ignored by git) with the wheels an offline GPU machine lacks, at the versions of this checkout's
+# venv, for its Python 3.12. Run once per checkout, before taking .whl/ to that machine for gpu_check.sh.
+# Such a machine is expected to have torch (CUDA), transformers, accelerate, safetensors, tokenizers, psutil,
+# nvidia-ml-py and pytest; the offload engine and its tests also import these:
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}

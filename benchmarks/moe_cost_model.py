@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.pcie_gb_per_s:
         overrides["pcie_gb_per_s"] = args.pcie_gb_per_s
     elif measured:
-        overrides["pcie_gb_per_s"] = 25.0  # predict for the target bus, not the lent card's
+        overrides["pcie_gb_per_s"] = 25.0  # predict for the target bus, not the measured card's
     inputs = Inputs(**{**inputs.__dict__, **overrides})
 
     print(f"# Qwen3-Next-80B-A3B decode, {inputs.gpu_budget_gb:g} GB GPU, PCIe {inputs.pcie_gb_per_s:g} GB/s, "

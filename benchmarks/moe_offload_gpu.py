@@ -35,12 +35,13 @@ from transformers import Qwen3NextConfig
 from transformers.activations import ACT2FN
 
 from benchmarks.moe_cost_model import measured_dense_ms
-from worker.engine.compiled_decode import CompiledDecode
+from shared.schemas import ExpertCacheCounters
+from worker.engine.compiled_decode import CompiledDecode, configure_compiler
 from worker.engine.moe_offload.budget import plan_memory
 from worker.engine.moe_offload.builder import fused_decode_kernels, install_offloaded_experts
 from worker.engine.moe_offload.checkpoint import build_skeleton, find_fused_experts
+from worker.engine.moe_offload.config import OffloadConfig
 from worker.engine.moe_offload.cpu_experts import MissSplit
-from worker.engine.moe_offload.expert_cache import CacheStats
 from worker.engine.moe_offload.offloaded_experts import OffloadedExperts, mix_decode
 from worker.engine.moe_offload.packing import ExpertLayout, pack_expert, unpack_experts
 from worker.engine.moe_offload.pinning import pin_in_place
@@ -385,7 +386,7 @@ def main(argv: list[str] | None = None) -> dict:
         for module_name in experts_names:
             model.set_submodule(module_name, NoExperts())
         for compiled in compiled_by_graphs.values():
-            compiled.attach(model)  # no experts: no hooks
+            compiled.attach(None)  # no experts: no hooks
         gc.collect()
         if device.type == "cuda":
             from torch._inductor.cudagraph_trees import reset_cudagraph_trees
@@ -400,14 +401,16 @@ def main(argv: list[str] | None = None) -> dict:
         compiled = None
         free_experts()
         if base == "no-experts":
-            label, caches, split, fused = "no experts (rest alone)", [], MissSplit("copy", 0.0), False
+            label, layers, fused = "no experts (rest alone)", None, False
+            caches, split = [], MissSplit("copy", 0.0)
         else:
             label, policy, prefetch, misses = VARIANTS[base]
-            caches, split = install_offloaded_experts(model, experts, device, dtype, plan.slots_per_layer, policy,
-                                                      prefetch, config, misses,
-                                                      "torch" if "dequant" in flags else "auto",
-                                                      "graph" if "graph" in flags else "host",
-                                                      0 if "norefill" in flags else None)
+            offload = OffloadConfig(_env_file=None, cache_policy=policy, prefetch=prefetch, misses=misses,
+                                    kernel="torch" if "dequant" in flags else "auto",
+                                    decode="graph" if "graph" in flags else "host")
+            layers = install_offloaded_experts(model, experts, device, dtype, plan.slots_per_layer, offload, config,
+                                               0 if "norefill" in flags else None)
+            caches, split = layers.caches, layers.miss_split
             fused = any(m.uses_fused_kernels for m in model.modules() if isinstance(m, OffloadedExperts))
             label += ", triton" if fused else ""
             label += (", graph decode" + (", no refills" if "norefill" in flags else "")) if "graph" in flags else ""
@@ -417,9 +420,11 @@ def main(argv: list[str] | None = None) -> dict:
             graphs = "nographs" not in flags
             label += ", compiled" if graphs else ", compiled, no graphs"
             if graphs not in compiled_by_graphs:
-                compiled_by_graphs[graphs] = CompiledDecode(model, 16 + max(args.tokens, 16) + 1, graphs)
+                configure_compiler(config.num_hidden_layers, None)
+                compiled_by_graphs[graphs] = CompiledDecode(model, 16 + max(args.tokens, 16) + 1,
+                                                            cuda_graphs=graphs)
             compiled = compiled_by_graphs[graphs]
-            compiled.attach(model)  # this variant's experts
+            compiled.attach(layers)  # this variant's experts
             torch._dynamo.utils.counters.clear()  # what the JSON says this variant compiled
         # Warm-up, which also fills the cache and compiles. On an H200 the first variant ran 40% slower than the
         # same one repeated after a 4-token warm-up (4.35 against 7.04 tok/s), so the first gets a longer one.
@@ -431,12 +436,12 @@ def main(argv: list[str] | None = None) -> dict:
 
         def decode_only():  # the prompt's copies would inflate decode GB/s and hit rate
             for cache in caches:
-                cache.stats = CacheStats()
+                cache.stats = ExpertCacheCounters()
 
         run = decode_run(model, config, device, args.tokens, clock, on_prefill_done=decode_only, compiled=compiled)
-        stats = CacheStats.total(cache.stats for cache in caches)
+        stats = ExpertCacheCounters.total(cache.stats for cache in caches)
         run.update(label=label, expert_kernel="triton" if fused else "dequantize", hit_rate=stats.hit_rate,
-                   cache=asdict(stats), miss_split=asdict(split),
+                   cache=stats.model_dump(), miss_split=asdict(split),
                    warm_up_s=warm_up_s, copy_gb_per_s=stats.bytes_copied / run["decode_seconds"] / 1e9,
                    gpu_peak_gb=torch.cuda.max_memory_allocated(device) / _GIB if device.type == "cuda" else None)
         report["cpu_expert_ms"] = report["cpu_expert_ms"] or split.cpu_ms

@@ -19,11 +19,10 @@ import uuid
 from pathlib import Path
 
 from benchmarks.local_stack import LocalStack
-from shared.config import get_settings
 from shared.schemas import GenerationParams
-from worker.benchmark import STANDARD_PROMPTS, percentile
-from worker.engine import create_engine
+from worker.benchmark_job import STANDARD_PROMPTS, percentile
 from worker.engine.base import SilentControl
+from worker.runtime import build_engine
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -36,8 +35,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "serving_overhead.json")
     args = parser.parse_args()
 
-    settings = get_settings()
-    engine = create_engine(settings)
+    engine = build_engine()
     engine.load()
     stack = LocalStack(f"bench-{uuid.uuid4().hex[:8]}", Path(tempfile.mkdtemp(prefix="moeserve-bench-")))
     try:
@@ -74,7 +72,7 @@ def main() -> None:
     report = {
         "machine": platform.node(),
         "processor": platform.processor() or platform.machine(),
-        "model": settings.model_id,
+        "model": engine.model_name,
         "device": engine.device,
         "dtype": engine.dtype,
         "rounds": args.rounds,
@@ -94,7 +92,7 @@ def main() -> None:
         ("added latency p50, 1-token job (ms)", f"{report['added_latency_ms_p50']:.2f}", "<= 5"),
         ("added latency p95, 1-token job (ms)", f"{report['added_latency_ms_p95']:.2f}", ""),
     ]
-    print(f"\nserving overhead: {settings.model_id} on {engine.device} ({engine.dtype}), "
+    print(f"\nserving overhead: {engine.model_name} on {engine.device} ({engine.dtype}), "
           f"{args.rounds} rounds x {len(STANDARD_PROMPTS)} prompts x {args.max_tokens} tokens")
     print(f"| {'measure':<38} | {'value':>9} | {'target':<8} |")
     print(f"|{'-' * 40}|{'-' * 11}|{'-' * 10}|")

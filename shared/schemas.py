@@ -1,9 +1,10 @@
-"""Pydantic models for the HTTP contract (`../shared/spec/api-spec.md`) and for jobs on the queue."""
+"""Pydantic models for the HTTP contract (the native API in README.md) and for jobs on the queue."""
 
 import json
+from collections.abc import Iterable
 from datetime import datetime
 from enum import StrEnum
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, computed_field, field_validator
 
@@ -143,38 +144,49 @@ class EventType(StrEnum):
 # ---------------------------------------------------------------- metrics / health
 
 
-class ExpertOffloadStats(BaseModel):
-    """The MoE offload engine's expert cache since the model loaded, summed over its layers."""
+class ExpertCacheCounters(BaseModel):
+    """An expert cache's counters: one layer's as the worker counts them, or summed over layers and workers."""
 
-    # The worker's `CacheStats` fields, which a worker test holds equal to these (shared cannot import it).
-    COUNTERS: ClassVar[tuple[str, ...]] = (
-        "hits", "misses", "evictions", "bytes_copied", "prefetched", "prefetch_hits", "computed_on_host")
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    bytes_copied: int = Field(0, description="expert rows copied into device slots")
+    prefetched: int = Field(0, description="experts copied in ahead of need")
+    prefetch_hits: int = Field(0, description="prefetched experts that a token then used")
+    computed_on_host: int = Field(0, description="misses computed on the CPU instead of copied (also misses)")
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def hit_rate(self) -> float:
+        used = self.hits + self.misses
+        return self.hits / used if used else 0.0
+
+    def counters(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in ExpertCacheCounters.model_fields}
+
+    @classmethod
+    def total(cls, parts: Iterable["ExpertCacheCounters"]) -> "ExpertCacheCounters":
+        total = ExpertCacheCounters()
+        for part in parts:
+            for name, value in part.counters().items():
+                setattr(total, name, getattr(total, name) + value)
+        return total
+
+
+class ExpertOffloadStats(ExpertCacheCounters):
+    """The MoE offload engine's expert cache since the model loaded, summed over its layers."""
 
     slots_per_layer: int
     experts_per_layer: int
     miss_mode: str = Field(description="copy | cpu | hybrid: what happens to an expert with no device slot")
     cpu_share: float = Field(description="share of misses computed on the CPU, as decided at load")
-    hits: int = 0
-    misses: int = 0
-    evictions: int = 0
-    computed_on_host: int = Field(0, description="misses computed on the CPU instead of copied")
-    prefetched: int = 0
-    prefetch_hits: int = 0
-    bytes_copied: int = 0
-
-    @computed_field
-    @property
-    def hit_rate(self) -> float:
-        used = self.hits + self.misses
-        return round(self.hits / used, 4) if used else 0.0
 
     @classmethod
-    def total(cls, parts: list["ExpertOffloadStats"]) -> "ExpertOffloadStats | None":
+    def over_workers(cls, parts: list["ExpertOffloadStats"]) -> "ExpertOffloadStats | None":
         """Counters summed over workers (their layout and mode taken from the first)."""
         if not parts:
             return None
-        summed = {name: sum(getattr(part, name) for part in parts) for name in cls.COUNTERS}
-        return parts[0].model_copy(update=summed)
+        return parts[0].model_copy(update=ExpertCacheCounters.total(parts).counters())
 
 
 class MetricsResponse(BaseModel):
@@ -248,7 +260,7 @@ class WorkerHeartbeat(BaseModel):
 
     @field_validator("expert_offload", mode="before")
     @classmethod
-    def _from_redis_json(cls, value):
+    def _from_redis_json(cls, value: object) -> object:
         if isinstance(value, str):  # a hash field holds it as JSON; "" = none
             return json.loads(value) if value else None
         return value

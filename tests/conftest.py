@@ -2,7 +2,7 @@ import os
 
 import pytest
 
-from shared.config import Settings
+from worker.settings import EngineSettings
 
 # Without a GPU, Triton (a dev dependency) runs the kernels under test in its interpreter. It decides that as
 # it is first imported, which torch's compiler does early, so it is set here, before any test module loads.
@@ -15,4 +15,4 @@ def bundled_model_path() -> str:
     """The bundled SmolLM2, converted once into the model cache (`make model` does it ahead)."""
     from worker.model_store import ensure_bundled_model
 
-    return str(ensure_bundled_model(Settings(_env_file=None).model_cache_dir))
+    return str(ensure_bundled_model(EngineSettings(_env_file=None).model_cache_dir))

@@ -9,27 +9,30 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import redis
 
 from shared.config import Settings
 from shared.redis_keys import RedisKeys
 from shared.schemas import WorkerHeartbeat, WorkerState
+from worker.engine.base import Engine
 from worker.system_stats import GpuProbe, host_memory
 
 log = logging.getLogger(__name__)
 
 
 class Heartbeat:
-    def __init__(self, client: redis.Redis, keys: RedisKeys, settings: Settings, worker_id: str):
+    def __init__(self, client: redis.Redis, keys: RedisKeys, settings: Settings, worker_id: str, model: str):
         self.client = client
         self.keys = keys
         self.settings = settings
         self.worker_id = worker_id
+        self.model = model
         self.state = WorkerState.LOADING
         self.load_error = ""
         self.current_job = ""
-        self.engine = None
+        self.engine: Engine | None = None
         # Run after each beat once the worker is ready (the orphaned-job watchdog).
         self.on_tick: Callable[[], object] | None = None
         self.started_at = time.time()
@@ -44,11 +47,11 @@ class Heartbeat:
             worker_id=self.worker_id,
             hostname=socket.gethostname(),
             pid=os.getpid(),
-            model=self.settings.model_id,
+            model=self.model,
             state=self.state,
-            device=getattr(engine, "device", ""),
-            dtype=getattr(engine, "dtype", ""),
-            context_length=getattr(engine, "context_length", 0),
+            device=engine.device if engine is not None else "",
+            dtype=engine.dtype if engine is not None else "",
+            context_length=engine.context_length if engine is not None else 0,
             started_at=self.started_at,
             last_heartbeat=time.time(),
             current_job=self.current_job,
@@ -63,7 +66,7 @@ class Heartbeat:
     def beat(self) -> None:
         key = self.keys.worker_heartbeat(self.worker_id)
         with self.client.pipeline() as pipe:
-            pipe.hset(key, mapping=self.snapshot().to_redis())
+            pipe.hset(key, mapping=dict[Any, Any](self.snapshot().to_redis()))
             pipe.expire(key, max(1, int(self.settings.heartbeat_stale_s)))
             pipe.sadd(self.keys.workers(), self.worker_id)
             pipe.execute()

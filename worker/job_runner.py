@@ -7,7 +7,8 @@ sync waits and SSE), which always ends with exactly one `done` or `error` event.
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Iterator
+from contextlib import contextmanager
 from enum import IntEnum
 from typing import Any
 
@@ -23,7 +24,8 @@ log = logging.getLogger(__name__)
 
 
 class JobContext:
-    """The `GenerationControl` a job hands to the engine: token events out, cancel/deadline in."""
+    """A claimed job as its work sees it: the `GenerationControl` handed to the engine (token events out,
+    cancel and deadline in), progress, and `finish` with the job's result."""
 
     def __init__(self, client: redis.Redis, keys: RedisKeys, job_id: str, deadline: float, ttl_s: int,
                  stream_tokens: bool = True):
@@ -33,6 +35,7 @@ class JobContext:
         self.deadline = deadline
         self.ttl_s = ttl_s
         self.stream_tokens = stream_tokens
+        self.finished = False
         self._cancel_seen: bool | None = None  # fresh answer from the last emit, used once
 
     def emit(self, text: str) -> None:
@@ -62,6 +65,41 @@ class JobContext:
     def set_progress(self, done: int, total: int) -> None:
         self.client.hset(self.keys.job(self.job_id), "progress", f"{done}/{total}")
 
+    def finish(self, result: dict[str, Any], finish_reason: str) -> None:
+        """The job's end: succeeded with `result`, or cancelled (keeping what it made) if that is why it stopped."""
+        if finish_reason == "cancelled":
+            self.end(JobStatus.CANCELLED, result=result, error=cancelled_error())
+        else:
+            self.end(JobStatus.SUCCEEDED, result=result)
+
+    def end(self, status: JobStatus, result: dict[str, Any] | None = None, error: JobError | None = None) -> None:
+        """Write the terminal state and the one terminal event in one transaction."""
+        write_terminal_state(self.client, self.keys, self.job_id, self.ttl_s, status, result, error)
+        self.finished = True
+
+
+def write_terminal_state(client: redis.Redis, keys: RedisKeys, job_id: str, ttl_s: int, status: JobStatus,
+                         result: dict[str, Any] | None = None, error: JobError | None = None) -> None:
+    job_key, events = keys.job(job_id), keys.job_events(job_id)
+    fields: dict[Any, Any] = {"status": status.value, "finished_at": repr(time.time())}
+    if result is not None:
+        fields["result"] = json.dumps(result)
+    if error is not None:
+        fields["error"] = error.model_dump_json()
+    event: dict[Any, Any] = (
+        {"type": EventType.ERROR.value, "data": error.model_dump_json()}
+        if error is not None
+        else {"type": EventType.DONE.value, "data": json.dumps(result)}
+    )
+    with client.pipeline() as pipe:
+        pipe.hset(job_key, mapping=fields)
+        pipe.xadd(events, event)
+        pipe.expire(events, ttl_s)
+        pipe.expire(job_key, ttl_s)
+        pipe.srem(keys.running_jobs(), job_id)
+        pipe.delete(keys.job_cancel(job_id))
+        pipe.execute()
+
 
 class Claim(IntEnum):
     """What CLAIM_SCRIPT answered."""
@@ -89,60 +127,43 @@ class JobRunner:
         if claimed is Claim.EXHAUSTED:
             attempts = self.settings.max_job_attempts
             log.error("job %s failed: its worker died on each of %d attempts", job_id, attempts)
-            self._finish(job_id, JobStatus.FAILED, error=JobError(
+            self._end(job_id, JobStatus.FAILED, error=JobError(
                 type=ErrorType.INFERENCE,
                 message=f"the job stopped its worker on each of {attempts} attempts; not retried again",
             ))
         return claimed
 
-    def run(self, job_id: str, work: Callable[[JobContext], tuple[dict[str, Any], str]],
-            stream_tokens: bool = True) -> dict[str, Any] | None:
-        """`work` returns (result, finish_reason). Returns the result, or None when the job was skipped."""
+    @contextmanager
+    def claimed(self, job_id: str, stream_tokens: bool = True) -> Iterator[JobContext | None]:
+        """The job claimed for the block, or None when there is nothing to run (cancelled, finished, owned by a
+        live worker, out of attempts: already settled). The block ends it with `job.finish(...)`. Input the
+        model refuses (`InvalidGenerationInput`) fails the job as a client error and goes no further; any other
+        exception fails it and propagates, for Celery to record."""
         claimed = self.claim(job_id)
         if claimed is Claim.CANCEL_PENDING:
-            self._finish(job_id, JobStatus.CANCELLED, error=cancelled_error())
-            return None
+            self._end(job_id, JobStatus.CANCELLED, error=cancelled_error())
         if claimed is not Claim.CLAIMED:
-            log.info("job %s skipped: no longer queued (cancelled, finished or owned elsewhere)", job_id)
-            return None
-        context = JobContext(self.client, self.keys, job_id,
-                             deadline=time.monotonic() + self.settings.job_timeout_s,
-                             ttl_s=self.settings.job_ttl_s, stream_tokens=stream_tokens)
+            if claimed is Claim.NOT_CLAIMABLE:
+                log.info("job %s skipped: no longer queued (cancelled, finished or owned elsewhere)", job_id)
+            yield None
+            return
+        job = JobContext(self.client, self.keys, job_id, deadline=time.monotonic() + self.settings.job_timeout_s,
+                         ttl_s=self.settings.job_ttl_s, stream_tokens=stream_tokens)
         try:
-            result, finish_reason = work(context)
+            yield job
         except InvalidGenerationInput as error:
-            self._finish(job_id, JobStatus.FAILED,
-                         error=JobError(type=ErrorType.INVALID_REQUEST, message=str(error), param=error.param))
-            return None
+            job.end(JobStatus.FAILED, error=JobError(type=ErrorType.INVALID_REQUEST, message=str(error),
+                                                     param=error.param))
+            return
         except Exception as error:
-            log.exception("job %s failed", job_id)
-            self._finish(job_id, JobStatus.FAILED,
-                         error=JobError(type=ErrorType.INFERENCE, message=f"{type(error).__name__}: {error}"))
+            if not job.finished:
+                log.exception("job %s failed", job_id)
+                job.end(JobStatus.FAILED,
+                        error=JobError(type=ErrorType.INFERENCE, message=f"{type(error).__name__}: {error}"))
             raise
-        if finish_reason == "cancelled":
-            self._finish(job_id, JobStatus.CANCELLED, result=result, error=cancelled_error())
-        else:
-            self._finish(job_id, JobStatus.SUCCEEDED, result=result)
-        return result
+        if not job.finished:
+            job.end(JobStatus.FAILED,
+                    error=JobError(type=ErrorType.INFERENCE, message="the job ended without a result"))
 
-    def _finish(self, job_id: str, status: JobStatus, result: dict[str, Any] | None = None,
-                error: JobError | None = None) -> None:
-        job_key, events = self.keys.job(job_id), self.keys.job_events(job_id)
-        fields = {"status": status.value, "finished_at": repr(time.time())}
-        if result is not None:
-            fields["result"] = json.dumps(result)
-        if error is not None:
-            fields["error"] = error.model_dump_json()
-        event = (
-            {"type": EventType.ERROR.value, "data": error.model_dump_json()}
-            if error is not None
-            else {"type": EventType.DONE.value, "data": json.dumps(result)}
-        )
-        with self.client.pipeline() as pipe:
-            pipe.hset(job_key, mapping=fields)
-            pipe.xadd(events, event)
-            pipe.expire(events, self.settings.job_ttl_s)
-            pipe.expire(job_key, self.settings.job_ttl_s)
-            pipe.srem(self.keys.running_jobs(), job_id)
-            pipe.delete(self.keys.job_cancel(job_id))
-            pipe.execute()
+    def _end(self, job_id: str, status: JobStatus, error: JobError) -> None:
+        write_terminal_state(self.client, self.keys, job_id, self.settings.job_ttl_s, status, error=error)

@@ -18,15 +18,9 @@ def record_inference(client: redis.Redis, keys: RedisKeys, outcome: GenerationOu
     rolling = sum(float(value) for value in window) / len(window)
     with client.pipeline() as pipe:
         pipe.hincrby(keys.metrics(), "total_inferences", 1)
-        pipe.hincrby(keys.metrics(), "total_tokens", outcome.tokens_generated)
         pipe.hincrbyfloat(keys.metrics(), "total_generation_time", outcome.generation_time)
         pipe.hset(keys.metrics(), mapping={
             "avg_tokens_per_second": rolling,
             "last_inference_at": time.time(),
-            "last_memory_used_gb": outcome.memory_used_gb,
         })
         pipe.execute()
-
-
-def record_error(client: redis.Redis, keys: RedisKeys) -> None:
-    client.hincrby(keys.metrics(), "errors", 1)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from shared.config import Settings, get_settings
+from worker.settings import EngineSettings, get_engine_settings
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ class ModelFetchError(RuntimeError):
     pass
 
 
-def resolve_model_path(settings: Settings) -> str:
+def resolve_model_path(settings: EngineSettings) -> str:
     """A path or Hugging Face id that `from_pretrained` can open."""
     if settings.is_bundled_model:
         return str(ensure_bundled_model(settings.model_cache_dir))
@@ -115,8 +115,7 @@ def _convert_gguf_to_safetensors(gguf_path: Path, target: Path) -> None:
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    settings = get_settings()
-    path = resolve_model_path(settings)
+    path = resolve_model_path(get_engine_settings())
     sys.stdout.write(f"{path}\n")
 
 

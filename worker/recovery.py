@@ -12,7 +12,7 @@ import logging
 
 from shared.celery_app import celery_app
 from shared.schemas import JobKind, JobStatus
-from shared.tasks import TASK_FOR_KIND
+from shared.task_names import TASK_FOR_KIND
 
 log = logging.getLogger(__name__)
 

@@ -7,6 +7,8 @@ import logging
 import os
 import socket
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import redis
@@ -16,8 +18,11 @@ from shared.redis_keys import RedisKeys
 from shared.schemas import GenerationParams, WorkerState
 from worker.engine import Engine, create_engine
 from worker.engine.base import SilentControl
+from worker.engine.moe_offload.config import OffloadConfig
 from worker.heartbeat import Heartbeat
-from worker.job_runner import JobRunner
+from worker.job_runner import JobContext, JobRunner
+from worker.model_store import resolve_model_path
+from worker.settings import get_engine_settings
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +42,16 @@ class WorkerRuntime:
             raise RuntimeError(f"the model is not loaded on this worker ({self.heartbeat.load_error})")
         return self.engine
 
+    @contextmanager
+    def job(self, job_id: str, stream_tokens: bool = True) -> Iterator[JobContext | None]:
+        """`JobRunner.claimed`, with the job shown in this worker's heartbeat while it runs."""
+        self.heartbeat.current_job = job_id
+        try:
+            with self.runner.claimed(job_id, stream_tokens) as job:
+                yield job
+        finally:
+            self.heartbeat.current_job = ""
+
 
 _runtime: WorkerRuntime | None = None
 
@@ -44,33 +59,39 @@ _runtime: WorkerRuntime | None = None
 def start_runtime() -> WorkerRuntime:
     """Announce the worker (state: loading), then load the engine and warm it up."""
     global _runtime
-    settings = get_settings()
-    if settings.torch_threads:
+    settings, engine_settings = get_settings(), get_engine_settings()
+    if engine_settings.torch_threads:
         import torch
 
-        torch.set_num_threads(settings.torch_threads)
+        torch.set_num_threads(engine_settings.torch_threads)
     keys = RedisKeys(settings.key_prefix)
     client = redis.Redis.from_url(settings.redis_url, decode_responses=True)
     worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    heartbeat = Heartbeat(client, keys, settings, worker_id)
+    heartbeat = Heartbeat(client, keys, settings, worker_id, engine_settings.model_id)
     heartbeat.start()
     runtime = WorkerRuntime(settings, keys, client, worker_id, heartbeat,
                             JobRunner(client, keys, settings, worker_id))
     _runtime = runtime
     try:
-        engine = create_engine(settings)
+        engine = build_engine()
         engine.load()
         warm_up(engine)
     except Exception as error:
         heartbeat.state = WorkerState.FAILED
         heartbeat.load_error = f"{type(error).__name__}: {error}"
         heartbeat.beat()
-        log.exception("loading %s failed", settings.model_id)
+        log.exception("loading %s failed", engine_settings.model_id)
         raise
     runtime.engine = heartbeat.engine = engine
     heartbeat.state = WorkerState.READY
     heartbeat.beat()
     return runtime
+
+
+def build_engine() -> Engine:
+    """The engine the environment's settings ask for, its model fetched or converted if needed; not loaded."""
+    settings = get_engine_settings()
+    return create_engine(resolve_model_path(settings), settings, OffloadConfig())
 
 
 def warm_up(engine: Engine) -> None:

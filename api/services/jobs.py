@@ -23,7 +23,7 @@ from shared.config import Settings
 from shared.job_record import CANCEL_QUEUED_SCRIPT, cancelled_error, new_job_fields, parse_job
 from shared.redis_keys import RedisKeys
 from shared.schemas import ErrorType, EventType, JobError, JobKind, JobStatus, JobView
-from shared.tasks import TASK_FOR_KIND
+from shared.task_names import TASK_FOR_KIND
 
 XREAD_BLOCK_MS = 5_000  # re-check the deadline at least this often
 

@@ -35,7 +35,7 @@ async def collect_metrics(reader: FleetReader, started_at: float) -> MetricsResp
         avg_tokens_per_second=round(float(counters.get("avg_tokens_per_second", 0.0)), 3),
         total_inferences=int(counters.get("total_inferences", 0)),
         uptime_seconds=round(time.time() - started_at, 3),
-        expert_offload=ExpertOffloadStats.total([w.expert_offload for w in fleet.ready if w.expert_offload]),
+        expert_offload=ExpertOffloadStats.over_workers([w.expert_offload for w in fleet.ready if w.expert_offload]),
     )
 
 

@@ -52,8 +52,9 @@ class InlineCelery:
 
         def run() -> None:
             # The runner re-raises for Celery's sake, after recording the failure.
-            with contextlib.suppress(Exception):
-                self.runner.run(job_id, lambda ctx: self.work(ctx, params))
+            with contextlib.suppress(Exception), self.runner.claimed(job_id) as job:
+                if job is not None:
+                    job.finish(*self.work(job, params))
 
         thread = threading.Thread(target=run)
         thread.start()
@@ -87,7 +88,7 @@ def sync_redis(server):
 
 @pytest.fixture
 def heartbeat(sync_redis, keys, settings) -> Heartbeat:
-    beat = Heartbeat(sync_redis, keys, settings, "worker-1")
+    beat = Heartbeat(sync_redis, keys, settings, "worker-1", "test-model")
     beat.state = WorkerState.READY
     beat.beat()
     return beat

@@ -65,7 +65,7 @@ def test_metrics_sum_the_expert_cache_counters_of_offloading_workers(client, syn
     for worker_id, hits, misses in (("worker-1", 30, 10), ("worker-2", 50, 10)):
         stats = ExpertOffloadStats(slots_per_layer=127, experts_per_layer=512, miss_mode="hybrid", cpu_share=0.25,
                                    hits=hits, misses=misses, computed_on_host=4, bytes_copied=1000)
-        beat = Heartbeat(sync_redis, keys, settings, worker_id)
+        beat = Heartbeat(sync_redis, keys, settings, worker_id, "test-model")
         beat.engine = SimpleNamespace(device="cuda", dtype="bfloat16", context_length=4096,
                                       expert_offload_stats=lambda stats=stats: stats)
         beat.state = WorkerState.READY

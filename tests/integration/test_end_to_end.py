@@ -7,7 +7,7 @@ import pytest
 
 from shared.celery_app import create_celery_app
 from shared.config import Settings
-from shared.tasks import INFERENCE_TASK
+from shared.task_names import INFERENCE_TASK
 
 pytestmark = pytest.mark.integration
 

@@ -1,14 +1,12 @@
 """The decode step compiled: transformers' own auto-compile of `generate`'s decode forward (the prompt stays
 eager) over a static cache that the engine keeps, so every request replays the same graphs.
 
-Decode of one token is bound by host time, not by the device: Qwen3-Next's 48 layers run ~4,000 small
-kernels per token in eager mode, each launched from Python (the rest of the model alone: 76 ms/token on an
-H200). Inductor fuses them, and on a GPU `mode="reduce-overhead"` replays each compiled stretch as one CUDA
-graph. Modules that must decide on the host (the offloaded experts' host path) are marked
-`torch.compiler.disable`: the graph breaks around them and they run eagerly between two graphs; those with a
-`compile_decode(compiled)` method compile their own device work as graphs of their own (`decode_graph`).
-Modules with a `between_decode_steps` hook (the offloaded experts' graph path) get it run after every forward,
-outside the graphs.
+Decode of one token is bound by host time, not by the device: Qwen3-Next's 48 layers run thousands of small
+kernels per token in eager mode, each launched from Python. Inductor fuses them, and on a GPU
+`mode="reduce-overhead"` replays each compiled stretch as one CUDA graph. Modules that must decide on the host
+(the offloaded experts' host path) are marked `torch.compiler.disable`: the graph breaks around them and they
+run eagerly between two graphs. What the model's engine hands over as its `DecodeHooks` compiles such work as
+graphs of its own (`decode_graph`) and gets a call after every forward, outside the graphs.
 """
 
 import logging
@@ -18,15 +16,37 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Protocol
 
 import torch
 from torch._dynamo.mutation_guard import GenerationTracker
 from transformers import CompileConfig, LogitsProcessor, LogitsProcessorList, PretrainedConfig, StaticCache
 
+from worker.settings import DecodeCompile
+
 log = logging.getLogger(__name__)
 
-DecodeCompile = Literal["auto", "on", "off"]
+
+class DecodeHooks(Protocol):
+    """What a model with work between the compiled graphs (the offloaded experts) gives the compiled decode."""
+
+    def compile_decode(self, compiled: bool) -> None:
+        """Compile the work that runs between the graphs as graphs of its own; False: eager again."""
+
+    def between_decode_steps(self) -> None:
+        """Host work after each forward, outside the graphs."""
+
+
+def configure_compiler(num_layers: int, cache_dir: Path | None) -> None:
+    """The process-wide settings a compiled decode needs, set once before the first compile."""
+    if cache_dir is not None:  # inductor reads it whenever it looks up or stores a compiled graph
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir)
+    # Each decoder layer compiles on its own (it indexes the cache by its layer number, a constant to the
+    # compiler), once per compile mode; past dynamo's default of 8 versions per function the remaining layers
+    # would run eagerly.
+    limits = torch._dynamo.config
+    limits.recompile_limit = max(limits.recompile_limit, 4 * num_layers + 8)
+    limits.accumulated_recompile_limit = max(limits.accumulated_recompile_limit, 8 * num_layers + 64)
 
 
 def wants_compiled_decode(setting: DecodeCompile, device: str) -> bool:
@@ -53,7 +73,7 @@ def decode_graph(eager: Callable[..., torch.Tensor], compiled: bool) -> Callable
     the compiled decode step. Such a graph is never CUDA-graphed and is called without starting a new
     generation of the step's CUDA graph tree: entering any `torch.compile`d function counts as a new step
     to the tree, which would then free the outputs of the graphs before the gap while the gap still reads
-    them (on an H100: "accessing tensor output of CUDAGraphs that has been overwritten")."""
+    them ("accessing tensor output of CUDAGraphs that has been overwritten")."""
     if not compiled:
         return eager
     graph = torch.compile(eager, dynamic=False, fullgraph=True)
@@ -68,43 +88,25 @@ def decode_graph(eager: Callable[..., torch.Tensor], compiled: bool) -> Callable
     return in_the_gap
 
 
-def set_module_decode_mode(model: torch.nn.Module, compiled: bool) -> None:
-    """`compile_decode(compiled)` on every module that has one; False puts them back to eager."""
-    for module in model.modules():
-        if hasattr(module, "compile_decode"):
-            module.compile_decode(compiled)
-
-
 class CompiledDecode:
-    """The static cache and compile settings that `generate` needs to run its decode step compiled."""
+    """The static cache and compile settings that `generate` needs to run its decode step compiled.
+    `configure_compiler` first."""
 
-    def __init__(self, model: torch.nn.Module, max_len: int, cuda_graphs: bool = True, cache_dir: Path | None = None):
+    def __init__(self, model: Any, max_len: int, hooks: DecodeHooks | None = None,
+                 cuda_graphs: bool = True):
         self.max_len = max_len
-        if cache_dir is not None:  # inductor reads it whenever it looks up or stores a compiled graph
-            os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir)
         self.cache = StaticCache(config=model.config, max_cache_len=max_len)
         graphs = cuda_graphs and model.device.type == "cuda"
         self.config = CompileConfig(fullgraph=False, dynamic=False, mode="reduce-overhead" if graphs else "default")
-        self.config._compile_all_devices = True  # transformers compiles only on accelerators unless told
-        # Each decoder layer compiles on its own (it indexes the cache by its layer number, a constant to the
-        # compiler), once per compile mode; past dynamo's default of 8 versions per function the remaining
-        # layers would run eagerly.
-        layers = model.config.get_text_config(decoder=True).num_hidden_layers
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * layers + 8)
-        torch._dynamo.config.accumulated_recompile_limit = max(
-            torch._dynamo.config.accumulated_recompile_limit, 8 * layers + 64)
-        self.attach(model)
+        self.config._compile_all_devices = True  # type: ignore[assignment]  # transformers compiles only on accelerators unless told
+        self.hooks: DecodeHooks | None = None
+        self.attach(hooks)
 
-    def attach(self, model: torch.nn.Module) -> None:
-        """Lets the modules that run between the graphs compile their part (again after they are replaced), and
-        collects what modules ask to run between decode steps (`between_decode_steps`), once per owner."""
-        set_module_decode_mode(model, True)
-        hooks = {}
-        for module in model.modules():
-            hook = getattr(module, "between_decode_steps", None)
-            if hook is not None:
-                hooks[id(getattr(hook, "__self__", hook))] = hook
-        self.between_steps = list(hooks.values())
+    def attach(self, hooks: DecodeHooks | None) -> None:
+        """Drive `hooks` from now on (None: nothing runs between the graphs); they compile their part now."""
+        self.hooks = hooks
+        if hooks is not None:
+            hooks.compile_decode(True)
 
     def generate_kwargs(self) -> dict:
         """For one `generate` call: the same cache tensors every time (CUDA graphs replay fixed addresses)."""
@@ -112,8 +114,8 @@ class CompiledDecode:
             _cuda_graph_trees_on_this_thread()
         self.cache.reset()
         kwargs = {"cache": self.cache, "compile_config": self.config}
-        if self.between_steps:
-            kwargs["logits_processor"] = LogitsProcessorList([_BetweenSteps(self.between_steps)])
+        if self.hooks is not None:
+            kwargs["logits_processor"] = LogitsProcessorList([_BetweenSteps(self.hooks)])
         return kwargs
 
     def warm_up(self, generate: Callable[..., object], prompt: torch.Tensor, **kwargs) -> float:
@@ -131,7 +133,7 @@ class CompiledDecode:
 def _cuda_graph_trees_on_this_thread() -> None:
     """Inductor keeps its CUDA graph trees in thread-local state. Before torch 2.13 only the thread that imported it
     (and autograd's) had that state: a compiled decode run on any other thread, such as a second engine's own
-    thread, failed an assertion (`torch._C._is_key_in_tls`; on an H100 with torch 2.11). 2.13 sets the state up
+    thread, failed an assertion (`torch._C._is_key_in_tls`). 2.13 sets the state up
     on first use; this does the same for the builds before it."""
     from torch._inductor import cudagraph_trees
 
@@ -146,10 +148,9 @@ class _BetweenSteps(LogitsProcessor):
     """`generate` calls its logits processors once after every forward, outside the compiled graphs: the
     place for host work between one decode step and the next. The scores pass through unchanged."""
 
-    def __init__(self, hooks: list[Callable[[], None]]):
+    def __init__(self, hooks: DecodeHooks):
         self.hooks = hooks
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        for hook in self.hooks:
-            hook()
+        self.hooks.between_decode_steps()
         return scores

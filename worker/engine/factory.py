@@ -1,45 +1,41 @@
 """Pick and build the engine the settings ask for."""
 
 import logging
+from typing import Any
 
 import psutil
 
-from shared.config import Settings
 from worker.engine.base import Engine
 from worker.engine.dedicated_thread import DedicatedThreadEngine
-from worker.model_store import resolve_model_path
+from worker.engine.moe_offload.config import OffloadConfig
+from worker.settings import EngineSettings
 
 log = logging.getLogger(__name__)
 
 _GIB = 1024**3
 
 
-def create_engine(settings: Settings) -> Engine:
+def create_engine(model_path: str, settings: EngineSettings, offload: OffloadConfig) -> Engine:
+    """The engine for the model at `model_path` (a folder or a Hugging Face id), not yet loaded."""
     from worker.engine.transformers_engine import TransformersEngine
 
-    common = dict(model_path=resolve_model_path(settings), model_name=settings.model_id, device=settings.device,
-                  dtype=settings.model_dtype, apply_chat_template=settings.apply_chat_template,
-                  decode_compile=settings.decode_compile, max_model_len=settings.max_model_len,
-                  compile_cache_dir=settings.compile_cache_dir or settings.model_cache_dir / "compile")
-    if should_offload_experts(settings):
-        from worker.engine.moe_offload.engine import MoEOffloadEngine, OffloadOptions
+    common: dict[str, Any] = dict(
+        model_path=model_path, model_name=settings.model_id, device=settings.device, dtype=settings.model_dtype,
+        decode_compile=settings.decode_compile, max_model_len=settings.max_model_len,
+        compile_cache_dir=settings.compile_dir)
+    if should_offload_experts(settings, offload):
+        from worker.engine.moe_offload.engine import MoEOffloadEngine
 
-        options = OffloadOptions(
-            converted_root=settings.model_cache_dir / "offload", quant=settings.expert_quant,
-            gpu_memory_gb=settings.gpu_memory_gb, gpu_reserve_gb=settings.gpu_reserve_gb,
-            host_memory_gb=settings.host_memory_gb, cache_policy=settings.expert_cache_policy,
-            slots=settings.expert_slots, prefetch=settings.expert_prefetch, misses=settings.expert_misses,
-            kernel=settings.expert_kernel, decode=settings.expert_decode,
-        )
-        return DedicatedThreadEngine(MoEOffloadEngine(options=options, **common))
+        return DedicatedThreadEngine(MoEOffloadEngine(
+            config=offload, converted_root=settings.model_cache_dir / "offload", **common))
     return DedicatedThreadEngine(TransformersEngine(**common))
 
 
-def should_offload_experts(settings: Settings) -> bool:
+def should_offload_experts(settings: EngineSettings, offload: OffloadConfig) -> bool:
     """OFFLOAD=auto: offload when the model is a fused-experts MoE whose 16-bit weights exceed the device
     budget (GPU_MEMORY_GB on a GPU, host RAM on the CPU, where 4-bit experts are what makes it fit)."""
-    if settings.offload != "auto":
-        return settings.offload == "experts"
+    if offload.offload != "auto":
+        return offload.offload == "experts"
     if settings.is_bundled_model:
         return False
     import torch
@@ -52,8 +48,8 @@ def should_offload_experts(settings: Settings) -> bool:
         return False
     size_bytes = sum(p.numel() for p in skeleton.parameters()) * 2
     if pick_device(settings.device) == "cuda":
-        budget = settings.gpu_memory_gb * _GIB or torch.cuda.get_device_properties(0).total_memory
+        budget = offload.gpu_memory_gb * _GIB or torch.cuda.get_device_properties(0).total_memory
     else:
-        budget = settings.host_memory_gb * _GIB or psutil.virtual_memory().available
+        budget = offload.host_memory_gb * _GIB or psutil.virtual_memory().available
     log.info("%s: %.1f GB in 16-bit against a %.1f GB budget", settings.model_id, size_bytes / _GIB, budget / _GIB)
     return size_bytes > budget

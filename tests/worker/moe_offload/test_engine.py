@@ -6,24 +6,36 @@ import shutil
 
 import pytest
 
-from shared.config import Settings
 from shared.schemas import GenerationParams
 from tests.worker.conftest import RecordingControl
 from tests.worker.moe_offload.conftest import TEST_DEVICE
 from worker.engine.base import InvalidGenerationInput
-from worker.engine.factory import create_engine, should_offload_experts
+from worker.engine.factory import create_engine
 from worker.engine.moe_offload.budget import MemoryBudgetError
+from worker.engine.moe_offload.config import OffloadConfig
 from worker.engine.moe_offload.converter import is_converted
-from worker.engine.moe_offload.engine import MoEOffloadEngine, OffloadOptions, converted_folder
+from worker.engine.moe_offload.engine import MoEOffloadEngine, converted_folder
 from worker.engine.moe_offload.offloaded_experts import OffloadedExperts
 from worker.engine.transformers_engine import TransformersEngine
+from worker.settings import EngineSettings
+
+Setup = tuple[EngineSettings, OffloadConfig]
 
 
-def _settings(checkpoint, tmp_path, **overrides) -> Settings:
-    values = dict(model_id=str(checkpoint), model_cache_dir=tmp_path, device="cpu", model_dtype="float32",
-                  apply_chat_template=False)
+def _settings(checkpoint, tmp_path, **overrides) -> Setup:
+    """Engine settings and the offload config from one set of values (the offload ones by their field names)."""
+    values = dict(model_id=str(checkpoint), model_cache_dir=tmp_path, device="cpu", model_dtype="float32")
     values.update(overrides)
-    return Settings(_env_file=None, **values)
+    engine = {key: value for key, value in values.items() if key in EngineSettings.model_fields}
+    offload = {key: value for key, value in values.items() if key not in engine}
+    return EngineSettings(_env_file=None, **engine), OffloadConfig(_env_file=None, **offload)
+
+
+def _create(setup: Setup, **updates):
+    engine, offload = setup
+    engine = engine.model_copy(update={k: v for k, v in updates.items() if k in EngineSettings.model_fields})
+    offload = offload.model_copy(update={k: v for k, v in updates.items() if k in OffloadConfig.model_fields})
+    return create_engine(engine.model_id, engine, offload)
 
 
 def _generate(engine, prompt="Hello world, tell me a story", max_tokens=16):
@@ -33,8 +45,8 @@ def _generate(engine, prompt="Hello world, tell me a story", max_tokens=16):
 
 
 def test_offload_engine_converts_once_and_generates_what_the_plain_engine_does(tiny_checkpoint, tmp_path):
-    settings = _settings(tiny_checkpoint, tmp_path, offload="experts", expert_quant="bf16", expert_slots=6)
-    engine = create_engine(settings)
+    settings = _settings(tiny_checkpoint, tmp_path, offload="experts", quant="bf16", slots=6)
+    engine = _create(settings)
     assert isinstance(engine.inner, MoEOffloadEngine)
     engine.load()
     assert is_converted(converted_folder(tmp_path / "offload", str(tiny_checkpoint), "bf16"))
@@ -53,7 +65,7 @@ def test_offload_engine_converts_once_and_generates_what_the_plain_engine_does(t
 
     # A restart finds the converted folder and does not convert again; misses computed from host rows
     # (EXPERT_MISSES=cpu) give the same text.
-    again = create_engine(settings.model_copy(update={"expert_misses": "cpu"}))
+    again = _create(settings, misses="cpu")
     folder = converted_folder(tmp_path / "offload", str(tiny_checkpoint), "bf16")
     marker = (folder / "offload-manifest.json").stat().st_mtime_ns
     again.load()
@@ -62,25 +74,17 @@ def test_offload_engine_converts_once_and_generates_what_the_plain_engine_does(t
     assert again.expert_offload_stats().computed_on_host > 0
 
 
-def test_auto_offloads_a_moe_only_when_it_does_not_fit(tiny_checkpoint, tmp_path):
-    assert should_offload_experts(_settings(tiny_checkpoint, tmp_path, offload="auto", host_memory_gb=0.001))
-    assert not should_offload_experts(_settings(tiny_checkpoint, tmp_path, offload="auto", host_memory_gb=8))
-    assert not should_offload_experts(_settings(tiny_checkpoint, tmp_path, offload="none"))
-    assert not should_offload_experts(Settings(_env_file=None, offload="auto"))  # the bundled dense model
-
-
 def test_host_budget_smaller_than_the_experts_is_refused_clearly(tiny_checkpoint, converted, tmp_path):
-    options = OffloadOptions(converted_root=tmp_path, quant="nf4", host_memory_gb=0.0001)
-    engine = MoEOffloadEngine(str(converted("nf4")), "tiny", options, device="cpu", dtype="float32",
-                              apply_chat_template=False)
+    config = OffloadConfig(_env_file=None, quant="nf4", host_memory_gb=0.0001)
+    engine = MoEOffloadEngine(str(converted("nf4")), "tiny", config, tmp_path, device="cpu", dtype="float32")
     with pytest.raises(MemoryBudgetError, match="host RAM"):
         engine.load()
 
 
 def test_graph_decode_without_a_compiled_decode_says_so_and_decodes_through_the_host(converted, tmp_path, caplog):
-    options = OffloadOptions(converted_root=tmp_path, quant="nf4", slots=6, decode="graph")
-    engine = MoEOffloadEngine(str(converted("nf4")), "tiny", options, device="cpu", dtype="float32",
-                              apply_chat_template=False, decode_compile="off")
+    config = OffloadConfig(_env_file=None, quant="nf4", slots=6, decode="graph")
+    engine = MoEOffloadEngine(str(converted("nf4")), "tiny", config, tmp_path, device="cpu", dtype="float32",
+                              decode_compile="off")
     with caplog.at_level(logging.WARNING, logger="worker.engine.moe_offload.engine"):
         engine.load()
     assert "EXPERT_DECODE=graph takes effect in a compiled decode only" in caplog.text
@@ -90,16 +94,16 @@ def test_graph_decode_without_a_compiled_decode_says_so_and_decodes_through_the_
 
 def test_a_changed_local_checkpoint_is_converted_again(tiny_checkpoint, tmp_path):
     checkpoint = shutil.copytree(tiny_checkpoint, tmp_path / "checkpoint")
-    settings = _settings(checkpoint, tmp_path, offload="experts", expert_quant="bf16", expert_slots=6)
+    settings = _settings(checkpoint, tmp_path, offload="experts", quant="bf16", slots=6)
     manifest = converted_folder(tmp_path / "offload", str(checkpoint), "bf16") / "offload-manifest.json"
-    create_engine(settings).load()
+    _create(settings).load()
     first = manifest.stat().st_mtime_ns
-    create_engine(settings).load()
+    _create(settings).load()
     assert manifest.stat().st_mtime_ns == first  # unchanged: loaded as converted
 
     shard = sorted(checkpoint.glob("*.safetensors"))[0]
     os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))
-    create_engine(settings).load()
+    _create(settings).load()
     assert manifest.stat().st_mtime_ns != first
 
 
@@ -111,11 +115,11 @@ def test_compiled_decode_generates_what_eager_decode_does_and_replays_the_same_g
 
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)  # the engine points it under MODEL_CACHE_DIR
 
-    settings = _settings(tiny_checkpoint, tmp_path, offload="experts", expert_quant="bf16", expert_slots=6,
-                         device=TEST_DEVICE.type, max_model_len=96, expert_decode="host")
-    eager = create_engine(settings.model_copy(update={"decode_compile": "off"}))
+    settings = _settings(tiny_checkpoint, tmp_path, offload="experts", quant="bf16", slots=6,
+                         device=TEST_DEVICE.type, max_model_len=96, decode="host")
+    eager = _create(settings, decode_compile="off")
     eager.load()
-    compiled = create_engine(settings.model_copy(update={"decode_compile": "on"}))
+    compiled = _create(settings, decode_compile="on")
     compiled.load()  # compiles here, with a warm-up generation
     assert eager.inner.compiled is None and compiled.inner.compiled is not None
     experts = [m for m in compiled.inner.model.modules() if isinstance(m, OffloadedExperts)]
@@ -144,12 +148,12 @@ def test_graph_decode_keeps_each_step_on_the_device_and_generates_what_eager_dec
     import torch._dynamo.utils
 
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
-    settings = _settings(tiny_checkpoint, tmp_path, offload="experts", expert_quant="bf16", expert_slots=6,
+    settings = _settings(tiny_checkpoint, tmp_path, offload="experts", quant="bf16", slots=6,
                          device=TEST_DEVICE.type, max_model_len=96, decode_compile="on")
-    eager = create_engine(settings.model_copy(update={"decode_compile": "off"}))
+    eager = _create(settings, decode_compile="off")
     eager.load()
     torch._dynamo.utils.counters.clear()
-    graph = create_engine(settings)  # EXPERT_DECODE=auto: graph, since decode compiles
+    graph = _create(settings)  # EXPERT_DECODE=auto: graph, since decode compiles
     graph.load()
     assert sum(torch._dynamo.utils.counters["graph_break"].values()) == 0  # the experts are inside the graph
     layers = [m for m in graph.inner.model.modules() if isinstance(m, OffloadedExperts)]
@@ -163,13 +167,12 @@ def test_graph_decode_keeps_each_step_on_the_device_and_generates_what_eager_dec
     decoded = after.hits + after.misses - before.hits - before.misses
     assert decoded > 0 and after.misses > before.misses  # counted from the steps' routes
     assert after.bytes_copied > before.bytes_copied  # misses refilled into slots between steps
-    shared = layers[0].graph_decode.shared
+    graph_decode = graph.inner.offloaded.experts.graph_decode
     if TEST_DEVICE.type == "cuda":
         torch.cuda.synchronize()  # every refill landed: the next between-steps sends them all
-    shared.between_steps()
-    for index, layer in enumerate(layers):  # the device's table is where the cache says each expert is
-        expected = torch.full((layer.num_experts,), -1, dtype=torch.int32)
-        for slot in range(layer.cache.capacity):
-            if layer.cache.expert_in_slot(slot) is not None:
-                expected[layer.cache.expert_in_slot(slot)] = slot
-        torch.testing.assert_close(shared.table[index].cpu(), expected)
+    graph_decode.between_steps()
+    for index, layer in enumerate(layers):  # the device's table says where each expert's bytes are
+        for expert, slot in enumerate(graph_decode.table[index].tolist()):
+            assert (slot >= 0) == layer.cache.holds(expert)
+            if slot >= 0:
+                assert torch.equal(layer.cache.buffer[slot].cpu(), layer.cache.host_rows[expert].cpu())

@@ -17,6 +17,7 @@ from tests.worker.moe_offload.deferred_copies import DeferredCopyStream
 from worker.engine.moe_offload import builder
 from worker.engine.moe_offload.budget import MemoryPlan
 from worker.engine.moe_offload.builder import build_offloaded_model
+from worker.engine.moe_offload.config import OffloadConfig
 from worker.engine.moe_offload.converter import convert_checkpoint
 from worker.engine.moe_offload.cpu_experts import MissSplit
 from worker.engine.moe_offload.offloaded_experts import OffloadedExperts
@@ -37,8 +38,8 @@ def _reference(checkpoint, experts_from=None):
 
 
 def _offloaded(folder, slots: int, prefetch: bool = True, policy: str = "lru", misses: str = "copy"):
-    plan = MemoryPlan(slots, 0, 0, 0)
-    return build_offloaded_model(folder, TEST_DEVICE, torch.float32, plan, policy, prefetch, misses)
+    config = OffloadConfig(_env_file=None, cache_policy=policy, prefetch=prefetch, misses=misses, decode="host")
+    return build_offloaded_model(folder, TEST_DEVICE, torch.float32, MemoryPlan(slots), config)
 
 
 def _prompt(length: int = 14, seed: int = 0) -> torch.Tensor:
@@ -60,7 +61,7 @@ def test_offloaded_model_matches_transformers_with_the_same_expert_weights(tiny_
         prompt = _prompt(seed=seed)
         torch.testing.assert_close(offloaded.model(prompt).logits, reference(prompt).logits, rtol=1e-4, atol=1e-4)
         assert torch.equal(_greedy(offloaded.model, prompt), _greedy(reference, prompt))
-    stats = offloaded.cache_stats()
+    stats = offloaded.experts.cache_stats()
     if slots == 32:
         assert stats.misses == 0 and stats.hits > 0
     else:
@@ -82,7 +83,7 @@ def test_misses_computed_on_the_cpu_from_host_rows_give_the_same_model(tiny_chec
     prompt = _prompt(seed=4)
     torch.testing.assert_close(offloaded.model(prompt).logits, reference(prompt).logits, rtol=1e-4, atol=1e-4)
     assert torch.equal(_greedy(offloaded.model, prompt), _greedy(reference, prompt))
-    stats = offloaded.cache_stats()
+    stats = offloaded.experts.cache_stats()
     # decode steps sent misses to the CPU; the prompt (many tokens) and prefetch still copied rows
     assert 0 < stats.computed_on_host <= stats.misses
     assert stats.bytes_copied > 0
@@ -103,7 +104,7 @@ def test_every_read_of_a_slot_waits_for_its_copy(tiny_checkpoint, converted, mon
     got, want = offloaded.model.generate(prompt, **kwargs), reference.generate(prompt, **kwargs)
     assert torch.equal(got.sequences, want.sequences)
     torch.testing.assert_close(torch.stack(got.logits), torch.stack(want.logits), rtol=1e-4, atol=1e-4)
-    stats = offloaded.cache_stats()
+    stats = offloaded.experts.cache_stats()
     assert stats.prefetch_hits > 0 and stats.evictions > 0
 
 
@@ -116,7 +117,7 @@ def test_prefetch_asks_the_next_layers_loaded_router(converted):
         assert router.weight.device.type == TEST_DEVICE.type  # the loaded weight, not the skeleton's meta placeholder
         assert module.next_layer.cache is following.cache
     offloaded.model.generate(_prompt(seed=6), max_new_tokens=40, do_sample=False, pad_token_id=0)
-    stats = offloaded.cache_stats()
+    stats = offloaded.experts.cache_stats()
     # measured 266 of 365 with the loaded router; 43 of 332 when it read the placeholder (noise)
     assert stats.prefetch_hits > stats.prefetched / 2
 
@@ -152,4 +153,4 @@ def test_another_fused_experts_family_qwen3_moe_offloads_the_same_way(tmp_path):
     prompt = _prompt()
     torch.testing.assert_close(offloaded.model(prompt).logits, reference(prompt).logits, rtol=1e-4, atol=1e-4)
     assert torch.equal(_greedy(offloaded.model, prompt), _greedy(reference, prompt))
-    assert offloaded.cache_stats().misses > 0
+    assert offloaded.experts.cache_stats().misses > 0

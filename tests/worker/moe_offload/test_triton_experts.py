@@ -10,6 +10,7 @@ import torch
 from tests.worker.moe_offload.conftest import TEST_DEVICE
 from worker.engine.moe_offload.budget import MemoryPlan
 from worker.engine.moe_offload.builder import build_offloaded_model, fused_decode_kernels
+from worker.engine.moe_offload.config import OffloadConfig
 from worker.engine.moe_offload.offloaded_experts import OffloadedExperts, mix_decode, mix_decode_table
 from worker.engine.moe_offload.packing import ExpertLayout, pack_expert
 from worker.engine.moe_offload.pinning import mapped_device_view
@@ -82,9 +83,9 @@ def test_table_mode_reads_each_expert_from_its_slot_or_else_from_host_memory():
 @torch.inference_mode()
 def test_offloaded_model_decodes_the_same_through_the_kernels(converted):
     """The tiny Qwen3-Next (hidden 256, intermediate 128, NF4) with EXPERT_KERNEL=triton against torch."""
-    plan = MemoryPlan(6, 0, 0, 0)
-    models = {kernel: build_offloaded_model(converted("nf4"), TEST_DEVICE, torch.float32, plan, "lru", True, "copy",
-                                            kernel).model for kernel in ("triton", "torch")}
+    models = {kernel: build_offloaded_model(converted("nf4"), TEST_DEVICE, torch.float32, MemoryPlan(6),
+                                            OffloadConfig(_env_file=None, misses="copy", kernel=kernel, decode="host"))
+              .model for kernel in ("triton", "torch")}
     fused = [m for m in models["triton"].modules() if isinstance(m, OffloadedExperts)]
     assert fused and all(m.uses_fused_kernels for m in fused)
 

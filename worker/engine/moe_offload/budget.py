@@ -12,9 +12,6 @@ class MemoryBudgetError(RuntimeError):
 @dataclass(frozen=True)
 class MemoryPlan:
     slots_per_layer: int
-    resident_bytes: int
-    cache_bytes: int
-    host_expert_bytes: int
 
 
 def plan_memory(*, device_budget_gb: float, reserve_gb: float, host_budget_gb: float, resident_bytes: int,
@@ -32,9 +29,9 @@ def plan_memory(*, device_budget_gb: float, reserve_gb: float, host_budget_gb: f
         )
     if slots_override:
         slots = min(slots_override, experts_per_layer)
-        return MemoryPlan(slots, resident_bytes, slots * num_layers * row_bytes, host_expert_bytes)
+        return MemoryPlan(slots)
     if share_host_rows:
-        return MemoryPlan(experts_per_layer, resident_bytes, host_expert_bytes, host_expert_bytes)
+        return MemoryPlan(experts_per_layer)
     free = device_budget_gb * _GIB - reserve_gb * _GIB - resident_bytes
     slots = min(experts_per_layer, int(free // (num_layers * row_bytes))) if free > 0 else 0
     if slots < top_k:
@@ -44,4 +41,4 @@ def plan_memory(*, device_budget_gb: float, reserve_gb: float, host_budget_gb: f
             f"{resident_bytes / _GIB:.2f} GB, the reserve {reserve_gb:g} GB, and {top_k} expert slots per layer "
             f"{top_k * num_layers * row_bytes / _GIB:.2f} GB; at least {needed / _GIB:.2f} GB is needed"
         )
-    return MemoryPlan(slots, resident_bytes, slots * num_layers * row_bytes, host_expert_bytes)
+    return MemoryPlan(slots)

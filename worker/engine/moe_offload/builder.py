@@ -4,17 +4,18 @@ import logging
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Literal
 
 import torch
 from safetensors import safe_open
 from transformers.activations import ACT2FN
 
+from shared.schemas import ExpertCacheCounters
 from worker.engine.moe_offload.budget import MemoryPlan
 from worker.engine.moe_offload.checkpoint import build_skeleton, load_config
+from worker.engine.moe_offload.config import ExpertKernel, OffloadConfig
 from worker.engine.moe_offload.converter import read_manifest
-from worker.engine.moe_offload.cpu_experts import MissMode, MissSplit, calibrate_miss_split
-from worker.engine.moe_offload.expert_cache import CachePolicyName, CacheStats, ExpertCache
+from worker.engine.moe_offload.cpu_experts import MissSplit, calibrate_miss_split
+from worker.engine.moe_offload.expert_cache import ExpertCache
 from worker.engine.moe_offload.graph_decode import GraphDecode
 from worker.engine.moe_offload.offloaded_experts import DecodeKernels, NextLayerPredictor, OffloadedExperts
 from worker.engine.moe_offload.packing import ExpertLayout
@@ -23,19 +24,36 @@ from worker.engine.moe_offload.transfer import CopyStream
 
 log = logging.getLogger(__name__)
 
-ExpertKernel = Literal["auto", "triton", "torch"]
-ExpertDecode = Literal["host", "graph"]
+@dataclass
+class OffloadedExpertLayers:
+    """Every `OffloadedExperts` of one model, what they share, and the `DecodeHooks` a compiled decode drives."""
+
+    modules: list[OffloadedExperts]
+    miss_split: MissSplit
+    graph_decode: GraphDecode | None = None
+
+    @property
+    def caches(self) -> list[ExpertCache]:
+        return [module.cache for module in self.modules]
+
+    def cache_stats(self) -> ExpertCacheCounters:
+        return ExpertCacheCounters.total(cache.stats for cache in self.caches)
+
+    def compile_decode(self, compiled: bool) -> None:
+        """Each layer's decode math (and its next-layer guess) as graphs of their own; False: eager again."""
+        for module in self.modules:
+            module.compile_decode(compiled)
+
+    def between_decode_steps(self) -> None:
+        if self.graph_decode is not None:
+            self.graph_decode.between_steps()
 
 
 @dataclass
 class OffloadedModel:
     model: torch.nn.Module
-    caches: list[ExpertCache]
+    experts: OffloadedExpertLayers
     plan: MemoryPlan
-    miss_split: MissSplit
-
-    def cache_stats(self) -> CacheStats:
-        return CacheStats.total(cache.stats for cache in self.caches)
 
 
 def load_host_rows(path: Path, pin: bool) -> torch.Tensor:
@@ -46,57 +64,52 @@ def load_host_rows(path: Path, pin: bool) -> torch.Tensor:
 
 
 def build_offloaded_model(folder: Path, device: torch.device, dtype: torch.dtype, plan: MemoryPlan,
-                          policy: CachePolicyName = "lru", prefetch: bool = True,
-                          misses: MissMode = "auto", kernel: ExpertKernel = "auto",
-                          decode: ExpertDecode = "host") -> OffloadedModel:
+                          config: OffloadConfig) -> OffloadedModel:
+    """`config.decode` as resolved: graph or host (auto is the engine's to decide)."""
     manifest = read_manifest(folder)
-    config = load_config(folder)
-    model = build_skeleton(config, dtype)
+    model_config = load_config(folder)
+    model = build_skeleton(model_config, dtype)
     pin = device.type == "cuda"
     experts = [(entry["module"], ExpertLayout.from_json(entry["layout"]), load_host_rows(folder / entry["file"], pin))
                for entry in manifest["experts"]]
-    caches, split = install_offloaded_experts(model, experts, device, dtype, plan.slots_per_layer, policy, prefetch,
-                                              config, misses, kernel, decode)
+    layers = install_offloaded_experts(model, experts, device, dtype, plan.slots_per_layer, config, model_config)
     _load_resident(model, folder, manifest["resident_files"], dtype)
     model.to(device).eval()
     log.info("Offloaded model ready: %d MoE layers, %d of %d expert slots per layer on %s; %s",
-             len(caches), plan.slots_per_layer, caches[0].host_rows.shape[0], device, split.describe())
-    return OffloadedModel(model, caches, plan, split)
+             len(layers.modules), plan.slots_per_layer, layers.modules[0].num_experts, device,
+             layers.miss_split.describe())
+    return OffloadedModel(model, layers, plan)
 
 
 def install_offloaded_experts(model: torch.nn.Module, experts: list[tuple[str, ExpertLayout, torch.Tensor]],
-                              device: torch.device, dtype: torch.dtype, slots: int, policy: CachePolicyName,
-                              prefetch: bool, config, misses: MissMode,
-                              kernel: ExpertKernel = "auto", decode: ExpertDecode = "host",
-                              refills: int | None = None) -> tuple[list[ExpertCache], MissSplit]:
+                              device: torch.device, dtype: torch.dtype, slots: int, config: OffloadConfig,
+                              model_config, refills: int | None = None) -> OffloadedExpertLayers:
     """Swap each (module name, layout, host rows) experts module for `OffloadedExperts` over a slot cache.
-    With fewer slots than experts: with `prefetch`, link each layer to the next one's router, and decide
-    (by `misses`, timed once here) what share of misses to compute on the CPU. `decode="graph"`: a compiled
-    decode step keeps the experts on the device (`graph_decode`), refilling up to `refills` slots a layer a step
-    (default top-k: every miss)."""
+    With fewer slots than experts: with `config.prefetch`, link each layer to the next one's router, and decide
+    (by `config.misses`, timed once here) what share of misses to compute on the CPU. `config.decode` graph: a
+    compiled decode step keeps the experts on the device (`graph_decode`), refilling up to `refills` slots a
+    layer a step (default top-k: every miss)."""
     copier = CopyStream(device)
-    act_fn = ACT2FN[config.hidden_act]
-    caches, modules = [], []
-    kernels = fused_decode_kernels(kernel, experts[0][1], device, config.hidden_act,  # one layout per model
-                                  config.num_experts_per_tok)
-    for name, layout, host_rows in experts:
-        cache = ExpertCache(host_rows, slots, device, copier, policy)
+    act_fn = ACT2FN[model_config.hidden_act]
+    top_k = model_config.num_experts_per_tok
+    kernels = fused_decode_kernels(config.kernel, experts[0][1], device, model_config.hidden_act, top_k)
+    modules = []
+    for name, layout, host_rows in experts:  # one layout per model
+        cache = ExpertCache(host_rows, slots, device, copier, config.cache_policy)
         module = OffloadedExperts(layout, cache, act_fn, dtype, kernels)
         model.set_submodule(name, module)
-        caches.append(cache)
         modules.append(module)
-    split = MissSplit("copy", 0.0)
-    if slots < caches[0].host_rows.shape[0]:
-        if prefetch:
-            link_predictors(model, modules, config)
+    layers = OffloadedExpertLayers(modules, MissSplit("copy", 0.0))
+    if slots < modules[0].num_experts:
+        if config.prefetch:
+            link_predictors(model, modules, model_config)
         layout, host_rows = experts[0][1], experts[0][2]
-        split = calibrate_miss_split(misses, layout, host_rows, device, dtype, act_fn)
+        layers.miss_split = calibrate_miss_split(config.misses, layout, host_rows, device, dtype, act_fn)
         for module in modules:
-            module.miss_split = split
-    if decode == "graph":
-        top_k = config.num_experts_per_tok
-        GraphDecode(modules, top_k, device, refills=top_k if refills is None else refills)
-    return caches, split
+            module.miss_split = layers.miss_split
+    if config.decode == "graph":
+        layers.graph_decode = GraphDecode(modules, top_k, device, refills=top_k if refills is None else refills)
+    return layers
 
 
 def fused_decode_kernels(kernel: ExpertKernel, layout: ExpertLayout, device: torch.device, hidden_act: str,
@@ -160,7 +173,7 @@ def _load_resident(model: torch.nn.Module, folder: Path, files: list[str], dtype
                     tensor = tensor.to(dtype)
                 state[key] = tensor
         model.load_state_dict(state, strict=False, assign=True)
-    model.tie_weights()  # tied lm_head / embeddings are stored once
+    model.tie_weights()  # type: ignore[operator]  # tied lm_head / embeddings are stored once
     still_empty = [name for name, p in model.named_parameters() if p.device.type == "meta"]
     if still_empty:
         raise RuntimeError(f"the converted model lacks weights for {still_empty[:5]} ({len(still_empty)} in all)")

@@ -50,7 +50,7 @@ def resolve_checkpoint_dir(source: str) -> Path:
     return Path(snapshot_download(source, allow_patterns=["*.safetensors", *SIDE_FILE_PATTERNS]))
 
 
-def load_config(checkpoint_dir: Path) -> PretrainedConfig:
+def load_config(checkpoint_dir: Path | str) -> PretrainedConfig:
     return AutoConfig.from_pretrained(checkpoint_dir)
 
 

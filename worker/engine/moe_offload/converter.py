@@ -36,7 +36,8 @@ from worker.engine.moe_offload.checkpoint import (
     require_fused_experts,
     weight_files,
 )
-from worker.engine.moe_offload.packing import ExpertLayout, ExpertQuant, pack_expert
+from worker.engine.moe_offload.config import ExpertQuant
+from worker.engine.moe_offload.packing import ExpertLayout, pack_expert
 
 log = logging.getLogger(__name__)
 

@@ -4,26 +4,22 @@ A missed expert can cross the bus (one row copy) or stay in host RAM and be appl
 hidden state (a 4-bit matvec, bound by reading the row). Which wins depends on the machine: the PCIe
 bandwidth against the CPU's 4-bit matvec speed. `calibrate_miss_split` times both once at load and
 splits the misses so that both sides finish together (the hybrid path of the cost model).
-The expert is dequantized, then multiplied (measured per Qwen3-Next expert: 2.65 ms on 2 AVX2 cores, 0.62 ms
-in bf16 on 2 AVX512-BF16 EPYC cores, against 0.07 ms to copy it over PCIe 4.0, so such machines copy nearly
-everything). bitsandbytes' fused CPU `gemv_4bit` is not used: on AVX512-BF16 CPUs it expects weights repacked
-into its own CPU layout, and on our rows it gave wrong results (seen on an AMD EPYC); elsewhere it
-dequantizes then multiplies anyway.
+The expert is dequantized, then multiplied: far slower per expert than copying it over PCIe, so machines
+measured so far copy nearly everything (benchmarks/results/README.md). bitsandbytes' fused CPU `gemv_4bit` is
+not used: on AVX512-BF16 CPUs it expects weights repacked into its own CPU layout, and on our rows it gave
+wrong results; elsewhere it dequantizes then multiplies anyway.
 """
 
 import logging
 import time
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
+from worker.engine.moe_offload.config import MissMode
 from worker.engine.moe_offload.packing import ExpertLayout, unpack_experts
 
 log = logging.getLogger(__name__)
-
-MissMode = Literal["auto", "copy", "cpu", "hybrid"]
-
 
 def cpu_expert_forward(layout: ExpertLayout, row: torch.Tensor, x: torch.Tensor, act_fn) -> torch.Tensor:
     """One expert applied to `x` [tokens, hidden] on the CPU, from its host row; returns [tokens, hidden]."""

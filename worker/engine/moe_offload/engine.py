@@ -3,41 +3,24 @@ transformers engine, with the model built by the offload loader."""
 
 import logging
 import re
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 
 from shared.schemas import ExpertOffloadStats
-from worker.engine.compiled_decode import DecodeCompile, static_cache_bytes
+from worker.engine.compiled_decode import DecodeHooks, static_cache_bytes
 from worker.engine.moe_offload.budget import plan_memory
-from worker.engine.moe_offload.builder import ExpertDecode, ExpertKernel, OffloadedModel, build_offloaded_model
+from worker.engine.moe_offload.builder import OffloadedModel, build_offloaded_model
 from worker.engine.moe_offload.checkpoint import fingerprint, load_config, resolve_checkpoint_dir
+from worker.engine.moe_offload.config import ExpertDecode, ExpertQuant, OffloadConfig
 from worker.engine.moe_offload.converter import ConversionError, convert_checkpoint, is_converted, read_manifest
-from worker.engine.moe_offload.cpu_experts import MissMode
-from worker.engine.moe_offload.expert_cache import CachePolicyName
-from worker.engine.moe_offload.packing import ExpertLayout, ExpertQuant
+from worker.engine.moe_offload.packing import ExpertLayout
 from worker.engine.transformers_engine import TransformersEngine
+from worker.settings import DecodeCompile
 
 log = logging.getLogger(__name__)
 
 _GIB = 1024**3
-
-
-@dataclass(frozen=True)
-class OffloadOptions:
-    converted_root: Path
-    quant: ExpertQuant = "nf4"
-    gpu_memory_gb: float = 16.0
-    gpu_reserve_gb: float = 1.5
-    host_memory_gb: float = 0.0
-    cache_policy: CachePolicyName = "lru"
-    slots: int = 0
-    prefetch: bool = True
-    misses: MissMode = "auto"
-    kernel: ExpertKernel = "auto"
-    decode: Literal["auto", "host", "graph"] = "auto"
 
 
 def converted_folder(root: Path, model_id: str, quant: ExpertQuant) -> Path:
@@ -45,31 +28,35 @@ def converted_folder(root: Path, model_id: str, quant: ExpertQuant) -> Path:
 
 
 class MoEOffloadEngine(TransformersEngine):
-    def __init__(self, model_path: str, model_name: str, options: OffloadOptions, device: str = "auto",
-                 dtype: str = "auto", apply_chat_template: bool = True, decode_compile: DecodeCompile = "off",
-                 max_model_len: int = 0, compile_cache_dir: Path | None = None):
+    def __init__(self, model_path: str, model_name: str, config: OffloadConfig, converted_root: Path,
+                 device: str = "auto", dtype: str = "auto", apply_chat_template: bool = True,
+                 decode_compile: DecodeCompile = "off", max_model_len: int = 0, compile_cache_dir: Path | None = None):
         super().__init__(model_path, model_name, device, dtype, apply_chat_template, decode_compile, max_model_len,
                          compile_cache_dir)
-        self.options = options
+        self.offload = config
+        self.converted_root = converted_root
         self.offloaded: OffloadedModel | None = None
 
     def load(self) -> None:
         folder = Path(self.model_path).expanduser()
         if not is_converted(folder):  # MODEL_ID may name an already converted folder
-            folder = converted_folder(self.options.converted_root, self.model_path, self.options.quant)
+            folder = converted_folder(self.converted_root, self.model_path, self.offload.quant)
             if self._needs_conversion(folder):
                 checkpoint_dir = resolve_checkpoint_dir(self.model_path)
-                convert_checkpoint(checkpoint_dir, folder, self.options.quant, self.options.host_memory_gb)
+                convert_checkpoint(checkpoint_dir, folder, self.offload.quant, self.offload.host_memory_gb)
         self.model_path = str(folder)  # tokenizer and config load from the converted folder
         super().load()
 
+    def decode_hooks(self) -> DecodeHooks | None:
+        return self.offloaded.experts if self.offloaded is not None else None
+
     def _expert_decode(self) -> ExpertDecode:
         """The path a decode step's experts take (EXPERT_DECODE): auto = graph wherever decode compiles."""
-        if self.options.decode == "host":
+        if self.offload.decode == "host":
             return "host"
         if self.compiles_decode:
             return "graph"
-        if self.options.decode == "graph":
+        if self.offload.decode == "graph":
             log.warning("EXPERT_DECODE=graph takes effect in a compiled decode only (DECODE_COMPILE is %s on %s): "
                         "decode runs the experts through the host", self.decode_compile, self.device)
         return "host"
@@ -102,40 +89,39 @@ class MoEOffloadEngine(TransformersEngine):
         if self.compiles_decode:  # allocated up front for the whole length, unlike a growing cache
             length = self._context_length(config)
             kv_bytes = static_cache_bytes(config, length, self.torch_dtype)
-            log.log(logging.WARNING if kv_bytes > self.options.gpu_reserve_gb * _GIB else logging.INFO,
+            log.log(logging.WARNING if kv_bytes > self.offload.gpu_reserve_gb * _GIB else logging.INFO,
                     "The static cache of a compiled decode holds %d tokens: %.2f GB of the GPU budget, taken from "
                     "the expert slots (MAX_MODEL_LEN sets the length)", length, kv_bytes / _GIB)
             resident_bytes += kv_bytes
         plan = plan_memory(
             device_budget_gb=device_budget,
-            reserve_gb=self.options.gpu_reserve_gb,
-            host_budget_gb=self.options.host_memory_gb,
+            reserve_gb=self.offload.gpu_reserve_gb,
+            host_budget_gb=self.offload.host_memory_gb,
             resident_bytes=resident_bytes,
             num_layers=len(experts),
             experts_per_layer=experts[0]["num_experts"],
             row_bytes=layout.row_bytes,
             top_k=int(getattr(config, "num_experts_per_tok", 1) or 1),
             share_host_rows=device.type == "cpu",
-            slots_override=self.options.slots,
+            slots_override=self.offload.slots,
         )
-        self.offloaded = build_offloaded_model(folder, device, self.torch_dtype, plan,
-                                               self.options.cache_policy, self.options.prefetch,
-                                               self.options.misses, self.options.kernel, self._expert_decode())
+        offload = self.offload.model_copy(update={"decode": self._expert_decode()})
+        self.offloaded = build_offloaded_model(folder, device, self.torch_dtype, plan, offload)
         return self.offloaded.model
 
     def _cap_gpu_memory(self) -> float:
         """Hold the process to GPU_MEMORY_GB on a bigger card, so what runs here would run on that budget."""
         total_gb = torch.cuda.get_device_properties(0).total_memory / _GIB
-        budget = self.options.gpu_memory_gb or total_gb
+        budget = self.offload.gpu_memory_gb or total_gb
         torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total_gb))
         return min(budget, total_gb)
 
     def expert_offload_stats(self) -> ExpertOffloadStats | None:
         if self.offloaded is None:
             return None
-        split = self.offloaded.miss_split
+        experts = self.offloaded.experts
+        split = experts.miss_split
         return ExpertOffloadStats(
-            slots_per_layer=self.offloaded.plan.slots_per_layer,
-            experts_per_layer=self.offloaded.caches[0].host_rows.shape[0],
-            miss_mode=split.mode, cpu_share=round(split.cpu_share, 4), **asdict(self.offloaded.cache_stats()),
+            slots_per_layer=self.offloaded.plan.slots_per_layer, experts_per_layer=experts.modules[0].num_experts,
+            miss_mode=split.mode, cpu_share=round(split.cpu_share, 4), **experts.cache_stats().counters(),
         )

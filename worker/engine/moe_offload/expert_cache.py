@@ -1,15 +1,13 @@
 """A per-layer cache of expert rows in device slots, filled from host RAM on demand or ahead of need."""
 
 from collections import OrderedDict
-from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 
-from worker.engine.moe_offload.transfer import CopyStream
-
-CachePolicyName = Literal["lru", "lfu"]
+from shared.schemas import ExpertCacheCounters
+from worker.engine.moe_offload.config import CachePolicyName
+from worker.engine.moe_offload.transfer import CopyStream, Landed
 
 
 class LRUPolicy:
@@ -85,30 +83,6 @@ def make_policy(name: CachePolicyName) -> LRUPolicy | LFUPolicy:
 
 
 @dataclass
-class CacheStats:
-    hits: int = 0
-    misses: int = 0
-    evictions: int = 0
-    bytes_copied: int = 0
-    prefetched: int = 0
-    prefetch_hits: int = 0  # prefetched experts that a token then used
-    computed_on_host: int = 0  # misses applied on the CPU from their host rows instead of copied (also misses)
-
-    @classmethod
-    def total(cls, parts: Iterable["CacheStats"]) -> "CacheStats":
-        total = cls()
-        for part in parts:
-            for name in cls.__dataclass_fields__:
-                setattr(total, name, getattr(total, name) + getattr(part, name))
-        return total
-
-    @property
-    def hit_rate(self) -> float:
-        total = self.hits + self.misses
-        return self.hits / total if total else 0.0
-
-
-@dataclass
 class Acquired:
     """Where the requested experts are: hits are usable once `hits_ready` fires (set when a hit is a prefetch
     whose copy may still be on its way), misses once `misses_ready` fires."""
@@ -117,8 +91,8 @@ class Acquired:
     hit_slots: list[int] = field(default_factory=list)
     miss_experts: list[int] = field(default_factory=list)
     miss_slots: list[int] = field(default_factory=list)
-    hits_ready: object = None
-    misses_ready: object = None
+    hits_ready: Landed = None
+    misses_ready: Landed = None
     copies_to_start: list[tuple[int, int]] = field(default_factory=list)  # (slot, expert), when deferred
 
 
@@ -126,7 +100,7 @@ class ExpertCache:
     """`slots` device rows for one layer's `host_rows` [experts, row_bytes]."""
 
     def __init__(self, host_rows: torch.Tensor, slots: int, device: torch.device, copier: CopyStream,
-                 policy: CachePolicyName = "lru"):
+                 policy: CachePolicyName):
         num_experts, row_bytes = host_rows.shape
         if not 1 <= slots <= num_experts:
             raise ValueError(f"slots must be in 1..{num_experts}, got {slots}")
@@ -139,14 +113,13 @@ class ExpertCache:
         else:
             self.buffer = torch.empty((slots, row_bytes), dtype=torch.uint8, device=device)
         self.row_bytes = row_bytes
-        self.stats = CacheStats()
+        self.stats = ExpertCacheCounters()
         self._policy = make_policy(policy)
         self._slot_of: dict[int, int] = {}
-        self._expert_in: list[int | None] = [None] * slots
         self._free = list(range(slots - 1, -1, -1))
         self._prefetched: set[int] = set()  # prefetched, not used since: their copies may not have landed
         self._refilled: set[int] = set()  # copied in after a device decode step, not used since: likewise
-        self._ahead_landed = None  # event after the latest copies made ahead of need (prefetches, refills)
+        self._ahead_landed: Landed = None  # event after the latest copies made ahead of need (prefetches, refills)
         self._table_changes: list[tuple[int, int]] | None = None  # once `track_table`: (expert, slot or -1)
         # Compute event after which this layer's slots may be overwritten; at first, the work queued before the
         # buffer was allocated (its memory may have been freed by kernels still running).
@@ -160,13 +133,8 @@ class ExpertCache:
             self.buffer.copy_(self.host_rows)
         for expert in range(self.capacity):
             self._slot_of[expert] = expert
-            self._expert_in[expert] = expert
             self._policy.touch(expert)
         self._free.clear()
-
-    @property
-    def resident_experts(self) -> set[int]:
-        return set(self._slot_of)
 
     def holds(self, expert: int) -> bool:
         return expert in self._slot_of
@@ -208,7 +176,7 @@ class ExpertCache:
             self.start_copies(result)
         return result
 
-    def record_step(self, experts: list[int], hits: int, refills: int) -> tuple[set[int], object]:
+    def record_step(self, experts: list[int], hits: int, refills: int) -> tuple[set[int], Landed]:
         """A decode step that ran on the device (`graph_decode`) used `experts`, `hits` of them from slots, the
         rest read where they are in host RAM: count them, and start copying up to `refills` of the experts
         without a slot into slots, the policy's victims' (after the step's reads), for later steps. Returns
@@ -224,7 +192,7 @@ class ExpertCache:
                 self._policy.seen(expert)
                 missed.append(expert)
         protected = set(experts)  # the step's own experts stay, whatever the policy says
-        copies = []
+        copies: list[tuple[int, int]] = []
         for expert in missed:
             if len(copies) == min(refills, self.capacity):
                 break
@@ -247,7 +215,7 @@ class ExpertCache:
 
     def drain_table_changes(self) -> list[tuple[int, int]]:
         """The changes of residence since the last call (or `track_table`), oldest first."""
-        changes, self._table_changes = self._table_changes, []
+        changes, self._table_changes = self._table_changes or [], []
         return changes
 
     def start_copies(self, acquired: Acquired) -> None:
@@ -287,7 +255,6 @@ class ExpertCache:
             self.stats.evictions += 1
             self._note_residence(evicted, -1)
         self._slot_of[expert] = slot
-        self._expert_in[slot] = expert
         self._note_residence(expert, slot)
         return slot
 
@@ -314,6 +281,3 @@ class ExpertCache:
     def mark_read(self) -> None:
         """Call after issuing compute that reads slots: later copies into them wait for it."""
         self._last_read = self.copier.compute_done()
-
-    def expert_in_slot(self, slot: int) -> int | None:
-        return self._expert_in[slot]

@@ -1,25 +1,25 @@
 """Decode steps that never leave the device (`EXPERT_DECODE=graph`): no graph break at the MoE layers.
 
 In a compiled decode the host path of `OffloadedExperts` breaks the graph at every MoE layer: the host reads
-the routing, decides what to copy, and the next graph waits for it (on an H100, 2026-11-26: ~1.1 ms a layer,
-53 of a token's 97 ms). Here a compiled decode step reads instead a table [layers, experts] of the slot each
-expert sits in (-1: none) and computes each routed expert from its slot, or, without one, from its row in
-host RAM, page-locked and mapped for the device (the Triton path gathers such rows over the bus into device
-memory first, with a copy kernel; the torch path reads them where they are). The whole step is one graph,
-one CUDA graph replay.
+the routing, decides what to copy, and the next graph waits for it; that wait is most of a step's host time.
+Here a compiled decode step reads instead a table [layers, experts] of the slot each expert sits in (-1: none)
+and computes each routed expert from its slot, or, without one, from its row in host RAM, page-locked and
+mapped for the device (the Triton path gathers such rows over the bus into device memory first, with a copy
+kernel; the torch path reads them where they are). The whole step is one graph, one CUDA graph replay.
 
-The step also writes the experts it routed to (`routes`). Between steps, `between_steps` (run by the compiled
-decode after every forward) reads them back once, counts each layer's hits and misses, lets the cache's
-policy start copying up to `refills` of the missed experts into slots, and sends the table's changes. The
-copies run beside the next steps, never in their way: an evicted expert's entry turns -1 before the next
-step (whose kernels then read it from host RAM), its slot is overwritten only after the step that last
-read it, and a refilled expert's entry is sent only once its copy has landed. The prompt, and eager decode,
-take the host path through the same caches.
+The step also writes the experts it routed to (`routes`). Between steps, `between_steps` (reached through the
+model's `DecodeHooks.between_decode_steps`, which the compiled decode runs after every forward) reads them
+back once, counts each layer's hits and misses, lets the cache's policy start copying up to `refills` of the
+missed experts into slots, and sends the table's changes. The copies run beside the next steps, never in
+their way: an evicted expert's entry turns -1 before the next step (whose kernels then read it from host RAM),
+its slot is overwritten only after the step that last read it, and a refilled expert's entry is sent only
+once its copy has landed. The prompt, and eager decode, take the host path through the same caches.
 """
 
 import torch
 
 from worker.engine.moe_offload.pinning import mapped_device_view
+from worker.engine.moe_offload.transfer import Landed
 
 
 class GraphDecode:
@@ -34,7 +34,7 @@ class GraphDecode:
         self._table_rows = self.table_host.numpy()  # element writes from Python at numpy's cost, not torch's
         self.table = self.table_host.to(device)
         self.routes = torch.full((len(layers), top_k), -1, dtype=torch.long, device=device)
-        self._landing: dict[tuple[int, int], tuple[int, object]] = {}  # (layer, expert): (slot, copy's event)
+        self._landing: dict[tuple[int, int], tuple[int, Landed]] = {}  # (layer, expert): (slot, copy's event)
         self.positions = torch.arange(top_k, device=device)  # decode: the routing weights in the experts' order
         for tensor in (self.table, self.routes, self.positions):
             torch._dynamo.mark_static_address(tensor)  # written in place, read by the graph where they are

@@ -5,6 +5,7 @@ misses, are applied on the CPU where they are (see `cpu_experts`)."""
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -13,6 +14,9 @@ from worker.engine.compiled_decode import decode_graph
 from worker.engine.moe_offload.cpu_experts import MissSplit, cpu_expert_forward
 from worker.engine.moe_offload.expert_cache import Acquired, ExpertCache
 from worker.engine.moe_offload.packing import ExpertLayout, unpack_experts
+
+if TYPE_CHECKING:
+    from worker.engine.moe_offload.graph_decode import GraphDecodeLayer
 
 
 class NextLayerPredictor:
@@ -23,12 +27,12 @@ class NextLayerPredictor:
     layer's compute and the next layer's attention.
     """
 
-    def __init__(self, router: nn.Module, top_k: int, cache: ExpertCache):
+    def __init__(self, router: Any, top_k: int, cache: ExpertCache):
         self.router = router  # the module, not its weight: loading assigns the weight after linking
         self.top_k = top_k
         self.cache = cache
-        self._eager = partial(routed_and_guessed, top_k=top_k)
-        self._with_guesses = self._eager
+        self._eager: Callable[..., torch.Tensor] = partial(routed_and_guessed, top_k=top_k)
+        self._with_guesses: Callable[..., torch.Tensor] = self._eager
 
     def with_guesses(self, top_k_index: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         """This layer's routed experts, then the next layer's guessed ones, flat: one tensor to read back."""
@@ -132,18 +136,13 @@ class OffloadedExperts(nn.Module):
         self.num_experts = cache.host_rows.shape[0]
         self.next_layer: NextLayerPredictor | None = None
         self.miss_split = MissSplit("copy", 0.0)
-        self.graph_decode = None
+        self.graph_decode: GraphDecodeLayer | None = None
         self.uses_fused_kernels = kernels is not None
         kernels = kernels or DecodeKernels(partial(mix_decode, layout, act_fn, compute_dtype),
                                            partial(mix_decode_table, layout, act_fn, compute_dtype))
         self._mix_eager = kernels.from_slots
         self._mix_decode = self._mix_eager
         self.mix_table = kernels.by_table
-
-    @property
-    def between_decode_steps(self) -> Callable[[], None] | None:
-        """What a compiled decode runs after each forward, outside its graphs (`GraphDecode.between_steps`)."""
-        return self.graph_decode.shared.between_steps if self.graph_decode is not None else None
 
     @property
     def decode_compiled(self) -> bool:
@@ -194,19 +193,17 @@ class OffloadedExperts(nn.Module):
                 indices = self._device_indices(acquired, experts, routing, decoding)  # ahead of the rows
             finally:  # the slots are already promised to these experts: their bytes must come
                 self.cache.start_copies(acquired)
-            if predicted:  # queued behind this layer's misses, which are all it waits for
+            if predicted and self.next_layer is not None:  # queued behind this layer's misses, all it waits for
                 self.next_layer.cache.prefetch(predicted)
                 predicted = []
-            # One pass over hits and misses together. On an H200 at Qwen3-Next shapes decode is bound by host
-            # time, not the bus: at 16 GB with 85% hits it runs as fast as with every expert resident (7.0 vs
-            # 7.2 tok/s), and a second pass to overlap the hits with ~1.5 misses' copies (~0.05 ms) cost more
-            # host time than it hid (0.90 -> 0.58 ms per MoE layer with one pass).
+            # One pass over hits and misses together: this path is bound by host time, not the bus, and a
+            # second pass to overlap the hits with the few misses' copies cost more host time than it hid.
             self.cache.wait_hits(acquired)
             self.cache.wait_misses(acquired)
             if experts:
                 parts.append(self._mix(hidden_states, routing, len(experts), indices))
             self.cache.mark_read()
-        if predicted:
+        if predicted and self.next_layer is not None:
             self.next_layer.cache.prefetch(predicted)
         if on_cpu:  # the device works through what was queued above while the CPU does its share
             from_cpu = self._compute_on_cpu(host_x, host_weights, routing, on_cpu).to(hidden_states.dtype)

@@ -7,12 +7,12 @@ weight at block 64) or raw 16-bit. One contiguous row per expert means one host-
 
 from dataclasses import asdict, dataclass
 from functools import cached_property
-from typing import Literal
 
 import bitsandbytes.functional as bnbf
 import torch
 
-ExpertQuant = Literal["nf4", "fp4", "bf16"]
+from worker.engine.moe_offload.config import ExpertQuant
+
 QUANT_BLOCKSIZE = 64
 _ALIGN = 16  # every section starts 16-byte aligned so any dtype view of it is legal and fast
 
@@ -85,8 +85,8 @@ def pack_expert(layout: ExpertLayout, gate_up: torch.Tensor, down: torch.Tensor,
                 quantize_on: str = "cpu") -> None:
     """Quantize (or copy) one expert's matrices into `out`, a uint8 row of `layout.row_bytes`.
 
-    `quantize_on="cuda"` runs bitsandbytes' CUDA kernel (same format) instead of its CPU one, which
-    measured 66 ms per Qwen3-Next expert on 2 cores: 27 minutes for the model's 24,576 experts."""
+    `quantize_on="cuda"` runs bitsandbytes' CUDA kernel (same format) instead of its CPU one, which is slow
+    enough on a few cores to make converting Qwen3-Next's 24,576 experts take the better part of an hour."""
     expected = ((2 * layout.intermediate, layout.hidden), (layout.hidden, layout.intermediate))
     if tuple(gate_up.shape) != expected[0] or tuple(down.shape) != expected[1]:
         raise ValueError(f"expert shapes {tuple(gate_up.shape)}, {tuple(down.shape)}; expected {expected}")

@@ -46,6 +46,7 @@ def mapped_device_view(rows: torch.Tensor, device: torch.device) -> torch.Tensor
         _clear_last_cuda_error()
         raise RuntimeError(f"cudaHostGetDevicePointer failed (CUDA error {status})")
     with torch.cuda.device(device):  # torch finds the device from the pointer's attributes
+        assert pointer.value is not None  # a null pointer comes with a failed status, handled above
         return torch.as_tensor(_CudaArray(pointer.value, rows), device=device)
 
 

@@ -1,6 +1,11 @@
 """Host-to-device copies on a side CUDA stream, so they overlap compute; plain copies on the CPU tier."""
 
+from typing import Any
+
 import torch
+
+#: A CUDA event (copies landed, compute done), or None where everything is already done (the CPU tier).
+Landed = Any
 
 
 class CopyStream:
@@ -9,10 +14,10 @@ class CopyStream:
     def __init__(self, device: torch.device):
         self.device = device
         self.is_cuda = device.type == "cuda"
-        self._stream = torch.cuda.Stream(device=device) if self.is_cuda else None
+        self._stream: Any = torch.cuda.Stream(device=device) if self.is_cuda else None
         # The stream compute runs on, looked up once: `current_stream()` costs ~20 us of host time per call,
         # and a decode step is bound by host time. The worker computes on the default stream throughout.
-        self._compute = torch.cuda.current_stream(device) if self.is_cuda else None
+        self._compute: Any = torch.cuda.current_stream(device) if self.is_cuda else None
 
     def adopt(self, buffer: torch.Tensor) -> None:
         """`buffer` (allocated on the compute stream) is written on the side stream: keep the caching allocator

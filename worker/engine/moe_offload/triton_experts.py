@@ -3,9 +3,9 @@
 The torch path (`offloaded_experts.mix_decode`) dequantizes the token's experts to 16-bit weights, then
 multiplies: for Qwen3-Next's 10 experts a layer that writes and reads back 63 MB to use 17.7 MB of 4-bit
 rows, ~6.9 GB a token. These kernels unpack the nibbles in registers instead (NF4 or FP4 code table, one
-float32 absmax per 64 weights, as bitsandbytes packs them): 17.7 MB a layer. By bandwidth alone (not yet
-timed) that is ~1.5 ms a token on an H200, and on a 16 GB card with a tenth of its bandwidth most of the
-decode budget.
+float32 absmax per 64 weights, as bitsandbytes packs them): 17.7 MB a layer. On a 16 GB card, whose memory
+bandwidth is a fraction of a datacenter GPU's, the torch path's extra traffic would take most of the decode
+budget.
 
 - `_gate_up_kernel`, one program per (expert, block of intermediate rows): h = silu(gate x) * (up x).
 - `_down_kernel`, one program per block of output rows, looping over the experts: y = sum_e w_e down_e h_e.
@@ -32,8 +32,8 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Blocks:
     """Rows of the matrix each program computes, per kernel, and warps per program. The default gives 160
-    gate/up programs (10 experts x 16) and 128 down programs at Qwen3-Next's shapes, about one per SM of an
-    H100/H200; `tune` times the candidates on the device at hand."""
+    gate/up programs (10 experts x 16) and 128 down programs at Qwen3-Next's shapes, about one per SM of a
+    datacenter GPU; `tune` times the candidates on the device at hand."""
 
     gate_up_rows: int = 32
     down_rows: int = 16
@@ -70,8 +70,8 @@ def _row(buf_u8, buf_f32, gathered_u8, gathered_f32, experts_ptr, table_ptr, i, 
 @triton.jit
 def _gather_kernel(host_u8, gathered_u8, experts_ptr, table_ptr, row_bytes, CHUNK: tl.constexpr):
     """Row i of `gathered` = the i-th expert's row in host memory, for each expert without a slot: whole rows in
-    long contiguous loads. On an H100, for 10 experts, the expert kernels reading mapped host rows themselves
-    (32 bytes of a row at a time) drew 21.8-23.7 GB/s from a bus that copies at 55; gathered first, 39.4."""
+    long contiguous loads: the expert kernels reading mapped host rows themselves fetch 32 bytes of a row at a
+    time, which the bus serves far below its copy bandwidth (`benchmarks/zero_copy_probe.py` measures both)."""
     i = tl.program_id(0)
     expert = tl.load(experts_ptr + i).to(tl.int64)
     if tl.load(table_ptr + expert) < 0:

@@ -3,17 +3,17 @@ import fakeredis
 from shared.job_record import new_job_fields
 from shared.redis_keys import RedisKeys
 from shared.schemas import BenchmarkRequest, JobKind
-from worker import benchmark
+from worker import benchmark_job
 from worker.job_runner import JobContext
 
 
 def test_percentile_is_nearest_rank():
-    assert benchmark.percentile([5.0, 1.0, 3.0, 2.0, 4.0], 0.95) == 5.0
-    assert benchmark.percentile(list(map(float, range(1, 101))), 0.95) == 95.0
+    assert benchmark_job.percentile([5.0, 1.0, 3.0, 2.0, 4.0], 0.95) == 5.0
+    assert benchmark_job.percentile(list(map(float, range(1, 101))), 0.95) == 95.0
 
 
 def test_memory_plan_grows_the_prompt_within_the_context():
-    plan = benchmark.plan("memory", 4, context_length=600)
+    plan = benchmark_job.plan("memory", 4, context_length=600)
     lengths = [len(params.prompt) for params in plan]
     assert lengths == sorted(lengths) and lengths[0] < lengths[-1]
 
@@ -23,7 +23,7 @@ def test_standard_benchmark_reports_the_spec_fields_on_the_real_model(engine):
     keys = RedisKeys("b")
     client.hset(keys.job("j"), mapping=new_job_fields(JobKind.BENCHMARK, {}))
     context = JobContext(client, keys, "j", deadline=float("inf"), ttl_s=60, stream_tokens=False)
-    report, finish = benchmark.run(engine, BenchmarkRequest(test_type="standard", iterations=2), context)
+    report, finish = benchmark_job.run(engine, BenchmarkRequest(test_type="standard", iterations=2), context)
     assert finish == "stop"
     assert report.iterations == 2 and len(report.test_prompts) == 2
     assert report.min_tokens_per_second <= report.avg_tokens_per_second <= report.max_tokens_per_second
