@@ -72,6 +72,8 @@ def _describe_validation_error(error: dict) -> tuple[str | None, str]:
     kind = error.get("type")
     if kind == "extra_forbidden":
         return field, f"unknown field '{field}'"
+    if kind == "unsupported_parameter":  # its message names the parameter already
+        return field, error["msg"]
     if kind == "json_invalid":
         return None, f"the request body is not valid JSON ({error.get('ctx', {}).get('error', 'parse error')})"
     if kind == "missing" and field is None:

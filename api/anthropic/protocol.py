@@ -58,8 +58,11 @@ class MessagesRequest(_Strict):
     timeout: StrictFloat | None = Field(
         None, description="seconds until the job stops (an extension; at most JOB_TIMEOUT_S)"
     )
+    cache_control: Any = None  # a prompt-caching hint: nothing to do here
     # Accepted at their no-op value only.
     top_k: Any = None
+    output_config: Any = None
+    speed: Any = None
     tools: Any = None
     tool_choice: Any = None
     thinking: Any = None
@@ -75,6 +78,8 @@ class MessagesRequest(_Strict):
         "service_tier": (None, "auto", "standard_only"),
         "container": (None,),
         "mcp_servers": (None, []),
+        "output_config": (None,),
+        "speed": (None, "standard"),
     }
 
     @field_validator(*_NO_OP, mode="after")
