@@ -77,9 +77,10 @@ class GenerationJobs:
         """Text deltas, then the outcome. A failed job raises its APIError (504 for one still going past the
         wait); a caller that stops reading before the end cancels the job."""
         finished = False
+        wait_s = self._wait_s(job)
         expiry = asyncio.create_task(self._expire_in_queue_at_deadline(job)) if job.deadline is not None else None
         try:
-            async for event, data in self.jobs.events(job.id, self._wait_s(job)):
+            async for event, data in self.jobs.events(job.id, wait_s):
                 if event is EventType.TOKEN:
                     yield TextDelta(data["text"])
                     continue
@@ -92,9 +93,7 @@ class GenerationJobs:
                 yield outcome
         except WaitTimeout:
             finished = True  # still going, and still there to poll at /jobs/{id}
-            raise APIError(
-                504, ErrorType.TIMEOUT, f"no result within {self._wait_s(job):.0f} s; poll /jobs/{job.id}"
-            ) from None
+            raise APIError(504, ErrorType.TIMEOUT, f"no result within {wait_s:.0f} s; poll /jobs/{job.id}") from None
         finally:
             if expiry is not None:
                 expiry.cancel()
