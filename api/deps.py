@@ -5,6 +5,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from api.services.fleet import FleetReader
+from api.services.generation import GenerationJobs
 from api.services.jobs import JobService
 from shared.config import Settings
 
@@ -17,10 +18,15 @@ def _jobs(request: Request) -> JobService:
     return request.app.state.jobs
 
 
+def _generations(request: Request) -> GenerationJobs:
+    return GenerationJobs(request.app.state.jobs, request.app.state.settings)
+
+
 def _fleet(request: Request) -> FleetReader:
     return request.app.state.jobs.fleet
 
 
 SettingsDep = Annotated[Settings, Depends(_settings)]
 JobServiceDep = Annotated[JobService, Depends(_jobs)]
+GenerationDep = Annotated[GenerationJobs, Depends(_generations)]
 FleetDep = Annotated[FleetReader, Depends(_fleet)]

@@ -1,6 +1,12 @@
-"""One error envelope, `{"error": {message, type, param, code}}`, for every failure the API reports."""
+"""One error envelope, `{"error": {message, type, param, code}}`, for every failure the API reports.
+
+Routes under another API's prefix (`/v1/...`) answer in that API's own envelope: `install_error_handlers`
+takes a renderer per path prefix, and every handler here goes through it.
+"""
 
 import logging
+import re
+from collections.abc import Callable
 
 import redis.exceptions
 from fastapi import FastAPI, Request
@@ -15,13 +21,14 @@ log = logging.getLogger(__name__)
 
 class APIError(Exception):
     def __init__(self, status_code: int, type_: ErrorType, message: str, param: str | None = None,
-                 headers: dict[str, str] | None = None):
+                 headers: dict[str, str] | None = None, code: str | None = None):
         super().__init__(message)
         self.status_code = status_code
         self.type = type_
         self.message = message
         self.param = param
         self.headers = headers
+        self.code = code  # a machine-readable reason, for envelopes that carry one (OpenAI's "model_not_found")
 
     def response(self) -> JSONResponse:
         return error_response(self.status_code, self.type, self.message, self.param, self.headers)
@@ -54,12 +61,19 @@ def error_responses(*codes: int) -> dict[int | str, dict]:
     return {code: {"model": ErrorResponse} for code in codes}
 
 
+# The member of a union a value failed, which pydantic puts in the error's location: "prompt.list[str].0".
+_UNION_MEMBER = re.compile(r"^(str|int|float|bool|[\w-]+\[.*\])$")
+
+
 def _describe_validation_error(error: dict) -> tuple[str | None, str]:
-    path = [str(part) for part in error.get("loc", ()) if part not in ("body", "query", "path", "header")]
+    path = [str(part) for part in error.get("loc", ())
+            if part not in ("body", "query", "path", "header") and not _UNION_MEMBER.match(str(part))]
     field = ".".join(path) or None
     kind = error.get("type")
     if kind == "extra_forbidden":
         return field, f"unknown field '{field}'"
+    if kind == "unsupported_parameter":  # its message names the parameter already
+        return field, error["msg"]
     if kind == "json_invalid":
         return None, f"the request body is not valid JSON ({error.get('ctx', {}).get('error', 'parse error')})"
     if kind == "missing" and field is None:
@@ -67,34 +81,48 @@ def _describe_validation_error(error: dict) -> tuple[str | None, str]:
     return field, f"{field}: {error['msg']}" if field else error["msg"]
 
 
-async def _on_validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+def validation_error(exc: RequestValidationError) -> APIError:
     described = [_describe_validation_error(error) for error in exc.errors()]
     message = "; ".join(text for _, text in described) or "invalid request"
-    return error_response(400, ErrorType.INVALID_REQUEST, message, described[0][0] if described else None)
+    return invalid_request(message, described[0][0] if described else None)
 
 
-async def _on_api_error(_: Request, exc: APIError) -> JSONResponse:
-    return exc.response()
-
-
-async def _on_http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+def _http_error(exc: StarletteHTTPException) -> APIError:
     type_ = ErrorType.NOT_FOUND if exc.status_code == 404 else ErrorType.INVALID_REQUEST
-    return error_response(exc.status_code, type_, str(exc.detail), headers=getattr(exc, "headers", None))
+    return APIError(exc.status_code, type_, str(exc.detail), headers=getattr(exc, "headers", None))
 
 
-async def _on_redis_error(_: Request, exc: redis.exceptions.RedisError) -> JSONResponse:
+def _redis_error(exc: redis.exceptions.RedisError) -> APIError:
     log.error("Redis unavailable: %s", exc)
-    return error_response(503, ErrorType.SERVICE_UNAVAILABLE, f"the job store (Redis) is unavailable: {exc}")
+    return APIError(503, ErrorType.SERVICE_UNAVAILABLE, f"the job store (Redis) is unavailable: {exc}")
 
 
-async def _on_unexpected(_: Request, exc: Exception) -> JSONResponse:
+def _unexpected(exc: Exception) -> APIError:
     log.exception("unhandled error")
-    return error_response(500, ErrorType.INFERENCE, f"internal error: {type(exc).__name__}: {exc}")
+    return APIError(500, ErrorType.INFERENCE, f"internal error: {type(exc).__name__}: {exc}")
 
 
-def install_error_handlers(app: FastAPI) -> None:
-    app.add_exception_handler(RequestValidationError, _on_validation_error)
-    app.add_exception_handler(APIError, _on_api_error)
-    app.add_exception_handler(StarletteHTTPException, _on_http_error)
-    app.add_exception_handler(redis.exceptions.RedisError, _on_redis_error)
-    app.add_exception_handler(Exception, _on_unexpected)
+ErrorRenderer = Callable[[APIError], JSONResponse]
+
+
+def install_error_handlers(app: FastAPI, dialects: dict[str, ErrorRenderer] | None = None) -> None:
+    """`dialects`: path prefix -> the envelope errors on those paths are rendered in (longest prefix wins);
+    every other path gets the native one."""
+    prefixes = sorted((dialects or {}).items(), key=lambda item: len(item[0]), reverse=True)
+
+    def render(request: Request, error: APIError) -> JSONResponse:
+        path = request.url.path
+        renderer = next((renderer for prefix, renderer in prefixes if path.startswith(prefix)), APIError.response)
+        return renderer(error)
+
+    def handler(to_api_error: Callable[[Exception], APIError]):
+        async def handle(request: Request, exc: Exception) -> JSONResponse:
+            return render(request, to_api_error(exc))
+
+        return handle
+
+    app.add_exception_handler(RequestValidationError, handler(validation_error))
+    app.add_exception_handler(APIError, handler(lambda exc: exc))
+    app.add_exception_handler(StarletteHTTPException, handler(_http_error))
+    app.add_exception_handler(redis.exceptions.RedisError, handler(_redis_error))
+    app.add_exception_handler(Exception, handler(_unexpected))

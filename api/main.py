@@ -7,9 +7,12 @@ from celery import Celery
 from fastapi import FastAPI
 from redis.asyncio import Redis
 
+from api.anthropic.errors import anthropic_error_response
 from api.errors import install_error_handlers
 from api.middleware import FormBodyAsJSON
-from api.routes import benchmark, inference, jobs, status
+from api.openai.errors import openai_error_response
+from api.routes import anthropic, benchmark, inference, jobs, openai, status
+from api.services.generation import ClientDisconnected, client_gone
 from api.services.jobs import XREAD_BLOCK_MS, JobService
 from shared.celery_app import create_celery_app
 from shared.config import Settings, get_settings
@@ -36,8 +39,9 @@ def create_app(settings: Settings | None = None, redis_client: Redis | None = No
     app = FastAPI(title="moeserve", version="0.1.0", lifespan=lifespan,
                   description="Queue-backed LLM inference: FastAPI -> Redis -> one GPU-bound Celery worker.")
     app.add_middleware(FormBodyAsJSON)
-    install_error_handlers(app)
-    for module in (inference, jobs, benchmark, status):
+    install_error_handlers(app, {"/v1/": openai_error_response, "/v1/messages": anthropic_error_response})
+    app.add_exception_handler(ClientDisconnected, client_gone)
+    for module in (inference, jobs, benchmark, status, openai, anthropic):
         app.include_router(module.router)
     return app
 

@@ -2,9 +2,10 @@
 `worker.settings` and `worker.engine.moe_offload.config`."""
 
 from functools import lru_cache
+from typing import Annotated
 
-from pydantic import Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
@@ -28,6 +29,8 @@ class Settings(BaseSettings):
     max_prompt_chars: int = Field(200_000, ge=1, description="longer prompts get 400 before they are queued")
     max_queue_depth: int = Field(64, ge=1, description="waiting jobs beyond this get 429 with Retry-After")
     benchmark_max_iterations: int = Field(100, ge=1, description="the most iterations one benchmark job may run")
+    served_model_aliases: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="comma-separated other names the /v1 APIs accept for the served model")
 
     # --- timing ---
     job_timeout_s: float = Field(600.0, gt=0, description="generation deadline in seconds, checked per token")
@@ -46,6 +49,11 @@ class Settings(BaseSettings):
     # --- API server ---
     api_host: str = Field("127.0.0.1", description="address `make run` binds the API to")
     api_port: int = Field(8000, ge=1, le=65535, description="port `make run` serves the API on")
+
+    @field_validator("served_model_aliases", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        return [name.strip() for name in value.split(",") if name.strip()] if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _check_consistency(self) -> "Settings":

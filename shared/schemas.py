@@ -6,9 +6,22 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, computed_field, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    computed_field,
+    field_validator,
+    model_validator,
+)
 
 StrictFloat = Annotated[float, Field(strict=True)]
+
+#: Stop strings one request may give (OpenAI's limit).
+MAX_STOP_STRINGS = 4
 
 
 class _Request(BaseModel):
@@ -24,15 +37,42 @@ class InferenceRequest(_Request):
     max_tokens: StrictInt | None = Field(None, ge=1, description="Maximum tokens to generate (default 100)")
     temperature: StrictFloat = Field(0.7, ge=0.0, le=2.0, description="0 means greedy decoding")
     stream: StrictBool = Field(False, description="Stream tokens as Server-Sent Events")
+    top_p: StrictFloat = Field(1.0, ge=0.0, le=1.0, description="Nucleus sampling: keep the most likely tokens "
+                               "whose probabilities add up to this (1 = all)")
+    stop: StrictStr | list[StrictStr] | None = Field(
+        None, description=f"Up to {MAX_STOP_STRINGS} strings that end generation; the stop text is not returned")
+    seed: StrictInt | None = Field(None, ge=-(2**63), lt=2**64,
+                                   description="Seeds sampling: the same seed, prompt and settings give the same text")
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str
 
 
 class GenerationParams(BaseModel):
-    """What the worker needs to run one generation; travels as the Celery task's payload."""
+    """What the worker needs to run one generation; travels as the Celery task's payload.
 
-    prompt: str
+    A job carries either a `prompt` (wrapped in the chat template as one user turn when
+    `apply_chat_template`) or `messages` (always rendered by the model's chat template, on the worker,
+    which has the tokenizer).
+    """
+
+    prompt: str = ""
+    messages: list[ChatMessage] | None = None
     max_tokens: int
     temperature: float
     apply_chat_template: bool = True
+    top_p: float = 1.0
+    stop: list[str] = Field(default_factory=list)
+    seed: int | None = None
+    deadline: float | None = Field(None, description="epoch seconds after which generation stops (timeout)")
+
+    @model_validator(mode="after")
+    def _prompt_or_messages(self) -> "GenerationParams":
+        if (self.messages is None) == (not self.prompt):
+            raise ValueError("a generation takes either a prompt or messages")
+        return self
 
 
 class InferenceResponse(BaseModel):
@@ -48,6 +88,7 @@ class GenerationOutcome(InferenceResponse):
 
     prompt_tokens: int
     finish_reason: Literal["stop", "length", "cancelled", "timeout"]
+    stop_sequence: str | None = Field(None, description="the stop string that ended generation, if one did")
 
 
 # ---------------------------------------------------------------- benchmark

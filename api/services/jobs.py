@@ -130,7 +130,11 @@ class JobService:
     async def request_cancel(self, job_id: str) -> None:
         """Flag first, then cancel in place if still queued: a running job sees the flag at its next token."""
         await self.client.set(self.keys.job_cancel(job_id), "1", ex=self.settings.job_ttl_s)
-        await self._cancel_queued(
+        await self.expire_if_queued(job_id, cancelled_error())
+
+    async def expire_if_queued(self, job_id: str, error: JobError) -> bool:
+        """End a job that has not started with `error` (waking its waiters); False if it already left the queue."""
+        return bool(await self._cancel_queued(
             keys=[self.keys.job(job_id), self.keys.job_events(job_id)],
-            args=[repr(time.time()), cancelled_error().model_dump_json(), self.settings.job_ttl_s],
-        )
+            args=[repr(time.time()), error.model_dump_json(), self.settings.job_ttl_s],
+        ))

@@ -31,12 +31,16 @@ class IncrementalDetokenizer:
         return new_text
 
     def flush(self) -> str:
-        """Whatever is still held back once generation ended (e.g. a dangling partial character)."""
+        """Whatever complete text is still held back once generation ended.
+
+        A generation cut by max_tokens or a stop can end inside a multi-byte character; those trailing bytes
+        decode to U+FFFD and are dropped rather than returned as a broken character.
+        """
         if self._read_offset >= len(self.token_ids):
             return ""
         prefix_text = self._decode(self.token_ids[self._prefix_offset : self._read_offset])
         full_text = self._decode(self.token_ids[self._prefix_offset :])
-        new_text = full_text[len(prefix_text) :]
+        new_text = full_text[len(prefix_text) :].rstrip("\ufffd")
         self.text += new_text
         self._read_offset = len(self.token_ids)
         return new_text

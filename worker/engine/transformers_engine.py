@@ -2,8 +2,10 @@
 
 import logging
 import time
-from typing import Any
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import psutil
 import torch
@@ -14,6 +16,8 @@ from shared.schemas import GenerationOutcome, GenerationParams
 from worker.engine.base import Engine, GenerationControl, InvalidGenerationInput
 from worker.engine.compiled_decode import CompiledDecode, DecodeHooks, configure_compiler, wants_compiled_decode
 from worker.engine.detokenizer import IncrementalDetokenizer
+from worker.engine.request_deadline import RequestDeadlineControl
+from worker.engine.stop_strings import StopStringControl
 from worker.settings import DecodeCompile
 
 log = logging.getLogger(__name__)
@@ -149,16 +153,38 @@ class TransformersEngine(Engine):
         return ids
 
     def _encode(self, params: GenerationParams) -> torch.Tensor:
+        if params.messages is not None:
+            return self._encode_chat([message.model_dump() for message in params.messages])
         if self.use_chat_template and params.apply_chat_template:
-            messages = [{"role": "user", "content": params.prompt}]
-            encoded = self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
-            )
-            return encoded["input_ids"]
+            return self._encode_chat([{"role": "user", "content": params.prompt}])
         return self.tokenizer(params.prompt, return_tensors="pt")["input_ids"]
+
+    def _encode_chat(self, messages: list[dict[str, str]]) -> torch.Tensor:
+        if not self.use_chat_template:  # a model without a template: a plain transcript, the reply to follow
+            turns = "".join(f"{message['role'].capitalize()}: {message['content']}\n\n" for message in messages)
+            return self.tokenizer(turns + "Assistant:", return_tensors="pt")["input_ids"]
+        encoded = self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
+        return encoded["input_ids"]
+
+    @contextmanager
+    def _seeded(self, seed: int | None) -> Iterator[None]:
+        """Sampling from `seed`, without disturbing the random state unseeded requests draw from."""
+        if seed is None:
+            yield
+            return
+        devices = [torch.cuda.current_device()] if self.device == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            yield
 
     def generate(self, params: GenerationParams, control: GenerationControl) -> GenerationOutcome:
         started = time.perf_counter()
+        if params.deadline is not None:
+            if time.time() > params.deadline:  # it waited in the queue past its deadline: never started
+                return self._outcome("", [], 0, started, "timeout")
+            control = RequestDeadlineControl(control, params.deadline)
         input_ids = self._encode(params)
         prompt_tokens = int(input_ids.shape[1])
         if prompt_tokens + params.max_tokens > self.context_length:
@@ -167,16 +193,18 @@ class TransformersEngine(Engine):
                 f"model's context is {self.context_length} tokens",
                 param="prompt" if prompt_tokens >= self.context_length else "max_tokens",
             )
-        streamer = _ControlStreamer(IncrementalDetokenizer(self.tokenizer), control)
-        stopping = _ControlStopping(control)
+        stops = StopStringControl(control, params.stop)
+        streamer = _ControlStreamer(IncrementalDetokenizer(self.tokenizer), stops)
+        stopping = _ControlStopping(stops)
         sampling = (
-            {"do_sample": True, "temperature": params.temperature}
+            {"do_sample": True, "temperature": params.temperature, "top_p": params.top_p}
             if params.temperature > 0
             else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
         )
         if self.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        with torch.inference_mode():  # the cache's tensors were made in inference mode: reset them in it too
+        # The cache's tensors were made in inference mode: reset them in it too.
+        with torch.inference_mode(), self._seeded(params.seed):
             compiled = self.compiled.generate_kwargs() if self.compiled is not None else {}
             self.model.generate(
                 input_ids=input_ids.to(self.device),
@@ -188,16 +216,23 @@ class TransformersEngine(Engine):
                 **sampling,
                 **compiled,
             )
-        elapsed = time.perf_counter() - started
+        stops.finish()
         tokens = streamer.token_ids
+        finish_reason = self._finish_reason(tokens, params.max_tokens, stopping.reason)
+        return self._outcome(stops.text, tokens, prompt_tokens, started, finish_reason, stops.matched)
+
+    def _outcome(self, text: str, tokens: list[int], prompt_tokens: int, started: float, finish_reason: str,
+                 stop_sequence: str | None = None) -> GenerationOutcome:
+        elapsed = time.perf_counter() - started
         return GenerationOutcome(
-            text=streamer.detokenizer.text,
+            text=text,
             tokens_generated=len(tokens),
             prompt_tokens=prompt_tokens,
             generation_time=round(elapsed, 6),
             tokens_per_second=round(len(tokens) / elapsed, 3) if elapsed > 0 else 0.0,
             memory_used_gb=round(self.memory_used_gb(), 4),
-            finish_reason=self._finish_reason(tokens, params.max_tokens, stopping.reason),
+            finish_reason=finish_reason,
+            stop_sequence=stop_sequence,
         )
 
     def _finish_reason(self, tokens: list[int], max_tokens: int, stop_reason: str | None) -> str:

@@ -7,8 +7,8 @@ import torch
 from tests.worker.moe_offload.tiny_moe import build_tiny_qwen3_next
 from worker.engine.moe_offload.converter import convert_checkpoint
 
-# The cache and equivalence tests run on this device: the CPU here and in CI; MOE_TEST_DEVICE=cuda on a
-# machine with a GPU (benchmarks/gpu_check.sh) runs the same assertions through CUDA streams, events and page-locked rows.
+# The cache and equivalence tests run on this device: the CPU here and in CI; MOE_TEST_DEVICE=cuda on a machine
+# with a GPU (benchmarks/gpu_check.sh) runs the same assertions through CUDA streams, events and page-locked rows.
 TEST_DEVICE = torch.device(os.environ.get("MOE_TEST_DEVICE", "cpu"))
 
 

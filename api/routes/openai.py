@@ -1,0 +1,62 @@
+"""OpenAI's API: each route adapts a request to a generation job and its outcome back (api/openai/serving.py)."""
+
+from fastapi import APIRouter, Request
+from sse_starlette import EventSourceResponse
+
+from api.deps import FleetDep, GenerationDep, SettingsDep
+from api.openai.protocol import (
+    ChatCompletion,
+    ChatCompletionRequest,
+    Completion,
+    CompletionRequest,
+    ModelList,
+    OpenAIErrorResponse,
+)
+from api.openai.serving import (
+    chat_chunks,
+    chat_completion,
+    chat_params,
+    completion,
+    completion_chunks,
+    completion_params,
+    model_list,
+)
+from api.services.served_models import check_model, served_models
+
+router = APIRouter(prefix="/v1", tags=["openai"])
+
+_ERRORS = {code: {"model": OpenAIErrorResponse} for code in (400, 404, 409, 429, 500, 503, 504)}
+
+
+@router.get("/models", response_model=ModelList)
+async def list_models(fleet: FleetDep, settings: SettingsDep) -> ModelList:
+    """The model the workers have loaded (and its aliases)."""
+    return model_list(await served_models(fleet, settings))
+
+
+@router.post("/chat/completions", response_model=ChatCompletion, responses=_ERRORS)
+async def create_chat_completion(
+    body: ChatCompletionRequest, request: Request, generations: GenerationDep, fleet: FleetDep, settings: SettingsDep
+):
+    """Chat: the worker renders `messages` with the model's chat template. `stream: true` for SSE chunks."""
+    await check_model(fleet, settings, body.model)
+    job = await generations.submit(chat_params(body, settings))
+    if body.stream:
+        events = await generations.open_stream(job, request)
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        return EventSourceResponse(chat_chunks(job, body.model, events, include_usage))
+    return chat_completion(job, body.model, await generations.outcome(job, request))
+
+
+@router.post("/completions", response_model=Completion, responses=_ERRORS)
+async def create_completion(
+    body: CompletionRequest, request: Request, generations: GenerationDep, fleet: FleetDep, settings: SettingsDep
+):
+    """Raw completion: the prompt goes to the model as it is, no chat template."""
+    await check_model(fleet, settings, body.model)
+    job = await generations.submit(completion_params(body, settings))
+    if body.stream:
+        events = await generations.open_stream(job, request)
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        return EventSourceResponse(completion_chunks(job, body.model, events, include_usage))
+    return completion(job, body.model, await generations.outcome(job, request))
