@@ -11,19 +11,21 @@ from shared.config import Settings
 
 
 def _settings(request: Request) -> Settings:
-    return request.app.state.settings
+    settings: Settings = request.app.state.settings
+    return settings
 
 
 def _jobs(request: Request) -> JobService:
-    return request.app.state.jobs
+    jobs: JobService = request.app.state.jobs
+    return jobs
 
 
 def _generations(request: Request) -> GenerationJobs:
-    return GenerationJobs(request.app.state.jobs, request.app.state.settings)
+    return GenerationJobs(_jobs(request), _settings(request))
 
 
 def _fleet(request: Request) -> FleetReader:
-    return request.app.state.jobs.fleet
+    return _jobs(request).fleet
 
 
 SettingsDep = Annotated[Settings, Depends(_settings)]

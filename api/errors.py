@@ -6,7 +6,8 @@ takes a renderer per path prefix, and every handler here goes through it.
 
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import redis.exceptions
 from fastapi import FastAPI, Request
@@ -57,7 +58,7 @@ def from_job_error(error: JobError) -> APIError:
 
 
 # Documented on each route so the OpenAPI schema shows the envelope.
-def error_responses(*codes: int) -> dict[int | str, dict]:
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {code: {"model": ErrorResponse} for code in codes}
 
 
@@ -65,7 +66,7 @@ def error_responses(*codes: int) -> dict[int | str, dict]:
 _UNION_MEMBER = re.compile(r"^(str|int|float|bool|[\w-]+\[.*\])$")
 
 
-def _describe_validation_error(error: dict) -> tuple[str | None, str]:
+def _describe_validation_error(error: dict[str, Any]) -> tuple[str | None, str]:
     path = [str(part) for part in error.get("loc", ())
             if part not in ("body", "query", "path", "header") and not _UNION_MEMBER.match(str(part))]
     field = ".".join(path) or None
@@ -115,14 +116,17 @@ def install_error_handlers(app: FastAPI, dialects: dict[str, ErrorRenderer] | No
         renderer = next((renderer for prefix, renderer in prefixes if path.startswith(prefix)), APIError.response)
         return renderer(error)
 
-    def handler(to_api_error: Callable[[Exception], APIError]):
+    def handler(to_api_error: Callable[[Any], APIError]) -> Callable[[Request, Exception], Awaitable[JSONResponse]]:
         async def handle(request: Request, exc: Exception) -> JSONResponse:
             return render(request, to_api_error(exc))
 
         return handle
 
+    def as_is(exc: APIError) -> APIError:
+        return exc
+
     app.add_exception_handler(RequestValidationError, handler(validation_error))
-    app.add_exception_handler(APIError, handler(lambda exc: exc))
+    app.add_exception_handler(APIError, handler(as_is))
     app.add_exception_handler(StarletteHTTPException, handler(_http_error))
     app.add_exception_handler(redis.exceptions.RedisError, handler(_redis_error))
     app.add_exception_handler(Exception, handler(_unexpected))

@@ -1,6 +1,7 @@
 """The FastAPI app: `uvicorn api.main:app`. Routers gathered here; logic lives in `api/services`."""
 
 import time
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from celery import Celery
@@ -24,7 +25,7 @@ def create_app(settings: Settings | None = None, redis_client: Redis | None = No
     settings = settings or get_settings()
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI):
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Must outlive the longest XREAD BLOCK, or waiting callers see a read timeout.
         client = redis_client or Redis.from_url(settings.redis_url, decode_responses=True,
                                                 socket_timeout=XREAD_BLOCK_MS / 1000 + 10)

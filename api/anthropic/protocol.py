@@ -6,12 +6,11 @@ implement (tools, thinking, top_k, images...) is accepted only at its no-op valu
 
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
+from pydantic import AfterValidator, BaseModel, Field, StrictBool, StrictInt, StrictStr
 from pydantic_core import PydanticCustomError
 
-from api.openai.protocol import unsupported
+from api.request_models import NoOpValues, StrictFloat, StrictRequest, no_op_only, unsupported
 
-StrictFloat = Annotated[float, Field(strict=True)]
 _TEXT_BLOCK_KEYS = {"type", "text", "cache_control"}  # a cache hint is a no-op here
 
 
@@ -32,20 +31,16 @@ def text_of(content: str | list[dict[str, Any]]) -> str:
     return content if isinstance(content, str) else "\n".join(block["text"] for block in content)
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class InputMessage(_Strict):
+class InputMessage(StrictRequest):
     role: Literal["user", "assistant"]
     content: Content
 
 
-class Metadata(_Strict):
+class Metadata(StrictRequest):
     user_id: StrictStr | None = None
 
 
-class MessagesRequest(_Strict):
+class MessagesRequest(StrictRequest):
     model: StrictStr
     messages: list[InputMessage] = Field(min_length=1)
     max_tokens: StrictInt = Field(ge=1)
@@ -70,7 +65,7 @@ class MessagesRequest(_Strict):
     container: Any = None
     mcp_servers: Any = None
 
-    _NO_OP: ClassVar[dict[str, tuple]] = {
+    _NO_OP: ClassVar[NoOpValues] = {
         "top_k": (None,),
         "tools": (None, []),
         "tool_choice": (None, {"type": "none"}),
@@ -82,12 +77,7 @@ class MessagesRequest(_Strict):
         "speed": (None, "standard"),
     }
 
-    @field_validator(*_NO_OP, mode="after")
-    @classmethod
-    def _no_op_only(cls, value: Any, info) -> Any:
-        if value not in cls._NO_OP[info.field_name]:
-            raise unsupported(info.field_name)
-        return value
+    _no_op_only = no_op_only(_NO_OP)
 
 
 StopReason = Literal["end_turn", "max_tokens", "stop_sequence"]
@@ -125,12 +115,18 @@ class Message(BaseModel):
 # ---------------------------------------------------------------- stream events
 
 
-class MessageStartEvent(BaseModel):
+class StreamEvent(BaseModel):
+    """One server-sent event of a streamed message; its `type` is also the event's name."""
+
+    type: str
+
+
+class MessageStartEvent(StreamEvent):
     type: Literal["message_start"] = "message_start"
     message: Message
 
 
-class ContentBlockStartEvent(BaseModel):
+class ContentBlockStartEvent(StreamEvent):
     type: Literal["content_block_start"] = "content_block_start"
     index: int = 0
     content_block: TextBlock = TextBlock(text="")
@@ -141,13 +137,13 @@ class TextDeltaBody(BaseModel):
     text: str
 
 
-class ContentBlockDeltaEvent(BaseModel):
+class ContentBlockDeltaEvent(StreamEvent):
     type: Literal["content_block_delta"] = "content_block_delta"
     index: int = 0
     delta: TextDeltaBody
 
 
-class ContentBlockStopEvent(BaseModel):
+class ContentBlockStopEvent(StreamEvent):
     type: Literal["content_block_stop"] = "content_block_stop"
     index: int = 0
 
@@ -157,13 +153,13 @@ class MessageDeltaBody(BaseModel):
     stop_sequence: str | None = None
 
 
-class MessageDeltaEvent(BaseModel):
+class MessageDeltaEvent(StreamEvent):
     type: Literal["message_delta"] = "message_delta"
     delta: MessageDeltaBody
     usage: MessageUsage  # input_tokens too: the worker counts the prompt, so message_start cannot
 
 
-class MessageStopEvent(BaseModel):
+class MessageStopEvent(StreamEvent):
     type: Literal["message_stop"] = "message_stop"
 
 

@@ -3,8 +3,6 @@
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
-from pydantic import BaseModel
-
 from api.anthropic.errors import anthropic_error
 from api.anthropic.protocol import (
     AnthropicErrorResponse,
@@ -19,13 +17,14 @@ from api.anthropic.protocol import (
     MessageStopEvent,
     MessageUsage,
     StopReason,
+    StreamEvent,
     TextBlock,
     TextDeltaBody,
     TimeoutNote,
     text_of,
 )
 from api.errors import APIError
-from api.services.generation import GenerationEvent, GenerationJob, TextDelta
+from api.services.generation import GenerationJob, GenerationStream, TextDelta
 from api.services.request_checks import checked_max_tokens, checked_prompt_length, checked_stop, request_deadline
 from shared.config import Settings
 from shared.schemas import ChatMessage, GenerationOutcome, GenerationParams
@@ -75,11 +74,11 @@ def message(job: GenerationJob, model: str, outcome: GenerationOutcome) -> Messa
     )
 
 
-def _event(body: BaseModel) -> dict:
+def _event(body: StreamEvent) -> dict[str, str]:
     return {"event": body.type, "data": body.model_dump_json(exclude={"message": {"error"}})}
 
 
-async def message_events(job: GenerationJob, model: str, events: AsyncIterator[GenerationEvent]) -> AsyncIterator[dict]:
+async def message_events(job: GenerationJob, model: str, events: GenerationStream) -> AsyncIterator[dict[str, str]]:
     """message_start, content_block_start, a content_block_delta per piece of text, content_block_stop,
     message_delta (stop reason, usage), message_stop; an `error` event in place of the rest on a failure."""
     empty = Message(id=f"msg_{job.id}", model=model, content=[], usage=MessageUsage(input_tokens=0, output_tokens=0))

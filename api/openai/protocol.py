@@ -6,36 +6,19 @@ Requests are strict: an unknown field is a 400, and an OpenAI parameter this ser
 
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
+from pydantic import BaseModel, Field, StrictBool, StrictInt, StrictStr, field_validator
 from pydantic_core import PydanticCustomError
 
-StrictFloat = Annotated[float, Field(strict=True)]
+from api.request_models import NoOpValues, StrictFloat, StrictRequest, no_op_only, unsupported
+
 Seed = Annotated[StrictInt, Field(ge=-(2**63), lt=2**64)]
 
 
-def unsupported(name: str, why: str = "") -> PydanticCustomError:
-    return PydanticCustomError(
-        "unsupported_parameter",
-        "{name} is not supported by this service{why}",
-        {"name": name, "why": f": {why}" if why else ""},
-    )
-
-
-def _reject_unless_no_op(no_op: dict[str, tuple], name: str, value: Any) -> Any:
-    if not any(value == allowed and type(value) is type(allowed) for allowed in no_op[name]):
-        raise unsupported(name)
-    return value
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class StreamOptions(_Strict):
+class StreamOptions(StrictRequest):
     include_usage: StrictBool = False
 
 
-class _SamplingRequest(_Strict):
+class _SamplingRequest(StrictRequest):
     """What both completion endpoints take."""
 
     model: StrictStr
@@ -60,7 +43,7 @@ class _SamplingRequest(_Strict):
     response_format: Any = None
     service_tier: Any = None
 
-    _NO_OP: ClassVar[dict[str, tuple]] = {
+    _NO_OP: ClassVar[NoOpValues] = {
         "frequency_penalty": (None, 0, 0.0),
         "presence_penalty": (None, 0, 0.0),
         "logit_bias": (None, {}),
@@ -70,10 +53,7 @@ class _SamplingRequest(_Strict):
         "service_tier": (None, "auto", "default"),
     }
 
-    @field_validator(*_NO_OP, mode="after")
-    @classmethod
-    def _no_op_only(cls, value: Any, info) -> Any:
-        return _reject_unless_no_op(cls._NO_OP, info.field_name, value)
+    _no_op_only = no_op_only(_NO_OP)
 
     @field_validator("n", mode="after")
     @classmethod
@@ -86,7 +66,7 @@ class _SamplingRequest(_Strict):
 # ---------------------------------------------------------------- chat
 
 
-class ChatMessageIn(_Strict):
+class ChatMessageIn(StrictRequest):
     role: Literal["system", "developer", "user", "assistant"]
     content: StrictStr | list[dict[str, Any]]
     # Accepted at their no-op value only.
@@ -94,12 +74,9 @@ class ChatMessageIn(_Strict):
     tool_calls: Any = None
     refusal: Any = None
 
-    _NO_OP: ClassVar[dict[str, tuple]] = {"name": (None,), "tool_calls": (None, []), "refusal": (None,)}
+    _NO_OP: ClassVar[NoOpValues] = {"name": (None,), "tool_calls": (None, []), "refusal": (None,)}
 
-    @field_validator(*_NO_OP, mode="after")
-    @classmethod
-    def _no_op_only(cls, value: Any, info) -> Any:
-        return _reject_unless_no_op(cls._NO_OP, info.field_name, value)
+    _no_op_only = no_op_only(_NO_OP)
 
     @field_validator("content", mode="after")
     @classmethod
@@ -140,7 +117,7 @@ class ChatCompletionRequest(_SamplingRequest):
     store: Any = None
     metadata: Any = None
 
-    _NO_OP: ClassVar[dict[str, tuple]] = {
+    _NO_OP: ClassVar[NoOpValues] = {
         **_SamplingRequest._NO_OP,
         "tools": (None, []),
         "tool_choice": (None, "none"),
@@ -156,10 +133,7 @@ class ChatCompletionRequest(_SamplingRequest):
         "metadata": (None, {}),
     }
 
-    @field_validator(*_NO_OP, mode="after")
-    @classmethod
-    def _no_op_only(cls, value: Any, info) -> Any:
-        return _reject_unless_no_op(cls._NO_OP, info.field_name, value)
+    _no_op_only = no_op_only(_NO_OP)
 
 
 class ChatCompletionMessage(BaseModel):
@@ -231,17 +205,14 @@ class CompletionRequest(_SamplingRequest):
     best_of: Any = None
     suffix: Any = None
 
-    _NO_OP: ClassVar[dict[str, tuple]] = {
+    _NO_OP: ClassVar[NoOpValues] = {
         **_SamplingRequest._NO_OP,
         "echo": (None, False),
         "best_of": (None, 1),
         "suffix": (None, ""),
     }
 
-    @field_validator(*_NO_OP, mode="after")
-    @classmethod
-    def _no_op_only(cls, value: Any, info) -> Any:
-        return _reject_unless_no_op(cls._NO_OP, info.field_name, value)
+    _no_op_only = no_op_only(_NO_OP)
 
     @field_validator("prompt", mode="after")
     @classmethod

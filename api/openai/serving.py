@@ -3,6 +3,7 @@
 import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -25,7 +26,7 @@ from api.openai.protocol import (
     TimeoutNote,
     Usage,
 )
-from api.services.generation import GenerationEvent, GenerationJob, TextDelta
+from api.services.generation import GenerationJob, GenerationStream, TextDelta
 from api.services.request_checks import checked_max_tokens, checked_prompt_length, checked_stop, request_deadline
 from api.services.served_models import ServedModel
 from shared.config import Settings
@@ -39,7 +40,7 @@ DONE = {"data": "[DONE]"}
 
 def _sampling(
     body: ChatCompletionRequest | CompletionRequest, settings: Settings, max_tokens: int | None, max_tokens_param: str
-) -> dict:
+) -> dict[str, Any]:
     if body.stream_options is not None and not body.stream:
         raise invalid_request("stream_options is only allowed when stream is true", "stream_options")
     return {
@@ -55,10 +56,10 @@ def _sampling(
 def chat_params(body: ChatCompletionRequest, settings: Settings) -> GenerationParams:
     messages = [ChatMessage(role=message.template_role, content=message.text) for message in body.messages]
     checked_prompt_length(sum(len(message.content) for message in messages), settings, "messages")
+    max_tokens: int | None = body.max_tokens
+    param = "max_tokens"
     if body.max_completion_tokens is not None:
         max_tokens, param = body.max_completion_tokens, "max_completion_tokens"
-    else:
-        max_tokens, param = body.max_tokens, "max_tokens"
     return GenerationParams(messages=messages, **_sampling(body, settings, max_tokens, param))
 
 
@@ -126,17 +127,17 @@ def completion(job: GenerationJob, model: str, outcome: GenerationOutcome) -> Co
 ChunkFactory = Callable[[str | None, FinishReason | None], BaseModel]
 
 
-def _data(chunk: BaseModel, include_usage: bool) -> dict:
+def _data(chunk: BaseModel, include_usage: bool) -> dict[str, Any]:
     # A chunk's usage is null until the usage chunk when asked for, and absent otherwise (as OpenAI does).
     return {"data": chunk.model_dump_json(exclude={"error"} if include_usage else {"error", "usage"})}
 
 
 async def _sse(
-    events: AsyncIterator[GenerationEvent],
+    events: GenerationStream,
     chunk: ChunkFactory,
     usage_chunk: Callable[[Usage], BaseModel],
     include_usage: bool,
-) -> AsyncIterator[dict]:
+) -> AsyncIterator[dict[str, str]]:
     """`data: {chunk}` per piece of text, a last chunk with the finish reason, the usage chunk when asked for,
     then `data: [DONE]`; a failure mid-stream is a `data: {"error": ...}` line before it."""
     async with aclosing(events):
@@ -156,8 +157,8 @@ async def _sse(
 
 
 def chat_chunks(
-    job: GenerationJob, model: str, events: AsyncIterator[GenerationEvent], include_usage: bool
-) -> AsyncIterator[dict]:
+    job: GenerationJob, model: str, events: GenerationStream, include_usage: bool
+) -> AsyncIterator[dict[str, str]]:
     def chunk(text: str | None, finish: FinishReason | None) -> ChatCompletionChunk:
         delta = ChatDelta(content=text) if finish is None else ChatDelta()
         return ChatCompletionChunk(
@@ -170,7 +171,7 @@ def chat_chunks(
     def usage_chunk(totals: Usage) -> ChatCompletionChunk:
         return ChatCompletionChunk(id=f"chatcmpl-{job.id}", created=job.created, model=model, choices=[], usage=totals)
 
-    async def with_role() -> AsyncIterator[dict]:
+    async def with_role() -> AsyncIterator[dict[str, str]]:
         opening = ChatCompletionChunk(
             id=f"chatcmpl-{job.id}",
             created=job.created,
@@ -185,8 +186,8 @@ def chat_chunks(
 
 
 def completion_chunks(
-    job: GenerationJob, model: str, events: AsyncIterator[GenerationEvent], include_usage: bool
-) -> AsyncIterator[dict]:
+    job: GenerationJob, model: str, events: GenerationStream, include_usage: bool
+) -> AsyncIterator[dict[str, str]]:
     def chunk(text: str | None, finish: FinishReason | None) -> Completion:
         return Completion(
             id=f"cmpl-{job.id}",

@@ -1,5 +1,7 @@
 """Anthropic's Messages API: the route adapts a request to a generation job (api/anthropic/serving.py)."""
 
+from typing import Any
+
 from fastapi import APIRouter, Header, Request
 from sse_starlette import EventSourceResponse
 
@@ -10,7 +12,7 @@ from api.services.served_models import check_model
 
 router = APIRouter(prefix="/v1", tags=["anthropic"])
 
-_ERRORS = {code: {"model": AnthropicErrorResponse} for code in (400, 404, 409, 429, 500, 503, 504)}
+_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": AnthropicErrorResponse} for code in (400, 404, 409, 429, 500, 503, 504)}
 
 
 @router.post("/messages", response_model=Message, responses=_ERRORS)
@@ -22,7 +24,7 @@ async def create_message(
     settings: SettingsDep,
     x_api_key: str | None = Header(None, description="accepted, not checked"),
     anthropic_version: str | None = Header(None, description="accepted, not checked"),
-):
+) -> Message | EventSourceResponse:
     """A message in Anthropic's format; `stream: true` for its event stream."""
     await check_model(fleet, settings, body.model)
     job = await generations.submit(message_params(body, settings))

@@ -1,6 +1,7 @@
 from typing import Annotated
 
 from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse
 
 from api.deps import JobServiceDep, SettingsDep
 from api.errors import error_responses, invalid_request
@@ -17,7 +18,7 @@ router = APIRouter(tags=["benchmark"])
     responses={202: {"model": JobAccepted}, **error_responses(400, 429, 500, 503)},
 )
 async def create_benchmark(body: BenchmarkRequest, jobs: JobServiceDep, settings: SettingsDep,
-                           respond_async: Annotated[bool, Depends(wants_async)]):
+                           respond_async: Annotated[bool, Depends(wants_async)]) -> BenchmarkResponse | JSONResponse:
     """Run a benchmark suite through the same queue as inference; progress shows on GET /jobs/{id}."""
     if body.iterations > settings.benchmark_max_iterations:
         raise invalid_request(f"iterations must be at most {settings.benchmark_max_iterations}", "iterations")
@@ -25,6 +26,7 @@ async def create_benchmark(body: BenchmarkRequest, jobs: JobServiceDep, settings
     if respond_async:
         return accepted(job_id)
     try:
-        return await jobs.wait_result(job_id, settings.sync_wait_timeout_s)
+        report = await jobs.wait_result(job_id, settings.sync_wait_timeout_s)
     except WaitTimeout:
         return accepted(job_id)
+    return BenchmarkResponse.model_validate(report)

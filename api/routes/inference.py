@@ -1,6 +1,7 @@
 from typing import Annotated
 
 from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 
 from api.deps import GenerationDep, JobServiceDep, SettingsDep
@@ -19,7 +20,8 @@ router = APIRouter(tags=["inference"])
     responses={202: {"model": JobAccepted}, **error_responses(400, 409, 429, 500, 503)},
 )
 async def create_inference(body: InferenceRequest, jobs: JobServiceDep, generations: GenerationDep,
-                           settings: SettingsDep, respond_async: Annotated[bool, Depends(wants_async)]):
+                           settings: SettingsDep, respond_async: Annotated[bool, Depends(wants_async)],
+                           ) -> InferenceResponse | EventSourceResponse | JSONResponse:
     """Generate a completion. Waits for it, streams it (`stream: true`), or answers 202 with a job id
     (`Prefer: respond-async`)."""
     job = await generations.submit(generation_params(body, settings))

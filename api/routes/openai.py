@@ -1,5 +1,7 @@
 """OpenAI's API: each route adapts a request to a generation job and its outcome back (api/openai/serving.py)."""
 
+from typing import Any
+
 from fastapi import APIRouter, Request
 from sse_starlette import EventSourceResponse
 
@@ -25,7 +27,7 @@ from api.services.served_models import check_model, served_models
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
-_ERRORS = {code: {"model": OpenAIErrorResponse} for code in (400, 404, 409, 429, 500, 503, 504)}
+_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": OpenAIErrorResponse} for code in (400, 404, 409, 429, 500, 503, 504)}
 
 
 @router.get("/models", response_model=ModelList)
@@ -37,7 +39,7 @@ async def list_models(fleet: FleetDep, settings: SettingsDep) -> ModelList:
 @router.post("/chat/completions", response_model=ChatCompletion, responses=_ERRORS)
 async def create_chat_completion(
     body: ChatCompletionRequest, request: Request, generations: GenerationDep, fleet: FleetDep, settings: SettingsDep
-):
+) -> ChatCompletion | EventSourceResponse:
     """Chat: the worker renders `messages` with the model's chat template. `stream: true` for SSE chunks."""
     await check_model(fleet, settings, body.model)
     job = await generations.submit(chat_params(body, settings))
@@ -51,7 +53,7 @@ async def create_chat_completion(
 @router.post("/completions", response_model=Completion, responses=_ERRORS)
 async def create_completion(
     body: CompletionRequest, request: Request, generations: GenerationDep, fleet: FleetDep, settings: SettingsDep
-):
+) -> Completion | EventSourceResponse:
     """Raw completion: the prompt goes to the model as it is, no chat template."""
     await check_model(fleet, settings, body.model)
     job = await generations.submit(completion_params(body, settings))

@@ -15,7 +15,7 @@ async def read_metrics(request: Request, fleet: FleetDep) -> MetricsResponse:
 
 
 @router.get("/health", response_model=HealthResponse, responses={503: {"model": HealthResponse}})
-async def read_health(fleet: FleetDep, settings: SettingsDep):
+async def read_health(fleet: FleetDep, settings: SettingsDep) -> JSONResponse:
     """200 when a worker with the model loaded has a fresh heartbeat; 503 with the same body otherwise."""
     health = await check_health(fleet, settings)
     return JSONResponse(health.model_dump(mode="json"), status_code=200 if health.status == "healthy" else 503)

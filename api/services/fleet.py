@@ -35,7 +35,7 @@ class FleetReader:
         self.settings = settings
 
     async def read(self) -> Fleet:
-        worker_ids = sorted(await self.client.smembers(self.keys.workers()))
+        worker_ids: list[str] = sorted(await self.client.smembers(self.keys.workers()))  # type: ignore[arg-type]
         if not worker_ids:
             return Fleet([])
         async with self.client.pipeline(transaction=False) as pipe:
@@ -54,7 +54,8 @@ class FleetReader:
         return Fleet(fresh)
 
     async def metrics(self) -> dict[str, str]:
-        return await self.client.hgetall(self.keys.metrics())
+        counters: dict[str, str] = await self.client.hgetall(self.keys.metrics())  # type: ignore[assignment]
+        return counters
 
     async def queue_depth(self) -> int:
         return int(await self.client.llen(self.keys.celery_queue(self.settings.queue_name)))

@@ -7,7 +7,7 @@ early cancels the job and a request's deadline behaves the same everywhere.
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -31,6 +31,8 @@ class TextDelta:
 
 
 GenerationEvent = TextDelta | GenerationOutcome
+#: A job's events as they come; closing it early cancels the job.
+GenerationStream = AsyncGenerator[GenerationEvent, None]
 
 
 @dataclass(frozen=True)
@@ -68,17 +70,17 @@ class GenerationJobs:
             return self.settings.sync_wait_timeout_s
         return max(0.0, job.deadline - time.time()) + DEADLINE_GRACE_S
 
-    async def _expire_in_queue_at_deadline(self, job: GenerationJob) -> None:
-        await asyncio.sleep(max(0.0, job.deadline - time.time()))
+    async def _expire_in_queue_at_deadline(self, job: GenerationJob, deadline: float) -> None:
+        await asyncio.sleep(max(0.0, deadline - time.time()))
         error = JobError(type=ErrorType.TIMEOUT, message=never_started().message, param="timeout")
         await self.jobs.expire_if_queued(job.id, error)  # a running job the worker stops at its deadline
 
-    async def events(self, job: GenerationJob) -> AsyncIterator[GenerationEvent]:
+    async def events(self, job: GenerationJob) -> GenerationStream:
         """Text deltas, then the outcome. A failed job raises its APIError (504 for one still going past the
         wait); a caller that stops reading before the end cancels the job."""
         finished = False
         wait_s = self._wait_s(job)
-        expiry = asyncio.create_task(self._expire_in_queue_at_deadline(job)) if job.deadline is not None else None
+        expiry = asyncio.create_task(self._expire_in_queue_at_deadline(job, job.deadline)) if job.deadline is not None else None
         try:
             async for event, data in self.jobs.events(job.id, wait_s):
                 if event is EventType.TOKEN:
@@ -105,7 +107,7 @@ class GenerationJobs:
         """Wait for the job's outcome; a client that disconnects meanwhile cancels it (ClientDisconnected)."""
         return await until_disconnected(request, _last(self.events(job)))
 
-    async def open_stream(self, job: GenerationJob, request: Request) -> AsyncIterator[GenerationEvent]:
+    async def open_stream(self, job: GenerationJob, request: Request) -> GenerationStream:
         """The job's events, once the first has arrived: a job that fails before its first token raises here,
         while the response can still carry an error status."""
         events = self.events(job)
@@ -120,7 +122,7 @@ async def _last(events: AsyncIterator[GenerationEvent]) -> GenerationOutcome:
     raise AssertionError("a job's events end with its outcome")
 
 
-async def _prepend(first: GenerationEvent, rest: AsyncIterator[GenerationEvent]) -> AsyncIterator[GenerationEvent]:
+async def _prepend(first: GenerationEvent, rest: GenerationStream) -> GenerationStream:
     try:
         yield first
         async for event in rest:

@@ -2,6 +2,7 @@
 
 import json
 from collections.abc import AsyncIterator
+from typing import Any
 
 from api.errors import APIError, invalid_request
 from api.services.generation import GenerationJob, GenerationJobs, TextDelta
@@ -20,11 +21,11 @@ def generation_params(body: InferenceRequest, settings: Settings) -> GenerationP
                             stop=checked_stop(body.stop), seed=body.seed)
 
 
-def spec_response(result: dict) -> InferenceResponse:
+def spec_response(result: dict[str, Any]) -> InferenceResponse:
     return InferenceResponse.model_validate({key: result[key] for key in InferenceResponse.model_fields})
 
 
-async def sse_events(generations: GenerationJobs, job: GenerationJob) -> AsyncIterator[dict]:
+async def sse_events(generations: GenerationJobs, job: GenerationJob) -> AsyncIterator[dict[str, str]]:
     """`token` events with {"text"}, then one `done` (the spec's JSON) or `error` (the error envelope)."""
     try:
         async for event in generations.events(job):

@@ -64,7 +64,7 @@ class JobService:
         job_id = uuid.uuid4().hex
         job_key = self.keys.job(job_id)
         async with self.client.pipeline() as pipe:
-            pipe.hset(job_key, mapping=new_job_fields(kind, params))
+            pipe.hset(job_key, mapping=new_job_fields(kind, params))  # type: ignore[arg-type]  # str keys are fine
             pipe.expire(job_key, self.settings.job_ttl_s)
             await pipe.execute()
         send = partial(self.celery.send_task, TASK_FOR_KIND[kind], args=[job_id, params], task_id=job_id,
@@ -92,7 +92,7 @@ class JobService:
             if remaining <= 0:
                 raise WaitTimeout(job_id)
             block_ms = max(1, min(XREAD_BLOCK_MS, int(remaining * 1000)))
-            reply = await self.client.xread({stream: last_id}, block=block_ms, count=256)
+            reply: Any = await self.client.xread({stream: last_id}, block=block_ms, count=256)
             for _, entries in reply or ():
                 for entry_id, fields in entries:
                     last_id = entry_id
@@ -113,7 +113,7 @@ class JobService:
     # ------------------------------------------------------------------ poll / cancel
 
     async def get(self, job_id: str) -> JobView:
-        fields = await self.client.hgetall(self.keys.job(job_id))
+        fields: dict[str, str] = await self.client.hgetall(self.keys.job(job_id))  # type: ignore[assignment]
         if not fields:
             raise APIError(404, ErrorType.NOT_FOUND, f"no job with id '{job_id}' (unknown or expired)",
                            param="job_id")

@@ -8,12 +8,12 @@ import redis.exceptions
 
 from api.services.fleet import Fleet, FleetReader
 from shared.config import Settings
-from shared.schemas import ExpertOffloadStats, HealthResponse, MetricsResponse
+from shared.schemas import ExpertOffloadStats, HealthResponse, MetricsResponse, WorkerHeartbeat
 
 _GIB = 1024**3
 
 
-def _per_host(fleet: Fleet) -> dict[str, object]:
+def _per_host(fleet: Fleet) -> dict[str, WorkerHeartbeat]:
     """One heartbeat per machine, so that two workers on one host do not count its memory twice."""
     return {worker.hostname: worker for worker in fleet.workers}
 

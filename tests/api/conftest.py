@@ -19,6 +19,9 @@ from shared.schemas import WorkerState
 from worker.heartbeat import Heartbeat
 from worker.job_runner import JobContext, JobRunner
 
+#: The model id the scripted worker announces.
+SERVED_MODEL = "bundled:SmolLM2-135M-Instruct"
+
 Work = Callable[[JobContext, dict], tuple[dict, str]]
 
 
@@ -88,7 +91,7 @@ def sync_redis(server):
 
 @pytest.fixture
 def heartbeat(sync_redis, keys, settings) -> Heartbeat:
-    beat = Heartbeat(sync_redis, keys, settings, "worker-1", "test-model")
+    beat = Heartbeat(sync_redis, keys, settings, "worker-1", SERVED_MODEL)
     beat.state = WorkerState.READY
     beat.beat()
     return beat

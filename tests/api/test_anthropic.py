@@ -4,9 +4,10 @@ import json
 
 import pytest
 
+from tests.api.conftest import SERVED_MODEL
 from tests.api.scripted_work import ScriptedReply
 
-MODEL = "bundled:SmolLM2-135M-Instruct"
+MODEL = SERVED_MODEL
 MESSAGE = {"model": MODEL, "max_tokens": 20, "messages": [{"role": "user", "content": "Hi"}]}
 
 

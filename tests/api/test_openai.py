@@ -5,9 +5,10 @@ import time
 
 import pytest
 
+from tests.api.conftest import SERVED_MODEL
 from tests.api.scripted_work import ScriptedReply
 
-MODEL = "bundled:SmolLM2-135M-Instruct"
+MODEL = SERVED_MODEL
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}]}
 OPENAI_ERROR_KEYS = {"message", "type", "param", "code"}
 
