@@ -21,8 +21,15 @@ log = logging.getLogger(__name__)
 
 
 class APIError(Exception):
-    def __init__(self, status_code: int, type_: ErrorType, message: str, param: str | None = None,
-                 headers: dict[str, str] | None = None, code: str | None = None):
+    def __init__(
+        self,
+        status_code: int,
+        type_: ErrorType,
+        message: str,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+        code: str | None = None,
+    ):
         super().__init__(message)
         self.status_code = status_code
         self.type = type_
@@ -35,8 +42,9 @@ class APIError(Exception):
         return error_response(self.status_code, self.type, self.message, self.param, self.headers)
 
 
-def error_response(status_code: int, type_: ErrorType, message: str, param: str | None = None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
+def error_response(
+    status_code: int, type_: ErrorType, message: str, param: str | None = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
     body = ErrorResponse(error=ErrorDetail(message=message, type=type_, param=param, code=status_code))
     return JSONResponse(body.model_dump(mode="json"), status_code=status_code, headers=headers)
 
@@ -67,8 +75,11 @@ _UNION_MEMBER = re.compile(r"^(str|int|float|bool|[\w-]+\[.*\])$")
 
 
 def _describe_validation_error(error: dict[str, Any]) -> tuple[str | None, str]:
-    path = [str(part) for part in error.get("loc", ())
-            if part not in ("body", "query", "path", "header") and not _UNION_MEMBER.match(str(part))]
+    path = [
+        str(part)
+        for part in error.get("loc", ())
+        if part not in ("body", "query", "path", "header") and not _UNION_MEMBER.match(str(part))
+    ]
     field = ".".join(path) or None
     kind = error.get("type")
     if kind == "extra_forbidden":

@@ -44,8 +44,7 @@ class LocalStack:
         return process
 
     def start_api(self) -> None:
-        self._spawn("api", [str(BIN / "uvicorn"), "api.main:app", "--port", str(self.port),
-                            "--log-level", "warning"])
+        self._spawn("api", [str(BIN / "uvicorn"), "api.main:app", "--port", str(self.port), "--log-level", "warning"])
         for _ in range(400):
             try:
                 self.http.get("/health")
@@ -55,9 +54,26 @@ class LocalStack:
         raise RuntimeError("the API did not start: " + (self.log_dir / "api.log").read_text())
 
     def start_worker(self, name: str = "worker") -> subprocess.Popen:
-        return self._spawn(name, [str(BIN / "celery"), "-A", "worker.main", "worker", "--pool", "threads",
-                                  "--concurrency", "1", "-Q", self.prefix, "-E", "--hostname",
-                                  f"{name}-{self.prefix}@%h", "--loglevel", "info"])
+        return self._spawn(
+            name,
+            [
+                str(BIN / "celery"),
+                "-A",
+                "worker.main",
+                "worker",
+                "--pool",
+                "threads",
+                "--concurrency",
+                "1",
+                "-Q",
+                self.prefix,
+                "-E",
+                "--hostname",
+                f"{name}-{self.prefix}@%h",
+                "--loglevel",
+                "info",
+            ],
+        )
 
     def wait_healthy(self, timeout_s: float = 180) -> None:
         """Poll /health until 200, keeping what it answered meanwhile."""

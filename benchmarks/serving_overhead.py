@@ -90,8 +90,9 @@ def main() -> None:
                 direct_tokens += outcome.tokens_generated
 
                 started = time.perf_counter()
-                response = stack.http.post("/inference", json={"prompt": prompt, "max_tokens": args.max_tokens,
-                                                               "temperature": 0})
+                response = stack.http.post(
+                    "/inference", json={"prompt": prompt, "max_tokens": args.max_tokens, "temperature": 0}
+                )
                 http_time += time.perf_counter() - started
                 response.raise_for_status()
                 http_tokens += response.json()["tokens_generated"]
@@ -140,8 +141,10 @@ def main() -> None:
         ("TTFT added p50, streamed /v1/chat (ms)", f"{report['ttft_added_ms_p50']:.2f}", "<= 10"),
         ("TTFT added p95, streamed /v1/chat (ms)", f"{report['ttft_added_ms_p95']:.2f}", ""),
     ]
-    print(f"\nserving overhead: {engine.model_name} on {engine.device} ({engine.dtype}), "
-          f"{args.rounds} rounds x {len(STANDARD_PROMPTS)} prompts x {args.max_tokens} tokens")
+    print(
+        f"\nserving overhead: {engine.model_name} on {engine.device} ({engine.dtype}), "
+        f"{args.rounds} rounds x {len(STANDARD_PROMPTS)} prompts x {args.max_tokens} tokens"
+    )
     print(f"| {'measure':<38} | {'value':>9} | {'target':<8} |")
     print(f"|{'-' * 40}|{'-' * 11}|{'-' * 10}|")
     for name, value, target in rows:

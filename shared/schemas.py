@@ -37,12 +37,18 @@ class InferenceRequest(_Request):
     max_tokens: StrictInt | None = Field(None, ge=1, description="Maximum tokens to generate (default 100)")
     temperature: StrictFloat = Field(0.7, ge=0.0, le=2.0, description="0 means greedy decoding")
     stream: StrictBool = Field(False, description="Stream tokens as Server-Sent Events")
-    top_p: StrictFloat = Field(1.0, ge=0.0, le=1.0, description="Nucleus sampling: keep the most likely tokens "
-                               "whose probabilities add up to this (1 = all)")
+    top_p: StrictFloat = Field(
+        1.0,
+        ge=0.0,
+        le=1.0,
+        description="Nucleus sampling: keep the most likely tokens whose probabilities add up to this (1 = all)",
+    )
     stop: StrictStr | list[StrictStr] | None = Field(
-        None, description=f"Up to {MAX_STOP_STRINGS} strings that end generation; the stop text is not returned")
-    seed: StrictInt | None = Field(None, ge=-(2**63), lt=2**64,
-                                   description="Seeds sampling: the same seed, prompt and settings give the same text")
+        None, description=f"Up to {MAX_STOP_STRINGS} strings that end generation; the stop text is not returned"
+    )
+    seed: StrictInt | None = Field(
+        None, ge=-(2**63), lt=2**64, description="Seeds sampling: the same seed, prompt and settings give the same text"
+    )
 
 
 class ChatMessage(BaseModel):
@@ -239,7 +245,8 @@ class MetricsResponse(BaseModel):
     total_inferences: int
     uptime_seconds: float
     expert_offload: ExpertOffloadStats | None = Field(
-        None, description="expert cache counters of the workers serving an offloaded MoE model; null otherwise")
+        None, description="expert cache counters of the workers serving an offloaded MoE model; null otherwise"
+    )
 
 
 class HealthResponse(BaseModel):

@@ -27,8 +27,9 @@ class JobContext:
     """A claimed job as its work sees it: the `GenerationControl` handed to the engine (token events out,
     cancel and deadline in), progress, and `finish` with the job's result."""
 
-    def __init__(self, client: redis.Redis, keys: RedisKeys, job_id: str, deadline: float, ttl_s: int,
-                 stream_tokens: bool = True):
+    def __init__(
+        self, client: redis.Redis, keys: RedisKeys, job_id: str, deadline: float, ttl_s: int, stream_tokens: bool = True
+    ):
         self.client = client
         self.keys = keys
         self.job_id = job_id
@@ -78,8 +79,15 @@ class JobContext:
         self.finished = True
 
 
-def write_terminal_state(client: redis.Redis, keys: RedisKeys, job_id: str, ttl_s: int, status: JobStatus,
-                         result: dict[str, Any] | None = None, error: JobError | None = None) -> None:
+def write_terminal_state(
+    client: redis.Redis,
+    keys: RedisKeys,
+    job_id: str,
+    ttl_s: int,
+    status: JobStatus,
+    result: dict[str, Any] | None = None,
+    error: JobError | None = None,
+) -> None:
     job_key, events = keys.job(job_id), keys.job_events(job_id)
     fields: dict[Any, Any] = {"status": status.value, "finished_at": repr(time.time())}
     if result is not None:
@@ -119,18 +127,29 @@ class JobRunner:
         self._claim = client.register_script(CLAIM_SCRIPT)
 
     def claim(self, job_id: str) -> Claim:
-        claimed = Claim(self._claim(
-            keys=[self.keys.job(job_id), self.keys.running_jobs(), self.keys.job_cancel(job_id)],
-            args=[self.worker_id, repr(time.time()), self.settings.max_job_attempts,
-                  self.keys.worker_heartbeat_prefix(), job_id],
-        ))
+        claimed = Claim(
+            self._claim(
+                keys=[self.keys.job(job_id), self.keys.running_jobs(), self.keys.job_cancel(job_id)],
+                args=[
+                    self.worker_id,
+                    repr(time.time()),
+                    self.settings.max_job_attempts,
+                    self.keys.worker_heartbeat_prefix(),
+                    job_id,
+                ],
+            )
+        )
         if claimed is Claim.EXHAUSTED:
             attempts = self.settings.max_job_attempts
             log.error("job %s failed: its worker died on each of %d attempts", job_id, attempts)
-            self._end(job_id, JobStatus.FAILED, error=JobError(
-                type=ErrorType.INFERENCE,
-                message=f"the job stopped its worker on each of {attempts} attempts; not retried again",
-            ))
+            self._end(
+                job_id,
+                JobStatus.FAILED,
+                error=JobError(
+                    type=ErrorType.INFERENCE,
+                    message=f"the job stopped its worker on each of {attempts} attempts; not retried again",
+                ),
+            )
         return claimed
 
     @contextmanager
@@ -147,23 +166,33 @@ class JobRunner:
                 log.info("job %s skipped: no longer queued (cancelled, finished or owned elsewhere)", job_id)
             yield None
             return
-        job = JobContext(self.client, self.keys, job_id, deadline=time.monotonic() + self.settings.job_timeout_s,
-                         ttl_s=self.settings.job_ttl_s, stream_tokens=stream_tokens)
+        job = JobContext(
+            self.client,
+            self.keys,
+            job_id,
+            deadline=time.monotonic() + self.settings.job_timeout_s,
+            ttl_s=self.settings.job_ttl_s,
+            stream_tokens=stream_tokens,
+        )
         try:
             yield job
         except InvalidGenerationInput as error:
-            job.end(JobStatus.FAILED, error=JobError(type=ErrorType.INVALID_REQUEST, message=str(error),
-                                                     param=error.param))
+            job.end(
+                JobStatus.FAILED, error=JobError(type=ErrorType.INVALID_REQUEST, message=str(error), param=error.param)
+            )
             return
         except Exception as error:
             if not job.finished:
                 log.exception("job %s failed", job_id)
-                job.end(JobStatus.FAILED,
-                        error=JobError(type=ErrorType.INFERENCE, message=f"{type(error).__name__}: {error}"))
+                job.end(
+                    JobStatus.FAILED,
+                    error=JobError(type=ErrorType.INFERENCE, message=f"{type(error).__name__}: {error}"),
+                )
             raise
         if not job.finished:
-            job.end(JobStatus.FAILED,
-                    error=JobError(type=ErrorType.INFERENCE, message="the job ended without a result"))
+            job.end(
+                JobStatus.FAILED, error=JobError(type=ErrorType.INFERENCE, message="the job ended without a result")
+            )
 
     def _end(self, job_id: str, status: JobStatus, error: JobError) -> None:
         write_terminal_state(self.client, self.keys, job_id, self.settings.job_ttl_s, status, error=error)

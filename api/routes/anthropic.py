@@ -12,7 +12,9 @@ from api.services.served_models import check_model
 
 router = APIRouter(prefix="/v1", tags=["anthropic"])
 
-_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": AnthropicErrorResponse} for code in (400, 404, 409, 429, 500, 503, 504)}
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": AnthropicErrorResponse} for code in (400, 404, 409, 429, 500, 503, 504)
+}
 
 
 @router.post("/messages", response_model=Message, responses=_ERRORS)

@@ -19,9 +19,13 @@ router = APIRouter(tags=["inference"])
     response_model=InferenceResponse,
     responses={202: {"model": JobAccepted}, **error_responses(400, 409, 429, 500, 503)},
 )
-async def create_inference(body: InferenceRequest, jobs: JobServiceDep, generations: GenerationDep,
-                           settings: SettingsDep, respond_async: Annotated[bool, Depends(wants_async)],
-                           ) -> InferenceResponse | EventSourceResponse | JSONResponse:
+async def create_inference(
+    body: InferenceRequest,
+    jobs: JobServiceDep,
+    generations: GenerationDep,
+    settings: SettingsDep,
+    respond_async: Annotated[bool, Depends(wants_async)],
+) -> InferenceResponse | EventSourceResponse | JSONResponse:
     """Generate a completion. Waits for it, streams it (`stream: true`), or answers 202 with a job id
     (`Prefer: respond-async`)."""
     job = await generations.submit(generation_params(body, settings))

@@ -27,7 +27,9 @@ from api.services.served_models import check_model, served_models
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
-_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": OpenAIErrorResponse} for code in (400, 404, 409, 429, 500, 503, 504)}
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": OpenAIErrorResponse} for code in (400, 404, 409, 429, 500, 503, 504)
+}
 
 
 @router.get("/models", response_model=ModelList)

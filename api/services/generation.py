@@ -80,7 +80,11 @@ class GenerationJobs:
         wait); a caller that stops reading before the end cancels the job."""
         finished = False
         wait_s = self._wait_s(job)
-        expiry = asyncio.create_task(self._expire_in_queue_at_deadline(job, job.deadline)) if job.deadline is not None else None
+        expiry = (
+            asyncio.create_task(self._expire_in_queue_at_deadline(job, job.deadline))
+            if job.deadline is not None
+            else None
+        )
         try:
             async for event, data in self.jobs.events(job.id, wait_s):
                 if event is EventType.TOKEN:

@@ -16,9 +16,15 @@ def generation_params(body: InferenceRequest, settings: Settings) -> GenerationP
     if not body.prompt.strip():
         raise invalid_request("prompt must not be empty or only whitespace", "prompt")
     checked_prompt_length(len(body.prompt), settings, "prompt")
-    return GenerationParams(prompt=body.prompt, max_tokens=max_tokens, temperature=body.temperature,
-                            apply_chat_template=settings.apply_chat_template, top_p=body.top_p,
-                            stop=checked_stop(body.stop), seed=body.seed)
+    return GenerationParams(
+        prompt=body.prompt,
+        max_tokens=max_tokens,
+        temperature=body.temperature,
+        apply_chat_template=settings.apply_chat_template,
+        top_p=body.top_p,
+        stop=checked_stop(body.stop),
+        seed=body.seed,
+    )
 
 
 def spec_response(result: dict[str, Any]) -> InferenceResponse:
@@ -34,5 +40,7 @@ async def sse_events(generations: GenerationJobs, job: GenerationJob) -> AsyncIt
             else:
                 yield {"event": "done", "data": spec_response(event.model_dump()).model_dump_json()}
     except APIError as error:
-        yield {"event": "error", "data": json.dumps({"error": {
-            "type": error.type.value, "message": error.message, "param": error.param}})}
+        yield {
+            "event": "error",
+            "data": json.dumps({"error": {"type": error.type.value, "message": error.message, "param": error.param}}),
+        }

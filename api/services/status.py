@@ -44,8 +44,9 @@ async def check_health(reader: FleetReader, settings: Settings) -> HealthRespons
         fleet = await reader.read()
         counters = await reader.metrics()
     except redis.exceptions.RedisError:
-        return HealthResponse(status="unhealthy", model_ready=False, gpu_available=False,
-                              memory_sufficient=False, last_inference=None)
+        return HealthResponse(
+            status="unhealthy", model_ready=False, gpu_available=False, memory_sufficient=False, last_inference=None
+        )
     ready = fleet.ready
     memory_sufficient = bool(ready) and all(
         worker.system_memory_available_gb >= settings.min_free_memory_gb for worker in ready

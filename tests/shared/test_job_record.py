@@ -14,8 +14,10 @@ def _store():
 
 
 def _claim(claim, worker="w1", max_attempts=2):
-    return claim(keys=[KEYS.job("j"), KEYS.running_jobs(), KEYS.job_cancel("j")],
-                 args=[worker, "1.0", max_attempts, KEYS.worker_heartbeat_prefix(), "j"])
+    return claim(
+        keys=[KEYS.job("j"), KEYS.running_jobs(), KEYS.job_cancel("j")],
+        args=[worker, "1.0", max_attempts, KEYS.worker_heartbeat_prefix(), "j"],
+    )
 
 
 def _cancel(cancel):

@@ -89,8 +89,9 @@ def test_input_the_model_refuses_fails_the_job_as_a_client_error_without_raising
         raise InvalidGenerationInput("the prompt is 900 tokens", param="prompt")
 
     assert _run(JobRunner(client, KEYS, settings, "w1"), work) is None
-    assert _events(client) == [("error", {"type": "invalid_request_error", "message": "the prompt is 900 tokens",
-                                          "param": "prompt"})]
+    assert _events(client) == [
+        ("error", {"type": "invalid_request_error", "message": "the prompt is 900 tokens", "param": "prompt"})
+    ]
     assert client.hget(KEYS.job("j"), "status") == "failed"
 
 

@@ -76,9 +76,17 @@ class _ControlStopping(StoppingCriteria):
 
 
 class TransformersEngine(Engine):
-    def __init__(self, model_path: str, model_name: str, device: str = "auto", dtype: str = "auto",
-                 apply_chat_template: bool = True, decode_compile: DecodeCompile = "off", max_model_len: int = 0,
-                 compile_cache_dir: Path | None = None):
+    def __init__(
+        self,
+        model_path: str,
+        model_name: str,
+        device: str = "auto",
+        dtype: str = "auto",
+        apply_chat_template: bool = True,
+        decode_compile: DecodeCompile = "off",
+        max_model_len: int = 0,
+        compile_cache_dir: Path | None = None,
+    ):
         self.model_path = model_path
         self.model_name = model_name
         self.device = pick_device(device)
@@ -104,8 +112,9 @@ class TransformersEngine(Engine):
             self.use_chat_template = False
         if self.compiles_decode:
             self.compiled = self._compile_decode()
-        log.info("Loaded %s on %s (%s) in %.1f s", self.model_name, self.device, self.dtype,
-                 time.perf_counter() - started)
+        log.info(
+            "Loaded %s on %s (%s) in %.1f s", self.model_name, self.device, self.dtype, time.perf_counter() - started
+        )
 
     @property
     def compiles_decode(self) -> bool:
@@ -221,8 +230,15 @@ class TransformersEngine(Engine):
         finish_reason = self._finish_reason(tokens, params.max_tokens, stopping.reason)
         return self._outcome(stops.text, tokens, prompt_tokens, started, finish_reason, stops.matched)
 
-    def _outcome(self, text: str, tokens: list[int], prompt_tokens: int, started: float, finish_reason: str,
-                 stop_sequence: str | None = None) -> GenerationOutcome:
+    def _outcome(
+        self,
+        text: str,
+        tokens: list[int],
+        prompt_tokens: int,
+        started: float,
+        finish_reason: str,
+        stop_sequence: str | None = None,
+    ) -> GenerationOutcome:
         elapsed = time.perf_counter() - started
         return GenerationOutcome(
             text=text,
