@@ -7,7 +7,7 @@ import anthropic
 import openai
 import pytest
 
-from shared.config import BUNDLED_MODEL_ID as MODEL
+from worker.settings import BUNDLED_MODEL_ID as MODEL
 
 pytestmark = pytest.mark.integration
 
