@@ -54,6 +54,13 @@ class Settings(BaseSettings):
     min_free_memory_gb: float = Field(
         0.5, ge=0, description="/health is unhealthy when a worker's host has less RAM available than this"
     )
+    min_tokens_per_second: float = Field(5.0, ge=0, description="the decode speed /health checks recent jobs against")
+    health_speed_window_s: float = Field(
+        600.0, gt=0, description="jobs count as recent for /health's speed check if the last ended this long ago"
+    )
+    health_requires_min_speed: bool = Field(
+        False, description="true: /health answers 503 while recent jobs decode below MIN_TOKENS_PER_SECOND"
+    )
 
     # --- API server ---
     api_host: str = Field("127.0.0.1", description="address `make run` binds the API to")

@@ -34,15 +34,22 @@ if redis.call('EXISTS', KEYS[3]) == 1 then return 2 end
 return 1
 """
 
-# KEYS[1] = job hash, KEYS[2] = job event stream. ARGV = now, error JSON, ttl.
-# Returns 1 when the queued job was cancelled here, 0 when it had already left the queue.
+# KEYS[1] = job hash, KEYS[2] = job event stream, KEYS[3] = metrics hash. ARGV = now, error JSON, ttl, the
+# metrics field that counts cancelled jobs. Returns 1 when the queued job was cancelled here, 0 when it had
+# already left the queue.
 CANCEL_QUEUED_SCRIPT = """
 if redis.call('HGET', KEYS[1], 'status') ~= 'queued' then return 0 end
 redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[1], 'error', ARGV[2])
 redis.call('XADD', KEYS[2], '*', 'type', 'error', 'data', ARGV[2])
 redis.call('EXPIRE', KEYS[2], ARGV[3])
+redis.call('HINCRBY', KEYS[3], ARGV[4], 1)
 return 1
 """
+
+
+def jobs_finished_field(status: JobStatus) -> str:
+    """The metrics hash's count of jobs that ended in `status`."""
+    return f"jobs_{status.value}"
 
 
 def new_job_fields(kind: JobKind, params: dict[str, Any]) -> dict[str, str]:

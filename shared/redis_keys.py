@@ -46,6 +46,10 @@ class RedisKeys:
     def metrics(self) -> str:
         return f"{self.prefix}:metrics"
 
+    # One hash per latency histogram (shared/histograms.py): a count per bucket, sum, count. No TTL.
+    def histogram(self, name: str) -> str:
+        return f"{self.prefix}:metrics:histogram:{name}"
+
     # Capped list of the last N jobs' tokens/s, for the rolling average. No TTL (LTRIM caps it).
     def recent_tokens_per_second(self) -> str:
         return f"{self.prefix}:metrics:recent_tps"

@@ -249,12 +249,22 @@ class MetricsResponse(BaseModel):
     )
 
 
+class DecodeSpeedCheck(BaseModel):
+    """Whether recent jobs decoded at the speed the service promises (MIN_TOKENS_PER_SECOND)."""
+
+    meets_minimum: bool | None = Field(description="null when no job ran recently: an idle service is not slow")
+    recent_tokens_per_second: float | None = Field(description="average of the last 100 jobs, if one ran recently")
+    min_tokens_per_second: float
+    affects_status: bool = Field(description="whether a slow service answers 503 (HEALTH_REQUIRES_MIN_SPEED)")
+
+
 class HealthResponse(BaseModel):
     status: Literal["healthy", "unhealthy"]
     model_ready: bool
     gpu_available: bool
     memory_sufficient: bool
     last_inference: datetime | None
+    performance: DecodeSpeedCheck | None = None
 
 
 # ---------------------------------------------------------------- errors

@@ -15,7 +15,7 @@ from typing import Any
 import redis
 
 from shared.config import Settings
-from shared.job_record import CLAIM_SCRIPT, cancelled_error
+from shared.job_record import CLAIM_SCRIPT, cancelled_error, jobs_finished_field
 from shared.redis_keys import RedisKeys
 from shared.schemas import ErrorType, EventType, JobError, JobStatus
 from worker.engine.base import InvalidGenerationInput
@@ -37,11 +37,14 @@ class JobContext:
         self.ttl_s = ttl_s
         self.stream_tokens = stream_tokens
         self.finished = False
+        self.first_token_at: float | None = None  # wall clock, for the time-to-first-token histogram
         self._cancel_seen: bool | None = None  # fresh answer from the last emit, used once
 
     def emit(self, text: str) -> None:
         if not self.stream_tokens:
             return
+        if self.first_token_at is None:
+            self.first_token_at = time.time()
         events = self.keys.job_events(self.job_id)
         # One round trip per token: publish it and learn whether a cancel arrived.
         with self.client.pipeline(transaction=False) as pipe:
@@ -105,6 +108,7 @@ def write_terminal_state(
         pipe.expire(events, ttl_s)
         pipe.expire(job_key, ttl_s)
         pipe.srem(keys.running_jobs(), job_id)
+        pipe.hincrby(keys.metrics(), jobs_finished_field(status), 1)
         pipe.delete(keys.job_cancel(job_id))
         pipe.execute()
 

@@ -18,7 +18,7 @@ def run_inference(job_id: str, params: dict[str, Any]) -> dict[str, Any] | None:
             return None
         outcome = runtime.require_engine().generate(GenerationParams.model_validate(params), job)
         job.finish(outcome.model_dump(), outcome.finish_reason)
-        record_inference(runtime.client, runtime.keys, outcome)  # after the terminal event: nobody waits on it
+        record_inference(runtime.client, runtime.keys, job_id, outcome, job.first_token_at)
         return outcome.model_dump()
 
 

@@ -59,3 +59,14 @@ class FleetReader:
 
     async def queue_depth(self) -> int:
         return int(await self.client.llen(self.keys.celery_queue(self.settings.queue_name)))
+
+    async def running_jobs(self) -> int:
+        return int(await self.client.scard(self.keys.running_jobs()))
+
+    async def histograms(self, names: list[str]) -> list[dict[str, str]]:
+        """Each named latency histogram's hash (`shared/histograms.py`), as stored."""
+        async with self.client.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.hgetall(self.keys.histogram(name))
+            hashes: list[dict[str, str]] = await pipe.execute()
+        return hashes

@@ -20,7 +20,7 @@ from redis.asyncio import Redis
 from api.errors import APIError, from_job_error
 from api.services.fleet import FleetReader
 from shared.config import Settings
-from shared.job_record import CANCEL_QUEUED_SCRIPT, cancelled_error, new_job_fields, parse_job
+from shared.job_record import CANCEL_QUEUED_SCRIPT, cancelled_error, jobs_finished_field, new_job_fields, parse_job
 from shared.redis_keys import RedisKeys
 from shared.schemas import ErrorType, EventType, JobError, JobKind, JobStatus, JobView
 from shared.task_names import TASK_FOR_KIND
@@ -151,7 +151,12 @@ class JobService:
         """End a job that has not started with `error` (waking its waiters); False if it already left the queue."""
         return bool(
             await self._cancel_queued(
-                keys=[self.keys.job(job_id), self.keys.job_events(job_id)],
-                args=[repr(time.time()), error.model_dump_json(), self.settings.job_ttl_s],
+                keys=[self.keys.job(job_id), self.keys.job_events(job_id), self.keys.metrics()],
+                args=[
+                    repr(time.time()),
+                    error.model_dump_json(),
+                    self.settings.job_ttl_s,
+                    jobs_finished_field(JobStatus.CANCELLED),
+                ],
             )
         )

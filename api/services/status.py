@@ -8,7 +8,7 @@ import redis.exceptions
 
 from api.services.fleet import Fleet, FleetReader
 from shared.config import Settings
-from shared.schemas import ExpertOffloadStats, HealthResponse, MetricsResponse, WorkerHeartbeat
+from shared.schemas import DecodeSpeedCheck, ExpertOffloadStats, HealthResponse, MetricsResponse, WorkerHeartbeat
 
 _GIB = 1024**3
 
@@ -52,10 +52,26 @@ async def check_health(reader: FleetReader, settings: Settings) -> HealthRespons
         worker.system_memory_available_gb >= settings.min_free_memory_gb for worker in ready
     )
     last = counters.get("last_inference_at")
+    speed = decode_speed_check(counters, settings, time.time())
+    slow = speed.affects_status and speed.meets_minimum is False
     return HealthResponse(
-        status="healthy" if ready and memory_sufficient else "unhealthy",
+        status="healthy" if ready and memory_sufficient and not slow else "unhealthy",
         model_ready=bool(ready),
         gpu_available=any(worker.gpu_name or worker.device.startswith("cuda") for worker in ready),
         memory_sufficient=memory_sufficient,
         last_inference=datetime.fromtimestamp(float(last), tz=UTC) if last else None,
+        performance=speed,
+    )
+
+
+def decode_speed_check(counters: dict[str, str], settings: Settings, now: float) -> DecodeSpeedCheck:
+    """The recent average decode speed against MIN_TOKENS_PER_SECOND; no verdict when no job ran recently."""
+    last = counters.get("last_inference_at")
+    recent = last is not None and now - float(last) <= settings.health_speed_window_s
+    speed = float(counters["avg_tokens_per_second"]) if recent and "avg_tokens_per_second" in counters else None
+    return DecodeSpeedCheck(
+        meets_minimum=None if speed is None else speed >= settings.min_tokens_per_second,
+        recent_tokens_per_second=None if speed is None else round(speed, 3),
+        min_tokens_per_second=settings.min_tokens_per_second,
+        affects_status=settings.health_requires_min_speed,
     )

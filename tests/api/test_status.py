@@ -13,7 +13,8 @@ METRICS_FIELDS = {
     "uptime_seconds",
     "expert_offload",
 }
-HEALTH_FIELDS = {"status", "model_ready", "gpu_available", "memory_sufficient", "last_inference"}
+SPEC_HEALTH_FIELDS = {"status", "model_ready", "gpu_available", "memory_sufficient", "last_inference"}
+HEALTH_FIELDS = SPEC_HEALTH_FIELDS | {"performance"}
 
 
 def test_health_is_503_without_a_worker(client):
@@ -56,7 +57,7 @@ def test_metrics_count_each_job_and_average_its_speed(client, heartbeat, celery,
     assert before["total_inferences"] == 0 and before["model_loaded"] is True
     assert before["expert_offload"] is None  # the plain engine offloads nothing
     for tokens in (2, 4):
-        record_inference(sync_redis, keys, GenerationOutcome.model_validate(outcome("x", tokens)))
+        record_inference(sync_redis, keys, "none", GenerationOutcome.model_validate(outcome("x", tokens)), None)
     after = client.get("/metrics").json()
     assert after["total_inferences"] == 2
     assert after["avg_tokens_per_second"] == 6.0  # (4 + 8) / 2
@@ -91,3 +92,41 @@ def test_metrics_sum_the_expert_cache_counters_of_offloading_workers(client, syn
     assert offload["hits"] == 80 and offload["misses"] == 20 and offload["hit_rate"] == 0.8
     assert offload["computed_on_host"] == 8 and offload["bytes_copied"] == 2000
     assert offload["slots_per_layer"] == 127 and offload["miss_mode"] == "hybrid"
+
+
+def _recent_jobs_at(sync_redis, keys, tokens_per_second: float, ended_s_ago: float) -> None:
+    import time
+
+    sync_redis.hset(
+        keys.metrics(),
+        mapping={"avg_tokens_per_second": tokens_per_second, "last_inference_at": time.time() - ended_s_ago},
+    )
+
+
+def test_health_reports_the_recent_decode_speed_against_the_minimum(client, heartbeat, sync_redis, keys):
+    idle = client.get("/health").json()["performance"]
+    assert idle == {
+        "meets_minimum": None,
+        "recent_tokens_per_second": None,
+        "min_tokens_per_second": 5.0,
+        "affects_status": False,
+    }  # no job yet: an idle service is not slow
+    _recent_jobs_at(sync_redis, keys, tokens_per_second=3.2, ended_s_ago=5)
+    response = client.get("/health")
+    performance = response.json()["performance"]
+    assert performance["meets_minimum"] is False and performance["recent_tokens_per_second"] == 3.2
+    assert response.status_code == 200  # reported, but by default a slow worker is still healthy
+    _recent_jobs_at(sync_redis, keys, tokens_per_second=3.2, ended_s_ago=3600)  # long idle since
+    assert client.get("/health").json()["performance"]["meets_minimum"] is None
+    _recent_jobs_at(sync_redis, keys, tokens_per_second=27.0, ended_s_ago=1)
+    assert client.get("/health").json()["performance"]["meets_minimum"] is True
+
+
+def test_a_slow_service_is_unhealthy_when_the_setting_says_so(client, heartbeat, sync_redis, keys, settings):
+    settings.health_requires_min_speed = True
+    _recent_jobs_at(sync_redis, keys, tokens_per_second=1.0, ended_s_ago=5)
+    response = client.get("/health")
+    assert response.status_code == 503 and response.json()["status"] == "unhealthy"
+    assert response.json()["performance"]["affects_status"] is True
+    _recent_jobs_at(sync_redis, keys, tokens_per_second=1.0, ended_s_ago=3600)  # idle: no verdict, healthy
+    assert client.get("/health").status_code == 200

@@ -21,7 +21,10 @@ def _claim(claim, worker="w1", max_attempts=2):
 
 
 def _cancel(cancel):
-    return cancel(keys=[KEYS.job("j"), KEYS.job_events("j")], args=["2.0", '{"type":"cancelled_error"}', 60])
+    return cancel(
+        keys=[KEYS.job("j"), KEYS.job_events("j"), KEYS.metrics()],
+        args=["2.0", '{"type":"cancelled_error"}', 60, "jobs_cancelled"],
+    )
 
 
 def test_a_queued_job_is_claimed_once():
@@ -39,10 +42,12 @@ def test_cancel_and_claim_exclude_each_other():
     assert _cancel(cancel) == 1
     assert _claim(claim) == 0
     assert client.xlen(KEYS.job_events("j")) == 1  # waiters were woken by the terminal event
+    assert client.hget(KEYS.metrics(), "jobs_cancelled") == "1"  # counted once, where it ended
 
     client, claim, cancel = _store()
     assert _claim(claim) == 1
     assert _cancel(cancel) == 0  # running: the worker sees the cancel flag instead
+    assert client.hget(KEYS.metrics(), "jobs_cancelled") is None
 
 
 def test_a_job_whose_owner_died_is_retried_until_attempts_run_out():
