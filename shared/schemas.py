@@ -109,6 +109,7 @@ class BenchmarkPrompt(BaseModel):
     prompt_length: int
     output_length: int
     tokens_per_second: float
+    memory_used_gb: float = Field(0.0, description="the engine's memory once this prompt was done")
 
 
 class BenchmarkResponse(BaseModel):

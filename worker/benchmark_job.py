@@ -63,6 +63,7 @@ def run(engine: Engine, request: BenchmarkRequest, context: JobContext) -> tuple
                 prompt_length=outcome.prompt_tokens,
                 output_length=outcome.tokens_generated,
                 tokens_per_second=outcome.tokens_per_second,
+                memory_used_gb=outcome.memory_used_gb,
             )
         )
         memory.append(outcome.memory_used_gb)

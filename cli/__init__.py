@@ -1,0 +1,1 @@
+"""Command-line clients of the service's HTTP API (installed as console scripts)."""
