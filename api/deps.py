@@ -4,6 +4,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from api.services.auth import Caller, authenticate
 from api.services.fleet import FleetReader
 from api.services.generation import GenerationJobs
 from api.services.jobs import JobService
@@ -28,6 +29,7 @@ def _fleet(request: Request) -> FleetReader:
     return _jobs(request).fleet
 
 
+CallerDep = Annotated[Caller, Depends(authenticate)]
 SettingsDep = Annotated[Settings, Depends(_settings)]
 JobServiceDep = Annotated[JobService, Depends(_jobs)]
 GenerationDep = Annotated[GenerationJobs, Depends(_generations)]

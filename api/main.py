@@ -13,6 +13,7 @@ from api.errors import install_error_handlers
 from api.middleware import FormBodyAsJSON
 from api.openai.errors import openai_error_response
 from api.routes import anthropic, benchmark, inference, jobs, openai, status
+from api.services.auth import KeyRing
 from api.services.generation import ClientDisconnected, client_gone
 from api.services.jobs import XREAD_BLOCK_MS, JobService
 from shared.celery_app import create_celery_app
@@ -32,6 +33,7 @@ def create_app(
             settings.redis_url, decode_responses=True, socket_timeout=XREAD_BLOCK_MS / 1000 + 10
         )
         app.state.settings = settings
+        app.state.keys = KeyRing.from_settings(settings)
         app.state.started_at = time.time()
         app.state.jobs = JobService(
             client, RedisKeys(settings.key_prefix), settings, celery or create_celery_app(settings)

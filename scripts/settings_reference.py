@@ -57,6 +57,8 @@ def _default(field: FieldInfo) -> str:
         return ""
     if isinstance(value, bool):
         return str(value).lower()
+    if isinstance(value, list):  # read back comma-separated
+        return ",".join(map(str, value))
     return str(value)
 
 

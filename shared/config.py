@@ -2,6 +2,7 @@
 `worker.settings` and `worker.engine.moe_offload.config`."""
 
 from functools import lru_cache
+from pathlib import Path
 from typing import Annotated
 
 from pydantic import Field, field_validator, model_validator
@@ -62,11 +63,26 @@ class Settings(BaseSettings):
         False, description="true: /health answers 503 while recent jobs decode below MIN_TOKENS_PER_SECOND"
     )
 
+    # --- API keys (api/services/auth.py) ---
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="comma-separated keys; when any key is set, every endpoint but /health wants one",
+    )
+    api_keys_file: Path | None = Field(None, description="a file of further keys, one per line (# comments)")
+    admin_api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="comma-separated keys that also see every client's jobs"
+    )
+
     # --- API server ---
     api_host: str = Field("127.0.0.1", description="address `make run` binds the API to")
     api_port: int = Field(8000, ge=1, le=65535, description="port `make run` serves the API on")
 
-    @field_validator("served_model_aliases", mode="before")
+    @field_validator("api_keys_file", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @field_validator("served_model_aliases", "api_keys", "admin_api_keys", mode="before")
     @classmethod
     def _comma_separated(cls, value: object) -> object:
         return [name.strip() for name in value.split(",") if name.strip()] if isinstance(value, str) else value

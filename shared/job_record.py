@@ -52,14 +52,18 @@ def jobs_finished_field(status: JobStatus) -> str:
     return f"jobs_{status.value}"
 
 
-def new_job_fields(kind: JobKind, params: dict[str, Any]) -> dict[str, str]:
-    return {
+def new_job_fields(kind: JobKind, params: dict[str, Any], client: str | None = None) -> dict[str, str]:
+    """`client`: a digest of the submitting API key (never the key), when the service checks keys."""
+    fields = {
         "kind": kind.value,
         "status": JobStatus.QUEUED.value,
         "created_at": repr(time.time()),
         "attempts": "0",
         "params": json.dumps(params),
     }
+    if client is not None:
+        fields["client"] = client
+    return fields
 
 
 def cancelled_error() -> JobError:

@@ -145,6 +145,7 @@ class JobStatus(StrEnum):
 
 class ErrorType(StrEnum):
     INVALID_REQUEST = "invalid_request_error"
+    AUTHENTICATION = "authentication_error"
     NOT_FOUND = "not_found_error"
     QUEUE_FULL = "queue_full_error"
     MODEL_NOT_READY = "model_not_ready_error"

@@ -6,8 +6,9 @@ from api.errors import APIError
 from api.openai.protocol import OpenAIErrorDetail, OpenAIErrorResponse
 from shared.schemas import ErrorType
 
-# OpenAI reports bad requests and unknown models alike as invalid requests; the status code tells them apart.
-_OPENAI_TYPE = {ErrorType.NOT_FOUND: "invalid_request_error"}
+# OpenAI reports bad requests, unknown models and bad keys alike as invalid requests; the status code tells them
+# apart.
+_OPENAI_TYPE = {ErrorType.NOT_FOUND: "invalid_request_error", ErrorType.AUTHENTICATION: "invalid_request_error"}
 _DEFAULT_CODE = {429: "rate_limit_exceeded"}
 
 

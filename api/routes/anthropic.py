@@ -7,7 +7,7 @@ from sse_starlette import EventSourceResponse
 
 from api.anthropic.protocol import AnthropicErrorResponse, Message, MessagesRequest
 from api.anthropic.serving import message, message_events, message_params
-from api.deps import FleetDep, GenerationDep, SettingsDep
+from api.deps import CallerDep, FleetDep, GenerationDep, SettingsDep
 from api.services.served_models import check_model
 
 router = APIRouter(prefix="/v1", tags=["anthropic"])
@@ -24,12 +24,13 @@ async def create_message(
     generations: GenerationDep,
     fleet: FleetDep,
     settings: SettingsDep,
+    caller: CallerDep,
     x_api_key: str | None = Header(None, description="accepted, not checked"),
     anthropic_version: str | None = Header(None, description="accepted, not checked"),
 ) -> Message | EventSourceResponse:
     """A message in Anthropic's format; `stream: true` for its event stream."""
     await check_model(fleet, settings, body.model)
-    job = await generations.submit(message_params(body, settings))
+    job = await generations.submit(message_params(body, settings), caller)
     if body.stream:
         events = await generations.open_stream(job, request)
         return EventSourceResponse(message_events(job, body.model, events))

@@ -3,7 +3,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 
-from api.deps import JobServiceDep, SettingsDep
+from api.deps import CallerDep, JobServiceDep, SettingsDep
 from api.errors import error_responses, invalid_request
 from api.routes.common import accepted, wants_async
 from api.services.jobs import WaitTimeout
@@ -21,12 +21,13 @@ async def create_benchmark(
     body: BenchmarkRequest,
     jobs: JobServiceDep,
     settings: SettingsDep,
+    caller: CallerDep,
     respond_async: Annotated[bool, Depends(wants_async)],
 ) -> BenchmarkResponse | JSONResponse:
     """Run a benchmark suite through the same queue as inference; progress shows on GET /jobs/{id}."""
     if body.iterations > settings.benchmark_max_iterations:
         raise invalid_request(f"iterations must be at most {settings.benchmark_max_iterations}", "iterations")
-    job_id = await jobs.submit(JobKind.BENCHMARK, body.model_dump())
+    job_id = await jobs.submit(JobKind.BENCHMARK, body.model_dump(), caller)
     if respond_async:
         return accepted(job_id)
     try:

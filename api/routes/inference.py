@@ -4,7 +4,7 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 
-from api.deps import GenerationDep, JobServiceDep, SettingsDep
+from api.deps import CallerDep, GenerationDep, JobServiceDep, SettingsDep
 from api.errors import error_responses
 from api.routes.common import accepted, wants_async
 from api.services.inference import generation_params, spec_response, sse_events
@@ -24,11 +24,12 @@ async def create_inference(
     jobs: JobServiceDep,
     generations: GenerationDep,
     settings: SettingsDep,
+    caller: CallerDep,
     respond_async: Annotated[bool, Depends(wants_async)],
 ) -> InferenceResponse | EventSourceResponse | JSONResponse:
     """Generate a completion. Waits for it, streams it (`stream: true`), or answers 202 with a job id
     (`Prefer: respond-async`)."""
-    job = await generations.submit(generation_params(body, settings))
+    job = await generations.submit(generation_params(body, settings), caller)
     if respond_async:
         return accepted(job.id)
     if body.stream:

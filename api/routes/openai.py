@@ -5,7 +5,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from sse_starlette import EventSourceResponse
 
-from api.deps import FleetDep, GenerationDep, SettingsDep
+from api.deps import CallerDep, FleetDep, GenerationDep, SettingsDep
 from api.openai.protocol import (
     ChatCompletion,
     ChatCompletionRequest,
@@ -33,18 +33,23 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 
 
 @router.get("/models", response_model=ModelList)
-async def list_models(fleet: FleetDep, settings: SettingsDep) -> ModelList:
+async def list_models(fleet: FleetDep, settings: SettingsDep, _: CallerDep) -> ModelList:
     """The model the workers have loaded (and its aliases)."""
     return model_list(await served_models(fleet, settings))
 
 
 @router.post("/chat/completions", response_model=ChatCompletion, responses=_ERRORS)
 async def create_chat_completion(
-    body: ChatCompletionRequest, request: Request, generations: GenerationDep, fleet: FleetDep, settings: SettingsDep
+    body: ChatCompletionRequest,
+    request: Request,
+    generations: GenerationDep,
+    fleet: FleetDep,
+    settings: SettingsDep,
+    caller: CallerDep,
 ) -> ChatCompletion | EventSourceResponse:
     """Chat: the worker renders `messages` with the model's chat template. `stream: true` for SSE chunks."""
     await check_model(fleet, settings, body.model)
-    job = await generations.submit(chat_params(body, settings))
+    job = await generations.submit(chat_params(body, settings), caller)
     if body.stream:
         events = await generations.open_stream(job, request)
         include_usage = body.stream_options is not None and body.stream_options.include_usage
@@ -54,11 +59,16 @@ async def create_chat_completion(
 
 @router.post("/completions", response_model=Completion, responses=_ERRORS)
 async def create_completion(
-    body: CompletionRequest, request: Request, generations: GenerationDep, fleet: FleetDep, settings: SettingsDep
+    body: CompletionRequest,
+    request: Request,
+    generations: GenerationDep,
+    fleet: FleetDep,
+    settings: SettingsDep,
+    caller: CallerDep,
 ) -> Completion | EventSourceResponse:
     """Raw completion: the prompt goes to the model as it is, no chat template."""
     await check_model(fleet, settings, body.model)
-    job = await generations.submit(completion_params(body, settings))
+    job = await generations.submit(completion_params(body, settings), caller)
     if body.stream:
         events = await generations.open_stream(job, request)
         include_usage = body.stream_options is not None and body.stream_options.include_usage

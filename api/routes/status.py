@@ -4,7 +4,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from api.deps import FleetDep, SettingsDep
+from api.deps import CallerDep, FleetDep, SettingsDep
 from api.errors import error_responses
 from api.services.prometheus import exposition, read_snapshot
 from api.services.status import check_health, collect_metrics
@@ -14,7 +14,7 @@ router = APIRouter(tags=["status"])
 
 
 @router.get("/metrics", response_model=MetricsResponse, responses=error_responses(500, 503))
-async def read_metrics(request: Request, fleet: FleetDep) -> MetricsResponse:
+async def read_metrics(request: Request, fleet: FleetDep, _: CallerDep) -> MetricsResponse:
     return await collect_metrics(fleet, request.app.state.started_at)
 
 
@@ -23,7 +23,7 @@ async def read_metrics(request: Request, fleet: FleetDep) -> MetricsResponse:
     response_class=Response,
     responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format"}},
 )
-async def read_prometheus_metrics(fleet: FleetDep) -> Response:
+async def read_prometheus_metrics(fleet: FleetDep, _: CallerDep) -> Response:
     """Queue, jobs, tokens, latency histograms, each worker's heartbeat and memory, expert cache counters."""
     return Response(exposition(await read_snapshot(fleet, time.time())), media_type=CONTENT_TYPE_LATEST)
 

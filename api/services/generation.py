@@ -15,6 +15,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from api.errors import APIError, from_job_error
+from api.services.auth import Caller
 from api.services.jobs import JobService, WaitTimeout
 from shared.config import Settings
 from shared.schemas import ErrorType, EventType, GenerationOutcome, GenerationParams, JobError, JobKind
@@ -61,8 +62,8 @@ class GenerationJobs:
         self.jobs = jobs
         self.settings = settings
 
-    async def submit(self, params: GenerationParams) -> GenerationJob:
-        job_id = await self.jobs.submit(JobKind.INFERENCE, params.model_dump())
+    async def submit(self, params: GenerationParams, caller: Caller) -> GenerationJob:
+        job_id = await self.jobs.submit(JobKind.INFERENCE, params.model_dump(), caller)
         return GenerationJob(job_id, int(time.time()), params.deadline)
 
     def _wait_s(self, job: GenerationJob) -> float:

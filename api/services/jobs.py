@@ -18,6 +18,7 @@ from celery import Celery
 from redis.asyncio import Redis
 
 from api.errors import APIError, from_job_error
+from api.services.auth import Caller
 from api.services.fleet import FleetReader
 from shared.config import Settings
 from shared.job_record import CANCEL_QUEUED_SCRIPT, cancelled_error, jobs_finished_field, new_job_fields, parse_job
@@ -66,12 +67,12 @@ class JobService:
                 headers={"Retry-After": str(retry_after)},
             )
 
-    async def submit(self, kind: JobKind, params: dict[str, Any]) -> str:
+    async def submit(self, kind: JobKind, params: dict[str, Any], caller: Caller) -> str:
         await self._admit()
         job_id = uuid.uuid4().hex
         job_key = self.keys.job(job_id)
         async with self.client.pipeline() as pipe:
-            pipe.hset(job_key, mapping=new_job_fields(kind, params))  # type: ignore[arg-type]  # str keys are fine
+            pipe.hset(job_key, mapping=new_job_fields(kind, params, caller.client_id))  # type: ignore[arg-type]  # str keys are fine
             pipe.expire(job_key, self.settings.job_ttl_s)
             await pipe.execute()
         send = partial(
@@ -127,20 +128,21 @@ class JobService:
 
     # ------------------------------------------------------------------ poll / cancel
 
-    async def get(self, job_id: str) -> JobView:
+    async def get(self, job_id: str, caller: Caller) -> JobView:
+        """The job, if `caller` may see it: another client's job is as unknown as a job that never was."""
         fields: dict[str, str] = await self.client.hgetall(self.keys.job(job_id))  # type: ignore[assignment]
-        if not fields:
+        if not fields or not caller.may_see(fields.get("client")):
             raise APIError(404, ErrorType.NOT_FOUND, f"no job with id '{job_id}' (unknown or expired)", param="job_id")
         return parse_job(job_id, fields)
 
-    async def cancel(self, job_id: str) -> JobView:
-        job = await self.get(job_id)
+    async def cancel(self, job_id: str, caller: Caller) -> JobView:
+        job = await self.get(job_id, caller)
         if job.status.is_terminal:
             raise APIError(
                 409, ErrorType.INVALID_REQUEST, f"job '{job_id}' already finished ({job.status})", param="job_id"
             )
         await self.request_cancel(job_id)
-        return await self.get(job_id)
+        return await self.get(job_id, caller)
 
     async def request_cancel(self, job_id: str) -> None:
         """Flag first, then cancel in place if still queued: a running job sees the flag at its next token."""
