@@ -38,6 +38,9 @@ class Settings(BaseSettings):
         10.0, gt=0, description="a worker silent this long is dead: unhealthy, and its running jobs re-queued")
     job_ttl_s: int = Field(86_400, ge=60, description="seconds a job's record and events are kept")
     max_job_attempts: int = Field(2, ge=1, description="deliveries before a job that kills workers fails")
+    redis_retry_s: float = Field(
+        600.0, gt=0, description="how long a worker retries a job's claim or end while Redis is unreachable; "
+                                 "past it the job is left to the watchdog, which re-queues it")
 
     # --- health ---
     min_free_memory_gb: float = Field(

@@ -72,13 +72,20 @@ class Heartbeat:
             pipe.execute()
 
     def _run(self) -> None:
+        failing = False  # logged once per outage, not once per beat
         while not self._stop.is_set():
             try:
                 self.beat()
+                if failing:
+                    log.warning("heartbeat: Redis answers again")
+                    failing = False
                 if self.on_tick is not None:
                     self.on_tick()
             except redis.RedisError as error:
-                log.warning("heartbeat failed: %s", error)
+                if not failing:
+                    log.warning("heartbeat failed: %s (retried every %.1f s, logged again once it works)", error,
+                                self.settings.heartbeat_interval_s)
+                failing = True
             except Exception:
                 log.exception("heartbeat tick failed")
             self._stop.wait(self.settings.heartbeat_interval_s)

@@ -17,8 +17,8 @@ def run_inference(job_id: str, params: dict[str, Any]) -> dict[str, Any] | None:
         if job is None:
             return None
         outcome = runtime.require_engine().generate(GenerationParams.model_validate(params), job)
-        job.finish(outcome.model_dump(), outcome.finish_reason)
-        record_inference(runtime.client, runtime.keys, outcome)  # after the terminal event: nobody waits on it
+        if job.finish(outcome.model_dump(), outcome.finish_reason):  # not when another worker took it over
+            record_inference(runtime.client, runtime.keys, outcome)  # after the terminal event: nobody waits on it
         return outcome.model_dump()
 
 
