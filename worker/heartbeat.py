@@ -32,6 +32,7 @@ class Heartbeat:
         self.state = WorkerState.LOADING
         self.load_error = ""
         self.current_job = ""
+        self.tokens_per_second = 0.0  # of the last inference this worker finished
         self.engine: Engine | None = None
         # Run after each beat once the worker is ready (the orphaned-job watchdog).
         self.on_tick: Callable[[], object] | None = None
@@ -55,6 +56,7 @@ class Heartbeat:
             started_at=self.started_at,
             last_heartbeat=time.time(),
             current_job=self.current_job,
+            tokens_per_second=self.tokens_per_second,
             load_error=self.load_error,
             gpu_name=gpu.name if gpu else "",
             gpu_memory_used_gb=gpu.used_gb if gpu else 0.0,

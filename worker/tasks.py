@@ -18,6 +18,7 @@ def run_inference(job_id: str, params: dict[str, Any]) -> dict[str, Any] | None:
             return None
         outcome = runtime.require_engine().generate(GenerationParams.model_validate(params), job)
         if job.finish(outcome.model_dump(), outcome.finish_reason):  # not when another worker took it over
+            runtime.heartbeat.tokens_per_second = outcome.tokens_per_second
             record_inference(runtime.client, runtime.keys, outcome)  # after the terminal event: nobody waits on it
         return outcome.model_dump()
 

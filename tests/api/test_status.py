@@ -4,8 +4,8 @@ from shared.schemas import ExpertOffloadStats, WorkerState
 from worker.heartbeat import Heartbeat
 
 METRICS_FIELDS = {"model_loaded", "gpu_memory_used_gb", "gpu_memory_total_gb", "system_memory_used_gb",
-                  "avg_tokens_per_second", "total_inferences", "uptime_seconds", "expert_offload"}
-HEALTH_FIELDS = {"status", "model_ready", "gpu_available", "memory_sufficient", "last_inference"}
+                  "avg_tokens_per_second", "total_inferences", "uptime_seconds", "expert_offload", "workers"}
+HEALTH_FIELDS = {"status", "model_ready", "gpu_available", "memory_sufficient", "last_inference", "workers"}
 
 
 def test_health_is_503_without_a_worker(client):
@@ -74,3 +74,19 @@ def test_metrics_sum_the_expert_cache_counters_of_offloading_workers(client, syn
     assert offload["hits"] == 80 and offload["misses"] == 20 and offload["hit_rate"] == 0.8
     assert offload["computed_on_host"] == 8 and offload["bytes_copied"] == 2000
     assert offload["slots_per_layer"] == 127 and offload["miss_mode"] == "hybrid"
+
+
+def test_health_and_metrics_list_each_fresh_worker(client, heartbeat, sync_redis, keys, settings):
+    busy = Heartbeat(sync_redis, keys, settings, "worker-2", "test-model")
+    busy.state, busy.current_job, busy.tokens_per_second = WorkerState.READY, "job-9", 12.5
+    busy.beat()
+    stale = Heartbeat(sync_redis, keys, settings, "worker-3", "test-model")
+    stale.beat()
+    sync_redis.hset(keys.worker_heartbeat("worker-3"), "last_heartbeat", "1000.0")
+    for body in (client.get("/health").json(), client.get("/metrics").json()):
+        workers = {worker["id"]: worker for worker in body["workers"]}
+        assert set(workers) == {"worker-1", "worker-2"}
+        assert workers["worker-2"]["current_job"] == "job-9" and workers["worker-2"]["tokens_per_second"] == 12.5
+        assert workers["worker-1"]["current_job"] is None and workers["worker-1"]["tokens_per_second"] is None
+        assert workers["worker-1"]["state"] == "ready" and workers["worker-1"]["hostname"]
+        assert 0 <= workers["worker-1"]["heartbeat_age_s"] < 5
