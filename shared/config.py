@@ -49,6 +49,8 @@ class Settings(BaseSettings):
     # --- API server ---
     api_host: str = Field("127.0.0.1", description="address `make run` binds the API to")
     api_port: int = Field(8000, ge=1, le=65535, description="port `make run` serves the API on")
+    flower_port: int = Field(
+        5555, ge=0, le=65535, description="port `make run` serves Flower on (at API_HOST); 0 = no Flower")
 
     @model_validator(mode="after")
     def _check_consistency(self) -> "Settings":
