@@ -32,17 +32,16 @@ class RedisUnreachable(Exception):
 def connect(redis_url: str) -> redis.Redis:
     """A client that retries a command a few times within ~0.1 s (a stale pooled connection reconnects),
     then raises."""
-    return redis.Redis.from_url(redis_url, decode_responses=True,
-                                retry=Retry(ExponentialBackoff(cap=0.05, base=0.01), retries=3))
+    return redis.Redis.from_url(
+        redis_url, decode_responses=True, retry=Retry(ExponentialBackoff(cap=0.05, base=0.01), retries=3)
+    )
 
 
-def retry_until_reachable(action: Callable[[], T], what: str, limit_s: float,
-                          sleep: Callable[[float], None] = time.sleep,
-                          clock: Callable[[], float] = time.monotonic) -> T:
+def retry_until_reachable(action: Callable[[], T], what: str, limit_s: float) -> T:
     """`action()`, run again with back-off while Redis is unreachable, for at most `limit_s` seconds.
 
     The action must be safe to repeat: a write whose reply was lost may have been applied."""
-    deadline = clock() + limit_s
+    deadline = time.monotonic() + limit_s
     delay, failures = FIRST_DELAY_S, 0
     while True:
         try:
@@ -51,10 +50,10 @@ def retry_until_reachable(action: Callable[[], T], what: str, limit_s: float,
             failures += 1
             if failures == 1:
                 log.warning("%s: Redis is unreachable (%s); retrying for up to %.0f s", what, error, limit_s)
-            if clock() + delay > deadline:
+            if time.monotonic() + delay > deadline:
                 log.error("%s: gave up after %d tries over %.0f s; Redis never answered", what, failures, limit_s)
                 raise RedisUnreachable(what) from error
-            sleep(delay)
+            time.sleep(delay)
             delay = min(delay * 2, MAX_DELAY_S)
             continue
         if failures:
