@@ -14,8 +14,14 @@ log = logging.getLogger(__name__)
 
 
 class APIError(Exception):
-    def __init__(self, status_code: int, type_: ErrorType, message: str, param: str | None = None,
-                 headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status_code: int,
+        type_: ErrorType,
+        message: str,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status_code = status_code
         self.type = type_
@@ -27,8 +33,9 @@ class APIError(Exception):
         return error_response(self.status_code, self.type, self.message, self.param, self.headers)
 
 
-def error_response(status_code: int, type_: ErrorType, message: str, param: str | None = None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
+def error_response(
+    status_code: int, type_: ErrorType, message: str, param: str | None = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
     body = ErrorResponse(error=ErrorDetail(message=message, type=type_, param=param, code=status_code))
     return JSONResponse(body.model_dump(mode="json"), status_code=status_code, headers=headers)
 

@@ -19,7 +19,10 @@ class FormBodyAsJSON:
         if scope["type"] == "http":
             headers = scope["headers"]
             if any(name == b"content-type" and value.startswith(_FORM) for name, value in headers):
-                scope = dict(scope, headers=[
-                    (name, b"application/json" if name == b"content-type" else value) for name, value in headers
-                ])
+                scope = dict(
+                    scope,
+                    headers=[
+                        (name, b"application/json" if name == b"content-type" else value) for name, value in headers
+                    ],
+                )
         await self.app(scope, receive, send)

@@ -38,9 +38,26 @@ class RedisServer:
     def start(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(
-            ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.data_dir),
-             "--save", "", "--appendonly", "yes", "--appendfsync", "everysec", "--loglevel", "warning"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+            [
+                "redis-server",
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--dir",
+                str(self.data_dir),
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "everysec",
+                "--loglevel",
+                "warning",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+        )
         client = redis.Redis(port=self.port)
         for _ in range(100):
             try:
@@ -78,8 +95,7 @@ class LocalStack:
         return process
 
     def start_api(self) -> None:
-        self._spawn("api", [str(BIN / "uvicorn"), "api.main:app", "--port", str(self.port),
-                            "--log-level", "warning"])
+        self._spawn("api", [str(BIN / "uvicorn"), "api.main:app", "--port", str(self.port), "--log-level", "warning"])
         self._wait_api("api.log")
 
     def _wait_api(self, log_name: str) -> None:
@@ -94,11 +110,23 @@ class LocalStack:
     def start_supervised(self, workers: int = 1) -> subprocess.Popen:
         """`scripts/run.sh` as `make run` runs it: supervisord with the API and `workers` workers (no Flower),
         in a session of its own so that `close` can Ctrl-C it like a terminal would."""
-        env = dict(self.env, API_PORT=str(self.port), FLOWER_PORT="0", WORKERS=str(workers), PY=sys.executable,
-                   RUN_DIR=str(self.log_dir / "run"))
+        env = dict(
+            self.env,
+            API_PORT=str(self.port),
+            FLOWER_PORT="0",
+            WORKERS=str(workers),
+            PY=sys.executable,
+            RUN_DIR=str(self.log_dir / "run"),
+        )
         log = (self.log_dir / "supervised.log").open("w")
-        process = subprocess.Popen([str(ROOT / "scripts" / "run.sh")], cwd=ROOT, env=env, stdout=log,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(
+            [str(ROOT / "scripts" / "run.sh")],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         self.processes.append(process)
         self._wait_api("supervised.log")
         return process
@@ -121,9 +149,26 @@ class LocalStack:
         return sum(fields["type"] == "token" for _, fields in self.redis.xrange(f"{self.prefix}:job:{job_id}:events"))
 
     def start_worker(self, name: str = "worker") -> subprocess.Popen:
-        return self._spawn(name, [str(BIN / "celery"), "-A", "worker.main", "worker", "--pool", "threads",
-                                  "--concurrency", "1", "-Q", self.prefix, "-E", "--hostname",
-                                  f"{name}-{self.prefix}@%h", "--loglevel", "info"])
+        return self._spawn(
+            name,
+            [
+                str(BIN / "celery"),
+                "-A",
+                "worker.main",
+                "worker",
+                "--pool",
+                "threads",
+                "--concurrency",
+                "1",
+                "-Q",
+                self.prefix,
+                "-E",
+                "--hostname",
+                f"{name}-{self.prefix}@%h",
+                "--loglevel",
+                "info",
+            ],
+        )
 
     def wait_healthy(self, timeout_s: float = 180) -> None:
         """Poll /health until 200, keeping what it answered meanwhile."""

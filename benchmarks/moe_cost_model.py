@@ -139,24 +139,34 @@ def expert_compute_ms(report: dict, run: dict) -> float:
     return fused if run.get("expert_kernel") == "triton" and fused else report["expert_compute_ms"]
 
 
-def inputs_from_measurement(report: dict, budget_gb: float,
-                            zero_copy_share: float = Inputs.zero_copy_share) -> Inputs:
+def inputs_from_measurement(report: dict, budget_gb: float, zero_copy_share: float = Inputs.zero_copy_share) -> Inputs:
     host_path = host_path_runs(report)
     fastest = max(host_path or report["variants"], key=lambda run: run["tok_per_s"])
-    measured = Inputs(gpu_budget_gb=budget_gb, resident_gb=report["resident_gb"],
-                      pcie_gb_per_s=report["h2d_gb_per_s"], gpu_expert_ms=expert_compute_ms(report, fastest),
-                      kernel_expert_ms=report.get("fused_expert_compute_ms") or Inputs.kernel_expert_ms,
-                      measured_cpu_expert_ms=report.get("cpu_expert_ms"), layer_host_ms=0.0,
-                      zero_copy_share=zero_copy_share)
+    measured = Inputs(
+        gpu_budget_gb=budget_gb,
+        resident_gb=report["resident_gb"],
+        pcie_gb_per_s=report["h2d_gb_per_s"],
+        gpu_expert_ms=expert_compute_ms(report, fastest),
+        kernel_expert_ms=report.get("fused_expert_compute_ms") or Inputs.kernel_expert_ms,
+        measured_cpu_expert_ms=report.get("cpu_expert_ms"),
+        layer_host_ms=0.0,
+        zero_copy_share=zero_copy_share,
+    )
     graph_dense = measured_graph_dense_ms(report, measured)
     host_dense = measured_dense_ms(report)
     # Each path's dense part from its own runs; where one path has none, the other's stands in (a host-path
     # step's dense part also holds the graph breaks' cost: an upper bound for a one-graph step).
-    measured = replace(measured, dense_ms=host_dense if host_dense is not None else graph_dense,
-                       graph_dense_ms=graph_dense if graph_dense is not None else host_dense)
+    measured = replace(
+        measured,
+        dense_ms=host_dense if host_dense is not None else graph_dense,
+        graph_dense_ms=graph_dense if graph_dense is not None else host_dense,
+    )
     # What the fastest run's experts took per layer beyond the modelled copy and compute is the host's share.
-    layer_host_ms = (fastest["expert_ms_per_token"] / LAYERS - layer_ms(measured, fastest["hit_rate"], hybrid=False)
-                     if host_path else 0.0)
+    layer_host_ms = (
+        fastest["expert_ms_per_token"] / LAYERS - layer_ms(measured, fastest["hit_rate"], hybrid=False)
+        if host_path
+        else 0.0
+    )
     return replace(measured, layer_host_ms=max(0.0, layer_host_ms))
 
 
@@ -166,11 +176,19 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--budget-gb", type=float, default=16.0)
     parser.add_argument("--pcie-gb-per-s", type=float, default=None)
     parser.add_argument("--host-ram-gb-per-s", type=float, default=Inputs.host_ram_gb_per_s)
-    parser.add_argument("--zero-copy-share", type=float, default=Inputs.zero_copy_share,
-                        help="what kernels reading mapped host RAM reach of a copy's bandwidth "
-                             "(benchmarks/zero_copy_probe.py's GB/s over the run's host-to-device GB/s)")
-    parser.add_argument("--cpu-expert-ms", type=float, default=None,
-                        help="a CPU's measured time per 4-bit expert (default: the run's, else row bytes / host RAM)")
+    parser.add_argument(
+        "--zero-copy-share",
+        type=float,
+        default=Inputs.zero_copy_share,
+        help="what kernels reading mapped host RAM reach of a copy's bandwidth "
+        "(benchmarks/zero_copy_probe.py's GB/s over the run's host-to-device GB/s)",
+    )
+    parser.add_argument(
+        "--cpu-expert-ms",
+        type=float,
+        default=None,
+        help="a CPU's measured time per 4-bit expert (default: the run's, else row bytes / host RAM)",
+    )
     args = parser.parse_args(argv)
 
     measured = None
@@ -197,14 +215,22 @@ def main(argv: list[str] | None = None) -> dict:
         overrides["pcie_gb_per_s"] = 25.0  # predict for the target bus, not the measured card's
     inputs = Inputs(**{**inputs.__dict__, **overrides})
 
-    print(f"# Qwen3-Next-80B-A3B decode, {inputs.gpu_budget_gb:g} GB GPU, PCIe {inputs.pcie_gb_per_s:g} GB/s, "
-          f"host RAM {inputs.host_ram_gb_per_s:g} GB/s; {source}")
-    print(f"# {inputs.slots} slots per layer; expert row {ROW_BYTES / 2**20:.2f} MiB: copy {inputs.copy_ms:.3f} ms, "
-          f"CPU {inputs.cpu_expert_ms:.3f} ms, GPU {inputs.gpu_expert_ms:.3f} ms; host {inputs.layer_host_ms:.2f} ms "
-          f"per MoE layer; dense part {inputs.dense_ms:.1f} ms (one-graph step: {inputs.graph_dense_ms:.1f} ms); "
-          f"zero-copy share {inputs.zero_copy_share:.2f}")
-    rows = [("uniform, independent routing", inputs.uniform_hit_rate), ("real routing, low skew", 0.67),
-            ("real routing, high skew", 0.81), ("every expert a miss", 0.0)]
+    print(
+        f"# Qwen3-Next-80B-A3B decode, {inputs.gpu_budget_gb:g} GB GPU, PCIe {inputs.pcie_gb_per_s:g} GB/s, "
+        f"host RAM {inputs.host_ram_gb_per_s:g} GB/s; {source}"
+    )
+    print(
+        f"# {inputs.slots} slots per layer; expert row {ROW_BYTES / 2**20:.2f} MiB: copy {inputs.copy_ms:.3f} ms, "
+        f"CPU {inputs.cpu_expert_ms:.3f} ms, GPU {inputs.gpu_expert_ms:.3f} ms; host {inputs.layer_host_ms:.2f} ms "
+        f"per MoE layer; dense part {inputs.dense_ms:.1f} ms (one-graph step: {inputs.graph_dense_ms:.1f} ms); "
+        f"zero-copy share {inputs.zero_copy_share:.2f}"
+    )
+    rows = [
+        ("uniform, independent routing", inputs.uniform_hit_rate),
+        ("real routing, low skew", 0.67),
+        ("real routing, high skew", 0.81),
+        ("every expert a miss", 0.0),
+    ]
     best = None
     if measured:
         with_experts = [run for run in measured["variants"] if run["cache"]["hits"] + run["cache"]["misses"]]
@@ -220,17 +246,20 @@ def main(argv: list[str] | None = None) -> dict:
         copy = tok_per_s(inputs, hit_rate) if host_path else None
         hybrid = tok_per_s(inputs, hit_rate, hybrid=True) if host_path else None
         graph = graph_tok_per_s(inputs, hit_rate)
-        predictions.append({"routing": label, "hit_rate": hit_rate, "copy_tok_s": copy, "hybrid_tok_s": hybrid,
-                            "graph_tok_s": graph})
+        predictions.append(
+            {"routing": label, "hit_rate": hit_rate, "copy_tok_s": copy, "hybrid_tok_s": hybrid, "graph_tok_s": graph}
+        )
         print(f"| {label:<34} | {hit_rate:>8.1%} | {_cell(copy):>10} | {_cell(hybrid):>12} | {graph:>11.1f} |")
     if not host_path:
         print("# copy and hybrid: no host-path run with experts in this measurement")
     if best:
         on_card = Inputs(**{**inputs.__dict__, "pcie_gb_per_s": measured["h2d_gb_per_s"]})
         predict = graph_tok_per_s if "graph decode" in best["label"] else tok_per_s
-        print(f"# measured on {measured['card']}: {best['tok_per_s']:.1f} tok/s ({best['label']}, hit rate "
-              f"{best['hit_rate']:.1%}); the model predicts {predict(on_card, best['hit_rate']):.1f} for that "
-              f"card's bus ({measured['h2d_gb_per_s']:.1f} GB/s) and hit rate")
+        print(
+            f"# measured on {measured['card']}: {best['tok_per_s']:.1f} tok/s ({best['label']}, hit rate "
+            f"{best['hit_rate']:.1%}); the model predicts {predict(on_card, best['hit_rate']):.1f} for that "
+            f"card's bus ({measured['h2d_gb_per_s']:.1f} GB/s) and hit rate"
+        )
     else:
         print("# measured: none yet; run benchmarks/moe_offload_gpu.py on a GPU")
     return {"inputs": inputs.__dict__, "predictions": predictions}

@@ -50,18 +50,44 @@ RESULTS = Path(__file__).parent / "results"
 _GIB = 1024**3
 
 REAL_SHAPES = dict(
-    vocab_size=151_936, hidden_size=2048, intermediate_size=5120, num_hidden_layers=48,
-    num_attention_heads=16, num_key_value_heads=2, head_dim=256, partial_rotary_factor=0.25,
-    linear_num_value_heads=32, linear_num_key_heads=16, linear_key_head_dim=128, linear_value_head_dim=128,
-    linear_conv_kernel_dim=4, num_experts=512, num_experts_per_tok=10, moe_intermediate_size=512,
-    shared_expert_intermediate_size=512, full_attention_interval=4, norm_topk_prob=True,
-    tie_word_embeddings=False, max_position_embeddings=4096,
+    vocab_size=151_936,
+    hidden_size=2048,
+    intermediate_size=5120,
+    num_hidden_layers=48,
+    num_attention_heads=16,
+    num_key_value_heads=2,
+    head_dim=256,
+    partial_rotary_factor=0.25,
+    linear_num_value_heads=32,
+    linear_num_key_heads=16,
+    linear_key_head_dim=128,
+    linear_value_head_dim=128,
+    linear_conv_kernel_dim=4,
+    num_experts=512,
+    num_experts_per_tok=10,
+    moe_intermediate_size=512,
+    shared_expert_intermediate_size=512,
+    full_attention_interval=4,
+    norm_topk_prob=True,
+    tie_word_embeddings=False,
+    max_position_embeddings=4096,
 )
 SMOKE_SHAPES = dict(
-    REAL_SHAPES, vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-    num_attention_heads=4, head_dim=64, linear_num_value_heads=4, linear_num_key_heads=2,
-    linear_key_head_dim=32, linear_value_head_dim=32, num_experts=32, num_experts_per_tok=4,
-    moe_intermediate_size=128, shared_expert_intermediate_size=128,
+    REAL_SHAPES,
+    vocab_size=1000,
+    hidden_size=256,
+    intermediate_size=512,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    head_dim=64,
+    linear_num_value_heads=4,
+    linear_num_key_heads=2,
+    linear_key_head_dim=32,
+    linear_value_head_dim=32,
+    num_experts=32,
+    num_experts_per_tok=4,
+    moe_intermediate_size=128,
+    shared_expert_intermediate_size=128,
 )
 
 
@@ -146,8 +172,9 @@ class TimedExperts(torch.nn.Module):
         return output
 
 
-def decode_run(model, config, device, tokens: int, clock: Clock, on_prefill_done=None,
-               compiled: CompiledDecode | None = None) -> dict:
+def decode_run(
+    model, config, device, tokens: int, clock: Clock, on_prefill_done=None, compiled: CompiledDecode | None = None
+) -> dict:
     """Greedy decode of `tokens` tokens after a 16-token prompt, with the experts' device time (`TimedExperts`
     installed) and, in eager mode, each layer's (hooks; a compiled decode has no layer boundaries to time).
     `on_prefill_done` runs once the prompt's forward is over, before the first decode step."""
@@ -174,21 +201,41 @@ def decode_run(model, config, device, tokens: int, clock: Clock, on_prefill_done
 
     prompt = torch.randint(0, config.vocab_size, (1, 16), device=device)
     with torch.inference_mode():
-        model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=tokens, min_new_tokens=tokens,
-                       do_sample=False, streamer=Stamp(), pad_token_id=0, eos_token_id=None,
-                       **(compiled.generate_kwargs() if compiled is not None else {}))
+        model.generate(
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=tokens,
+            min_new_tokens=tokens,
+            do_sample=False,
+            streamer=Stamp(),
+            pad_token_id=0,
+            eos_token_id=None,
+            **(compiled.generate_kwargs() if compiled is not None else {}),
+        )
     clock.sync()
     for hook in hooks:
         hook.remove()
     decode_steps = len(stamps) - 2  # the first put is the prompt, the second the prefill's token
     decode_seconds = stamps[-1] - stamps[1]
     # per-layer and experts' averages over decode steps only (the first call of each is the prefill)
-    layer_ms = [sum(clock.seconds(s, e) for s, e in marks[i][1:]) / max(1, len(marks[i]) - 1) * 1000
-                for i in range(len(layers))] if compiled is None else None
+    layer_ms = (
+        [
+            sum(clock.seconds(s, e) for s, e in marks[i][1:]) / max(1, len(marks[i]) - 1) * 1000
+            for i in range(len(layers))
+        ]
+        if compiled is None
+        else None
+    )
     expert_ms = sum(clock.seconds(s, e) for experts in timed for s, e in experts.marks[1:]) / max(1, decode_steps)
-    return {"decode_tokens": decode_steps, "decode_seconds": decode_seconds,
-            "tok_per_s": decode_steps / decode_seconds, "layer_ms": layer_ms, "compiled": compiled is not None,
-            "expert_ms_per_token": expert_ms * 1000, "layer_types": list(config.layer_types)}
+    return {
+        "decode_tokens": decode_steps,
+        "decode_seconds": decode_seconds,
+        "tok_per_s": decode_steps / decode_seconds,
+        "layer_ms": layer_ms,
+        "compiled": compiled is not None,
+        "expert_ms_per_token": expert_ms * 1000,
+        "layer_types": list(config.layer_types),
+    }
 
 
 def measure_bandwidth(device: torch.device, nbytes: int, clock: Clock) -> float:
@@ -270,8 +317,9 @@ class NoExperts(torch.nn.Module):
         return torch.zeros_like(hidden_states)
 
 
-def _profile_host(model, config, device, tokens: int, clock: Clock, path: Path,
-                  compiled: CompiledDecode | None) -> None:
+def _profile_host(
+    model, config, device, tokens: int, clock: Clock, path: Path, compiled: CompiledDecode | None
+) -> None:
     """Where the host's time goes in `tokens` decode steps, prompt left out (cProfile, by own time), printed
     and saved."""
     profiler = cProfile.Profile()
@@ -293,17 +341,28 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--naive-layers", type=int, default=4, help="layers timed for the naive baseline")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, to check the script on a CPU")
     parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--variants", default=",".join(VARIANTS),
-                        help=f"comma-separated, in order, repeats allowed: {', '.join(VARIANTS)}, no-experts "
-                             "(experts output zeros: the rest of the model alone); each may add :compiled, "
-                             ":nographs, :dequant, :graph, :norefill")
+    parser.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help=f"comma-separated, in order, repeats allowed: {', '.join(VARIANTS)}, no-experts "
+        "(experts output zeros: the rest of the model alone); each may add :compiled, "
+        ":nographs, :dequant, :graph, :norefill",
+    )
     parser.add_argument("--skip-naive", action="store_true")
-    parser.add_argument("--profile", type=int, default=0, metavar="TOKENS",
-                        help="after the first variant, profile the host side of this many decode steps")
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="TOKENS",
+        help="after the first variant, profile the host side of this many decode steps",
+    )
     args = parser.parse_args(argv)
     known = [*VARIANTS, "no-experts"]
-    unknown = [name for name in args.variants.split(",")
-               if name.split(":")[0] not in known or not set(name.split(":")[1:]) <= set(FLAGS)]
+    unknown = [
+        name
+        for name in args.variants.split(",")
+        if name.split(":")[0] not in known or not set(name.split(":")[1:]) <= set(FLAGS)
+    ]
     if unknown:
         parser.error(f"unknown variants: {', '.join(unknown)}")
 
@@ -333,45 +392,78 @@ def main(argv: list[str] | None = None) -> dict:
     for name in experts_names:  # drop the 3D expert parameters before materializing the rest
         model.set_submodule(name, torch.nn.Identity())
     materialize_random(model, device, dtype)
-    resident_bytes = (torch.cuda.memory_allocated(device) if device.type == "cuda"
-                      else sum(p.numel() * p.element_size() for p in model.parameters()))
+    resident_bytes = (
+        torch.cuda.memory_allocated(device)
+        if device.type == "cuda"
+        else sum(p.numel() * p.element_size() for p in model.parameters())
+    )
     host_rows = synthetic_host_rows(layout, len(experts_names), config.num_experts, pin=device.type == "cuda")
-    print(f"# built in {time.perf_counter() - started:.0f} s: resident {resident_bytes / _GIB:.2f} GB on the "
-          f"device, experts {len(experts_names) * config.num_experts * layout.row_bytes / _GIB:.1f} GB in host RAM")
+    print(
+        f"# built in {time.perf_counter() - started:.0f} s: resident {resident_bytes / _GIB:.2f} GB on the "
+        f"device, experts {len(experts_names) * config.num_experts * layout.row_bytes / _GIB:.1f} GB in host RAM"
+    )
 
-    plan = plan_memory(device_budget_gb=args.budget_gb, reserve_gb=args.reserve_gb, host_budget_gb=0,
-                       resident_bytes=resident_bytes, num_layers=len(experts_names),
-                       experts_per_layer=config.num_experts, row_bytes=layout.row_bytes,
-                       top_k=config.num_experts_per_tok)
+    plan = plan_memory(
+        device_budget_gb=args.budget_gb,
+        reserve_gb=args.reserve_gb,
+        host_budget_gb=0,
+        resident_bytes=resident_bytes,
+        num_layers=len(experts_names),
+        experts_per_layer=config.num_experts,
+        row_bytes=layout.row_bytes,
+        top_k=config.num_experts_per_tok,
+    )
     if args.smoke:  # leave most experts out so the smoke run exercises misses and evictions
-        plan = plan_memory(device_budget_gb=0, reserve_gb=0, host_budget_gb=0, resident_bytes=0,
-                           num_layers=len(experts_names), experts_per_layer=config.num_experts,
-                           row_bytes=layout.row_bytes, top_k=config.num_experts_per_tok,
-                           slots_override=config.num_experts // 4)
+        plan = plan_memory(
+            device_budget_gb=0,
+            reserve_gb=0,
+            host_budget_gb=0,
+            resident_bytes=0,
+            num_layers=len(experts_names),
+            experts_per_layer=config.num_experts,
+            row_bytes=layout.row_bytes,
+            top_k=config.num_experts_per_tok,
+            slots_override=config.num_experts // 4,
+        )
     model.eval()
     act_fn = ACT2FN[config.hidden_act]
     bandwidth = measure_bandwidth(device, 256 * 1024 * 1024 if not args.smoke else 8 * 1024 * 1024, clock)
     on_device = host_rows[0][: config.num_experts_per_tok].to(device)
     top_k = config.num_experts_per_tok
-    expert_compute_s = time_decode_mix(partial(mix_decode, layout, act_fn, dtype), layout, on_device, dtype, top_k,
-                                       clock)
+    expert_compute_s = time_decode_mix(
+        partial(mix_decode, layout, act_fn, dtype), layout, on_device, dtype, top_k, clock
+    )
     fused = fused_decode_kernels("auto", layout, device, config.hidden_act, top_k)
     fused_compute_s = time_decode_mix(fused.from_slots, layout, on_device, dtype, top_k, clock) if fused else None
     del on_device
     report = {
-        "card": card, "device": str(device), "budget_gb": args.budget_gb, "smoke": args.smoke, "complete": False,
-        "shapes": shapes, "quant": args.quant, "row_bytes": layout.row_bytes,
-        "slots_per_layer": plan.slots_per_layer, "resident_gb": resident_bytes / _GIB,
-        "h2d_gb_per_s": bandwidth, "expert_copy_ms": layout.row_bytes / (bandwidth * 1e9) * 1000,
-        "expert_compute_ms": expert_compute_s * 1000, "non_expert_ms_per_token": None, "cpu_expert_ms": None,
+        "card": card,
+        "device": str(device),
+        "budget_gb": args.budget_gb,
+        "smoke": args.smoke,
+        "complete": False,
+        "shapes": shapes,
+        "quant": args.quant,
+        "row_bytes": layout.row_bytes,
+        "slots_per_layer": plan.slots_per_layer,
+        "resident_gb": resident_bytes / _GIB,
+        "h2d_gb_per_s": bandwidth,
+        "expert_copy_ms": layout.row_bytes / (bandwidth * 1e9) * 1000,
+        "expert_compute_ms": expert_compute_s * 1000,
+        "non_expert_ms_per_token": None,
+        "cpu_expert_ms": None,
         "fused_expert_compute_ms": fused_compute_s * 1000 if fused else None,
-        "variants": [], "failed": [], "naive": None,
+        "variants": [],
+        "failed": [],
+        "naive": None,
     }
     out = args.out or RESULTS / f"moe_offload_gpu-{card.replace(' ', '_')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     fused_note = f", Triton kernels {fused_compute_s * 1000:.3f} ms" if fused else ""
-    print(f"# H2D {bandwidth:.1f} GB/s; one expert: copy {report['expert_copy_ms']:.3f} ms, "
-          f"dequantize + compute {report['expert_compute_ms']:.3f} ms{fused_note} (of {top_k} per token)")
+    print(
+        f"# H2D {bandwidth:.1f} GB/s; one expert: copy {report['expert_copy_ms']:.3f} ms, "
+        f"dequantize + compute {report['expert_compute_ms']:.3f} ms{fused_note} (of {top_k} per token)"
+    )
 
     # The JSON is rewritten after each variant, so a run cut short still reports what it measured.
     experts = [(name, layout, rows) for name, rows in zip(experts_names, host_rows, strict=True)]
@@ -390,6 +482,7 @@ def main(argv: list[str] | None = None) -> dict:
         gc.collect()
         if device.type == "cuda":
             from torch._inductor.cudagraph_trees import reset_cudagraph_trees
+
             # Recorded graphs may hold the last variant's tensors, and a failed recording leaves the tree mid-way
             # (its pool held): the next variant records anew.
             reset_cudagraph_trees()
@@ -405,11 +498,17 @@ def main(argv: list[str] | None = None) -> dict:
             caches, split = [], MissSplit("copy", 0.0)
         else:
             label, policy, prefetch, misses = VARIANTS[base]
-            offload = OffloadConfig(_env_file=None, cache_policy=policy, prefetch=prefetch, misses=misses,
-                                    kernel="torch" if "dequant" in flags else "auto",
-                                    decode="graph" if "graph" in flags else "host")
-            layers = install_offloaded_experts(model, experts, device, dtype, plan.slots_per_layer, offload, config,
-                                               0 if "norefill" in flags else None)
+            offload = OffloadConfig(
+                _env_file=None,
+                cache_policy=policy,
+                prefetch=prefetch,
+                misses=misses,
+                kernel="torch" if "dequant" in flags else "auto",
+                decode="graph" if "graph" in flags else "host",
+            )
+            layers = install_offloaded_experts(
+                model, experts, device, dtype, plan.slots_per_layer, offload, config, 0 if "norefill" in flags else None
+            )
             caches, split = layers.caches, layers.miss_split
             fused = any(m.uses_fused_kernels for m in model.modules() if isinstance(m, OffloadedExperts))
             label += ", triton" if fused else ""
@@ -421,8 +520,7 @@ def main(argv: list[str] | None = None) -> dict:
             label += ", compiled" if graphs else ", compiled, no graphs"
             if graphs not in compiled_by_graphs:
                 configure_compiler(config.num_hidden_layers, None)
-                compiled_by_graphs[graphs] = CompiledDecode(model, 16 + max(args.tokens, 16) + 1,
-                                                            cuda_graphs=graphs)
+                compiled_by_graphs[graphs] = CompiledDecode(model, 16 + max(args.tokens, 16) + 1, cuda_graphs=graphs)
             compiled = compiled_by_graphs[graphs]
             compiled.attach(layers)  # this variant's experts
             torch._dynamo.utils.counters.clear()  # what the JSON says this variant compiled
@@ -440,15 +538,24 @@ def main(argv: list[str] | None = None) -> dict:
 
         run = decode_run(model, config, device, args.tokens, clock, on_prefill_done=decode_only, compiled=compiled)
         stats = ExpertCacheCounters.total(cache.stats for cache in caches)
-        run.update(label=label, expert_kernel="triton" if fused else "dequantize", hit_rate=stats.hit_rate,
-                   cache=stats.model_dump(), miss_split=asdict(split),
-                   warm_up_s=warm_up_s, copy_gb_per_s=stats.bytes_copied / run["decode_seconds"] / 1e9,
-                   gpu_peak_gb=torch.cuda.max_memory_allocated(device) / _GIB if device.type == "cuda" else None)
+        run.update(
+            label=label,
+            expert_kernel="triton" if fused else "dequantize",
+            hit_rate=stats.hit_rate,
+            cache=stats.model_dump(),
+            miss_split=asdict(split),
+            warm_up_s=warm_up_s,
+            copy_gb_per_s=stats.bytes_copied / run["decode_seconds"] / 1e9,
+            gpu_peak_gb=torch.cuda.max_memory_allocated(device) / _GIB if device.type == "cuda" else None,
+        )
         report["cpu_expert_ms"] = report["cpu_expert_ms"] or split.cpu_ms
         if is_compiled:  # did every layer compile, and into how many graphs
             counters = torch._dynamo.utils.counters
-            run["dynamo"] = {"unique_graphs": counters["stats"]["unique_graphs"],
-                             "graph_breaks": sum(counters["graph_break"].values()), "frames": dict(counters["frames"])}
+            run["dynamo"] = {
+                "unique_graphs": counters["stats"]["unique_graphs"],
+                "graph_breaks": sum(counters["graph_break"].values()),
+                "frames": dict(counters["frames"]),
+            }
         print(f"# {label}: {run['tok_per_s']:.2f} tok/s, hit rate {stats.hit_rate:.1%}, warm-up {warm_up_s:.0f} s")
         if index == 0 and args.profile:
             _profile_host(model, config, device, args.profile, clock, out.with_suffix(".profile.txt"), compiled)
@@ -469,16 +576,19 @@ def main(argv: list[str] | None = None) -> dict:
         return report
     naive_layers = min(args.naive_layers, len(experts_names))
     free_experts()  # the naive path needs a whole layer's room
-    naive_layer_s = naive_layer_seconds(layout, host_rows, device, dtype, config.num_experts_per_tok, act_fn,
-                                        clock, naive_layers, tokens=2)
+    naive_layer_s = naive_layer_seconds(
+        layout, host_rows, device, dtype, config.num_experts_per_tok, act_fn, clock, naive_layers, tokens=2
+    )
     # the rest of the model's time per token; where no run timed its experts apart, a whole step's (at most that)
     non_expert_ms = report["non_expert_ms_per_token"]
     if non_expert_ms is None:
         non_expert_ms = min(1000 / run["tok_per_s"] for run in report["variants"])
     non_expert_s = non_expert_ms / 1000
-    report["naive"] = {"tok_per_s": 1 / (non_expert_s + naive_layer_s * len(experts_names)),
-                       "layer_ms": naive_layer_s * 1000,
-                       "note": f"timed on {naive_layers} layers x 2 tokens, scaled to {len(experts_names)} layers"}
+    report["naive"] = {
+        "tok_per_s": 1 / (non_expert_s + naive_layer_s * len(experts_names)),
+        "layer_ms": naive_layer_s * 1000,
+        "note": f"timed on {naive_layers} layers x 2 tokens, scaled to {len(experts_names)} layers",
+    }
     report["complete"] = True
     _print_table(report)
     out.write_text(json.dumps(report, indent=2))
@@ -495,32 +605,41 @@ def _print_table(report: dict) -> None:
         print(f"# FAILED {failure['variant']}: {failure['error']}")
     if not report["variants"]:
         return
-    print(f"\nslots/layer {report['slots_per_layer']}, resident {report['resident_gb']:.2f} GB, "
-          f"H2D {report['h2d_gb_per_s']:.1f} GB/s, expert copy {report['expert_copy_ms']:.3f} ms, "
-          f"expert compute {report['expert_compute_ms']:.3f} ms, "
-          f"non-expert {_ms(report['non_expert_ms_per_token'])} ms/token")
-    print(f"| {'engine':<44} | {'decode tok/s':>12} | {'hit rate':>8} | {'CPU share':>9} | {'copy GB/s':>9} | "
-          f"{'experts ms/tok':>14} |")
+    print(
+        f"\nslots/layer {report['slots_per_layer']}, resident {report['resident_gb']:.2f} GB, "
+        f"H2D {report['h2d_gb_per_s']:.1f} GB/s, expert copy {report['expert_copy_ms']:.3f} ms, "
+        f"expert compute {report['expert_compute_ms']:.3f} ms, "
+        f"non-expert {_ms(report['non_expert_ms_per_token'])} ms/token"
+    )
+    print(
+        f"| {'engine':<44} | {'decode tok/s':>12} | {'hit rate':>8} | {'CPU share':>9} | {'copy GB/s':>9} | "
+        f"{'experts ms/tok':>14} |"
+    )
     print(f"|{'-' * 46}|{'-' * 14}|{'-' * 10}|{'-' * 11}|{'-' * 11}|{'-' * 16}|")
     for run in report["variants"]:
         cache = run["cache"]
         cpu_share = cache["computed_on_host"] / cache["misses"] if cache["misses"] else 0.0
-        print(f"| {run['label']:<44} | {run['tok_per_s']:>12.2f} | {run['hit_rate']:>8.1%} | {cpu_share:>9.1%} | "
-              f"{run['copy_gb_per_s']:>9.2f} | {run['expert_ms_per_token']:>14.1f} |")
+        print(
+            f"| {run['label']:<44} | {run['tok_per_s']:>12.2f} | {run['hit_rate']:>8.1%} | {cpu_share:>9.1%} | "
+            f"{run['copy_gb_per_s']:>9.2f} | {run['expert_ms_per_token']:>14.1f} |"
+        )
         if run["miss_split"]["cpu_ms"] is not None:
             split = run["miss_split"]
-            print(f"#   {run['label']}: timed at load: expert copy {split['copy_ms']:.3f} ms, CPU expert "
-                  f"{split['cpu_ms']:.3f} ms -> {split['cpu_share']:.1%} of misses to the CPU")
+            print(
+                f"#   {run['label']}: timed at load: expert copy {split['copy_ms']:.3f} ms, CPU expert "
+                f"{split['cpu_ms']:.3f} ms -> {split['cpu_share']:.1%} of misses to the CPU"
+            )
     layer_types = report["variants"][0]["layer_types"]
     naive = report["naive"]
     if naive:
-        print(f"| {'naive whole-layer':<44} | {naive['tok_per_s']:>12.2f} | {'-':>8} | {'-':>9} | {'-':>9} | "
-              f"{naive['layer_ms'] * len(layer_types):>14.1f} |  ({naive['note']})")
+        print(
+            f"| {'naive whole-layer':<44} | {naive['tok_per_s']:>12.2f} | {'-':>8} | {'-':>9} | {'-':>9} | "
+            f"{naive['layer_ms'] * len(layer_types):>14.1f} |  ({naive['note']})"
+        )
     timed = next((run for run in report["variants"] if run["layer_ms"]), None)
     for kind in sorted(set(layer_types)) if timed else []:
         times = [t for t, k in zip(timed["layer_ms"], layer_types, strict=True) if k == kind]
-        print(f"# {kind}: {len(times)} layers, {sum(times) / len(times):.2f} ms per layer per token "
-              f"({timed['label']})")
+        print(f"# {kind}: {len(times)} layers, {sum(times) / len(times):.2f} ms per layer per token ({timed['label']})")
 
 
 if __name__ == "__main__":

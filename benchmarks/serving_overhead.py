@@ -52,8 +52,9 @@ def main() -> None:
                 direct_tokens += outcome.tokens_generated
 
                 started = time.perf_counter()
-                response = stack.http.post("/inference", json={"prompt": prompt, "max_tokens": args.max_tokens,
-                                                               "temperature": 0})
+                response = stack.http.post(
+                    "/inference", json={"prompt": prompt, "max_tokens": args.max_tokens, "temperature": 0}
+                )
                 http_time += time.perf_counter() - started
                 response.raise_for_status()
                 http_tokens += response.json()["tokens_generated"]
@@ -92,8 +93,10 @@ def main() -> None:
         ("added latency p50, 1-token job (ms)", f"{report['added_latency_ms_p50']:.2f}", "<= 5"),
         ("added latency p95, 1-token job (ms)", f"{report['added_latency_ms_p95']:.2f}", ""),
     ]
-    print(f"\nserving overhead: {engine.model_name} on {engine.device} ({engine.dtype}), "
-          f"{args.rounds} rounds x {len(STANDARD_PROMPTS)} prompts x {args.max_tokens} tokens")
+    print(
+        f"\nserving overhead: {engine.model_name} on {engine.device} ({engine.dtype}), "
+        f"{args.rounds} rounds x {len(STANDARD_PROMPTS)} prompts x {args.max_tokens} tokens"
+    )
     print(f"| {'measure':<38} | {'value':>9} | {'target':<8} |")
     print(f"|{'-' * 40}|{'-' * 11}|{'-' * 10}|")
     for name, value, target in rows:

@@ -60,8 +60,13 @@ def main(argv: list[str] | None = None) -> dict:
     blocks = tune(layout, device, top_k).blocks if cuda else Blocks()
     code = code_table(layout, device)
     card = torch.cuda.get_device_name(device) if cuda else "cpu"
-    report = {"card": card, "smoke": args.smoke, "quant": args.quant, "row_bytes": layout.row_bytes,
-              "blocks": vars(blocks)}
+    report = {
+        "card": card,
+        "smoke": args.smoke,
+        "quant": args.quant,
+        "row_bytes": layout.row_bytes,
+        "blocks": vars(blocks),
+    }
     print(f"# {card}; one token through k experts of {layout.row_bytes / 2**20:.2f} MiB; kernels {blocks}")
 
     def measure(k: int) -> dict:
@@ -87,32 +92,41 @@ def main(argv: list[str] | None = None) -> dict:
 
         def gathered(indices: torch.Tensor | None = None) -> torch.Tensor:
             experts, positions = (next(turn) if indices is None else indices).view(2, k)
-            return fused_mix_decode_table(layout, code, blocks, slots, mapped, experts, no_slots, positions, weights,
-                                          x)
+            return fused_mix_decode_table(layout, code, blocks, slots, mapped, experts, no_slots, positions, weights, x)
 
         expected = kernels(host_rows.to(device), sets[1])
-        difference = max((kernels(mapped, sets[1]) - expected).abs().max().item(),
-                         (gathered(sets[1]) - expected).abs().max().item())
-        run = {"experts": k, "zero_copy_max_difference": difference,
-               "in_memory_us": seconds_per_call(lambda: kernels(in_memory), clock, args.repeats) * 1e6,
-               "zero_copy_us": seconds_per_call(lambda: kernels(mapped), clock, args.repeats) * 1e6,
-               "gathered_us": seconds_per_call(gathered, clock, args.repeats) * 1e6,
-               "copy_then_kernels_us": seconds_per_call(copy_then_kernels, clock, args.repeats) * 1e6}
+        difference = max(
+            (kernels(mapped, sets[1]) - expected).abs().max().item(), (gathered(sets[1]) - expected).abs().max().item()
+        )
+        run = {
+            "experts": k,
+            "zero_copy_max_difference": difference,
+            "in_memory_us": seconds_per_call(lambda: kernels(in_memory), clock, args.repeats) * 1e6,
+            "zero_copy_us": seconds_per_call(lambda: kernels(mapped), clock, args.repeats) * 1e6,
+            "gathered_us": seconds_per_call(gathered, clock, args.repeats) * 1e6,
+            "copy_then_kernels_us": seconds_per_call(copy_then_kernels, clock, args.repeats) * 1e6,
+        }
         run["zero_copy_gb_per_s"] = k * layout.row_bytes / run["zero_copy_us"] / 1e3
         run["gathered_gb_per_s"] = k * layout.row_bytes / run["gathered_us"] / 1e3
         return run
 
     report["runs"] = [measure(k) for k in sorted({min(k, top_k) for k in (1, 2, 5, top_k)})]
-    print("| experts | in GPU memory us | zero-copy us (GB/s) | gathered us (GB/s) | copy, then kernels us "
-          "| zero-copy results |")
-    print("|---------|------------------|---------------------|--------------------|-----------------------"
-          "|-------------------|")
+    print(
+        "| experts | in GPU memory us | zero-copy us (GB/s) | gathered us (GB/s) | copy, then kernels us "
+        "| zero-copy results |"
+    )
+    print(
+        "|---------|------------------|---------------------|--------------------|-----------------------"
+        "|-------------------|"
+    )
     for run in report["runs"]:
         same = "same" if run["zero_copy_max_difference"] == 0 else f"differ by {run['zero_copy_max_difference']:.2g}"
         zero_copy = f"{run['zero_copy_us']:.1f} ({run['zero_copy_gb_per_s']:.1f})"
         gathered = f"{run['gathered_us']:.1f} ({run['gathered_gb_per_s']:.1f})"
-        print(f"| {run['experts']:7d} | {run['in_memory_us']:16.1f} | {zero_copy:>19} | {gathered:>18} "
-              f"| {run['copy_then_kernels_us']:21.1f} | {same:17s} |")
+        print(
+            f"| {run['experts']:7d} | {run['in_memory_us']:16.1f} | {zero_copy:>19} | {gathered:>18} "
+            f"| {run['copy_then_kernels_us']:21.1f} | {same:17s} |"
+        )
     out = args.out or RESULTS / f"zero_copy_probe-{card.replace(' ', '_')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))

@@ -1,7 +1,7 @@
 """Write `docs/configuration.md` and `.env.example` from the settings classes, where each setting is described once.
 
-    python scripts/settings_reference.py          # rewrite both files
-    python scripts/settings_reference.py --check  # exit 1 if either is out of date (a test runs this)
+python scripts/settings_reference.py          # rewrite both files
+python scripts/settings_reference.py --check  # exit 1 if either is out of date (a test runs this)
 """
 
 import argparse
@@ -26,8 +26,11 @@ from worker.settings import EngineSettings  # noqa: E402
 SECTIONS: tuple[tuple[str, str, type[BaseSettings]], ...] = (
     ("Service", "the API and the worker (`shared/config.py`, `Settings`)", Settings),
     ("Model and engine", "the worker (`worker/settings.py`, `EngineSettings`)", EngineSettings),
-    ("MoE expert offload", "the worker's offload engine (`worker/engine/moe_offload/config.py`, `OffloadConfig`)",
-     OffloadConfig),
+    (
+        "MoE expert offload",
+        "the worker's offload engine (`worker/engine/moe_offload/config.py`, `OffloadConfig`)",
+        OffloadConfig,
+    ),
 )
 DOC = ROOT / "docs" / "configuration.md"
 ENV_EXAMPLE = ROOT / ".env.example"
@@ -84,8 +87,14 @@ def configuration_md() -> str:
         "",
     ]
     for heading, readers, cls in SECTIONS:
-        lines += [f"## {heading}", "", f"Read by {readers}.", "", "| variable | default | values | meaning |",
-                  "|---|---|---|---|"]
+        lines += [
+            f"## {heading}",
+            "",
+            f"Read by {readers}.",
+            "",
+            "| variable | default | values | meaning |",
+            "|---|---|---|---|",
+        ]
         for setting in settings_of(cls):
             default = f"`{setting.default}`" if setting.default else "(unset)"
             lines.append(f"| `{setting.env}` | {default} | {setting.kind} | {setting.description} |")

@@ -12,17 +12,22 @@ class Settings(BaseSettings):
 
     # --- Redis / Celery ---
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Celery's broker and backend, jobs, metrics")
-    key_prefix: str = Field("moeserve", pattern=r"^[A-Za-z0-9_.-]+$",
-                            description="prefix of every key the service writes (jobs, streams, heartbeats)")
+    key_prefix: str = Field(
+        "moeserve",
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description="prefix of every key the service writes (jobs, streams, heartbeats)",
+    )
     queue_name: str = Field("inference", pattern=r"^[A-Za-z0-9_.-]+$", description="the Celery queue of jobs")
     # Celery's Redis transport re-delivers an unacked message only after this; it must outlive the
     # longest job or a slow job would be handed to a second worker while still running.
     visibility_timeout_s: int = Field(
-        3600, ge=60, description="seconds before Celery re-delivers an unacknowledged job; must exceed JOB_TIMEOUT_S")
+        3600, ge=60, description="seconds before Celery re-delivers an unacknowledged job; must exceed JOB_TIMEOUT_S"
+    )
 
     # --- request limits ---
     apply_chat_template: bool = Field(
-        True, description="wrap /inference prompts in the model's chat template, when it has one")
+        True, description="wrap /inference prompts in the model's chat template, when it has one"
+    )
     max_tokens_default: int = Field(100, ge=1, description="max_tokens of a request that gives none")
     max_tokens_limit: int = Field(2048, ge=1, description="the largest max_tokens a request may ask for")
     max_prompt_chars: int = Field(200_000, ge=1, description="longer prompts get 400 before they are queued")
@@ -32,25 +37,32 @@ class Settings(BaseSettings):
     # --- timing ---
     job_timeout_s: float = Field(600.0, gt=0, description="generation deadline in seconds, checked per token")
     sync_wait_timeout_s: float = Field(
-        300.0, gt=0, description="a synchronous call still waiting after this answers 202 with the job to poll")
+        300.0, gt=0, description="a synchronous call still waiting after this answers 202 with the job to poll"
+    )
     heartbeat_interval_s: float = Field(2.0, gt=0, description="seconds between a worker's heartbeats")
     heartbeat_stale_s: float = Field(
-        10.0, gt=0, description="a worker silent this long is dead: unhealthy, and its running jobs re-queued")
+        10.0, gt=0, description="a worker silent this long is dead: unhealthy, and its running jobs re-queued"
+    )
     job_ttl_s: int = Field(86_400, ge=60, description="seconds a job's record and events are kept")
     max_job_attempts: int = Field(2, ge=1, description="deliveries before a job that kills workers fails")
     redis_retry_s: float = Field(
-        600.0, gt=0, description="how long a worker retries a job's claim or end while Redis is unreachable; "
-                                 "past it the job is left to the watchdog, which re-queues it")
+        600.0,
+        gt=0,
+        description="how long a worker retries a job's claim or end while Redis is unreachable; "
+        "past it the job is left to the watchdog, which re-queues it",
+    )
 
     # --- health ---
     min_free_memory_gb: float = Field(
-        0.5, ge=0, description="/health is unhealthy when a worker's host has less RAM available than this")
+        0.5, ge=0, description="/health is unhealthy when a worker's host has less RAM available than this"
+    )
 
     # --- API server ---
     api_host: str = Field("127.0.0.1", description="address `make run` binds the API to")
     api_port: int = Field(8000, ge=1, le=65535, description="port `make run` serves the API on")
     flower_port: int = Field(
-        5555, ge=0, le=65535, description="port `make run` serves Flower on (at API_HOST); 0 = no Flower")
+        5555, ge=0, le=65535, description="port `make run` serves Flower on (at API_HOST); 0 = no Flower"
+    )
 
     @model_validator(mode="after")
     def _check_consistency(self) -> "Settings":

@@ -211,7 +211,8 @@ class MetricsResponse(BaseModel):
     total_inferences: int
     uptime_seconds: float
     expert_offload: ExpertOffloadStats | None = Field(
-        None, description="expert cache counters of the workers serving an offloaded MoE model; null otherwise")
+        None, description="expert cache counters of the workers serving an offloaded MoE model; null otherwise"
+    )
     workers: list[WorkerStatus] = Field(default_factory=list, description="each worker with a fresh heartbeat")
 
 

@@ -30,8 +30,9 @@ def plan(test_type: str, iterations: int, context_length: int) -> list[Generatio
         budget = max(16, context_length - output_tokens - 64)  # room for the chat template
         sizes = [min(size, budget) for size in MEMORY_PROMPT_TOKENS]
         return [
-            GenerationParams(prompt=_FILLER * max(1, sizes[i % len(sizes)] // 10), max_tokens=output_tokens,
-                             temperature=0.0)
+            GenerationParams(
+                prompt=_FILLER * max(1, sizes[i % len(sizes)] // 10), max_tokens=output_tokens, temperature=0.0
+            )
             for i in range(iterations)
         ]
     return [
@@ -57,8 +58,13 @@ def run(engine: Engine, request: BenchmarkRequest, context: JobContext) -> tuple
             finish_reason = stop
             break
         outcome = engine.generate(params, context)
-        samples.append(BenchmarkPrompt(prompt_length=outcome.prompt_tokens, output_length=outcome.tokens_generated,
-                                       tokens_per_second=outcome.tokens_per_second))
+        samples.append(
+            BenchmarkPrompt(
+                prompt_length=outcome.prompt_tokens,
+                output_length=outcome.tokens_generated,
+                tokens_per_second=outcome.tokens_per_second,
+            )
+        )
         memory.append(outcome.memory_used_gb)
         context.set_progress(len(samples), len(runs))
     speeds = [sample.tokens_per_second for sample in samples] or [0.0]

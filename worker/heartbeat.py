@@ -85,8 +85,11 @@ class Heartbeat:
                     self.on_tick()
             except redis.RedisError as error:
                 if not failing:
-                    log.warning("heartbeat failed: %s (retried every %.1f s, logged again once it works)", error,
-                                self.settings.heartbeat_interval_s)
+                    log.warning(
+                        "heartbeat failed: %s (retried every %.1f s, logged again once it works)",
+                        error,
+                        self.settings.heartbeat_interval_s,
+                    )
                 failing = True
             except Exception:
                 log.exception("heartbeat tick failed")

@@ -34,8 +34,17 @@ class JobContext:
     While Redis is unreachable the job goes on: its tokens are held back and sent once Redis answers (if the
     job is still this worker's), and its end is retried until Redis answers, within `REDIS_RETRY_S`."""
 
-    def __init__(self, client: redis.Redis, keys: RedisKeys, job_id: str, deadline: float, ttl_s: int,
-                 owner: str, retry_s: float, stream_tokens: bool = True):
+    def __init__(
+        self,
+        client: redis.Redis,
+        keys: RedisKeys,
+        job_id: str,
+        deadline: float,
+        ttl_s: int,
+        owner: str,
+        retry_s: float,
+        stream_tokens: bool = True,
+    ):
         self.client = client
         self.keys = keys
         self.job_id = job_id
@@ -76,15 +85,17 @@ class JobContext:
             return
         try:
             answer = self.client.register_script(SEND_HELD_TOKENS_SCRIPT)(
-                keys=[self.keys.job(self.job_id), self.keys.job_events(self.job_id),
-                      self.keys.job_cancel(self.job_id)],
-                args=[self.owner, self.ttl_s, *self._held_back])
+                keys=[self.keys.job(self.job_id), self.keys.job_events(self.job_id), self.keys.job_cancel(self.job_id)],
+                args=[self.owner, self.ttl_s, *self._held_back],
+            )
         except UNREACHABLE as error:
             self._lose_redis(error)
             return
         if answer == -1:
-            log.warning("job %s: Redis answers again, but another worker has taken the job over; this attempt "
-                        "stops", self.job_id)
+            log.warning(
+                "job %s: Redis answers again, but another worker has taken the job over; this attempt stops",
+                self.job_id,
+            )
             self.lost = True
         else:
             log.warning("job %s: Redis answers again; %d held-back tokens sent", self.job_id, len(self._held_back))
@@ -96,8 +107,7 @@ class JobContext:
 
     def _lose_redis(self, error: Exception) -> None:
         if not self._outage_logged:
-            log.warning("job %s: Redis is unreachable (%s); the job goes on, its tokens held back", self.job_id,
-                        error)
+            log.warning("job %s: Redis is unreachable (%s); the job goes on, its tokens held back", self.job_id, error)
             self._outage_logged = True
         self._unreachable_until = time.monotonic() + REDIS_RETRY_INTERVAL_S
 
@@ -148,8 +158,9 @@ class JobContext:
                     raise redis.ConnectionError("Redis is still unreachable")
             if self.lost:
                 return False
-            return write_terminal_state(self.client, self.keys, self.job_id, self.ttl_s, status, result, error,
-                                        owner=self.owner)
+            return write_terminal_state(
+                self.client, self.keys, self.job_id, self.ttl_s, status, result, error, owner=self.owner
+            )
 
         try:
             written = retry_until_reachable(write, f"job {self.job_id}: writing its end", self.retry_s)
@@ -160,9 +171,16 @@ class JobContext:
         return written
 
 
-def write_terminal_state(client: redis.Redis, keys: RedisKeys, job_id: str, ttl_s: int, status: JobStatus,
-                         result: dict[str, Any] | None = None, error: JobError | None = None,
-                         owner: str = "") -> bool:
+def write_terminal_state(
+    client: redis.Redis,
+    keys: RedisKeys,
+    job_id: str,
+    ttl_s: int,
+    status: JobStatus,
+    result: dict[str, Any] | None = None,
+    error: JobError | None = None,
+    owner: str = "",
+) -> bool:
     """The terminal state and event in one script, over a running job owned by `owner` ('' = any owner).
     True when written."""
     fields: dict[str, str] = {"status": status.value, "finished_at": repr(time.time())}
@@ -170,12 +188,16 @@ def write_terminal_state(client: redis.Redis, keys: RedisKeys, job_id: str, ttl_
         fields["result"] = json.dumps(result)
     if error is not None:
         fields["error"] = error.model_dump_json()
-    event_type, data = ((EventType.ERROR.value, error.model_dump_json()) if error is not None
-                        else (EventType.DONE.value, json.dumps(result)))
+    event_type, data = (
+        (EventType.ERROR.value, error.model_dump_json())
+        if error is not None
+        else (EventType.DONE.value, json.dumps(result))
+    )
     pairs = [item for field in fields.items() for item in field]
     written = client.register_script(FINISH_SCRIPT)(
         keys=[keys.job(job_id), keys.job_events(job_id), keys.running_jobs(), keys.job_cancel(job_id)],
-        args=[owner, ttl_s, event_type, data, job_id, *pairs])
+        args=[owner, ttl_s, event_type, data, job_id, *pairs],
+    )
     return bool(written)
 
 
@@ -200,17 +222,31 @@ class JobRunner:
         """Retried while Redis is unreachable (the same claim answers the same: see CLAIM_SCRIPT); raises
         `RedisUnreachable` past `REDIS_RETRY_S`."""
         keys = [self.keys.job(job_id), self.keys.running_jobs(), self.keys.job_cancel(job_id)]
-        args: list[str | int | float] = [self.worker_id, repr(time.time()), self.settings.max_job_attempts,
-                self.keys.worker_heartbeat_prefix(), job_id, self.keys.job_recovery_lock_prefix(job_id)]
-        claimed = Claim(retry_until_reachable(lambda: self._claim(keys=keys, args=args), f"job {job_id}: claim",
-                                              self.settings.redis_retry_s))
+        args: list[str | int | float] = [
+            self.worker_id,
+            repr(time.time()),
+            self.settings.max_job_attempts,
+            self.keys.worker_heartbeat_prefix(),
+            job_id,
+            self.keys.job_recovery_lock_prefix(job_id),
+        ]
+        claimed = Claim(
+            retry_until_reachable(
+                lambda: self._claim(keys=keys, args=args), f"job {job_id}: claim", self.settings.redis_retry_s
+            )
+        )
         if claimed is Claim.EXHAUSTED:
             attempts = self.settings.max_job_attempts
             log.error("job %s failed: its worker died on each of %d attempts", job_id, attempts)
-            self._end(job_id, JobStatus.FAILED, owner="", error=JobError(
-                type=ErrorType.INFERENCE,
-                message=f"the job stopped its worker on each of {attempts} attempts; not retried again",
-            ))
+            self._end(
+                job_id,
+                JobStatus.FAILED,
+                owner="",
+                error=JobError(
+                    type=ErrorType.INFERENCE,
+                    message=f"the job stopped its worker on each of {attempts} attempts; not retried again",
+                ),
+            )
         return claimed
 
     @contextmanager
@@ -227,29 +263,43 @@ class JobRunner:
                 log.info("job %s skipped: no longer queued (cancelled, finished or owned elsewhere)", job_id)
             yield None
             return
-        job = JobContext(self.client, self.keys, job_id, deadline=time.monotonic() + self.settings.job_timeout_s,
-                         ttl_s=self.settings.job_ttl_s, owner=self.worker_id, retry_s=self.settings.redis_retry_s,
-                         stream_tokens=stream_tokens)
+        job = JobContext(
+            self.client,
+            self.keys,
+            job_id,
+            deadline=time.monotonic() + self.settings.job_timeout_s,
+            ttl_s=self.settings.job_ttl_s,
+            owner=self.worker_id,
+            retry_s=self.settings.redis_retry_s,
+            stream_tokens=stream_tokens,
+        )
         try:
             yield job
         except InvalidGenerationInput as error:
-            job.end(JobStatus.FAILED, error=JobError(type=ErrorType.INVALID_REQUEST, message=str(error),
-                                                     param=error.param))
+            job.end(
+                JobStatus.FAILED, error=JobError(type=ErrorType.INVALID_REQUEST, message=str(error), param=error.param)
+            )
             return
         except Exception as error:
             if not job.finished:
                 log.exception("job %s failed", job_id)
-                job.end(JobStatus.FAILED,
-                        error=JobError(type=ErrorType.INFERENCE, message=f"{type(error).__name__}: {error}"))
+                job.end(
+                    JobStatus.FAILED,
+                    error=JobError(type=ErrorType.INFERENCE, message=f"{type(error).__name__}: {error}"),
+                )
             raise
         if not job.finished:
-            job.end(JobStatus.FAILED,
-                    error=JobError(type=ErrorType.INFERENCE, message="the job ended without a result"))
+            job.end(
+                JobStatus.FAILED, error=JobError(type=ErrorType.INFERENCE, message="the job ended without a result")
+            )
 
     def _end(self, job_id: str, status: JobStatus, owner: str, error: JobError) -> None:
         """End a job that never ran here; if Redis stays unreachable the watchdog finds it again."""
         with suppress(RedisUnreachable):
             retry_until_reachable(
-                lambda: write_terminal_state(self.client, self.keys, job_id, self.settings.job_ttl_s, status,
-                                             error=error, owner=owner),
-                f"job {job_id}: writing its end", self.settings.redis_retry_s)
+                lambda: write_terminal_state(
+                    self.client, self.keys, job_id, self.settings.job_ttl_s, status, error=error, owner=owner
+                ),
+                f"job {job_id}: writing its end",
+                self.settings.redis_retry_s,
+            )

@@ -19,8 +19,11 @@ def record_inference(client: redis.Redis, keys: RedisKeys, outcome: GenerationOu
     with client.pipeline() as pipe:
         pipe.hincrby(keys.metrics(), "total_inferences", 1)
         pipe.hincrbyfloat(keys.metrics(), "total_generation_time", outcome.generation_time)
-        pipe.hset(keys.metrics(), mapping={
-            "avg_tokens_per_second": rolling,
-            "last_inference_at": time.time(),
-        })
+        pipe.hset(
+            keys.metrics(),
+            mapping={
+                "avg_tokens_per_second": rolling,
+                "last_inference_at": time.time(),
+            },
+        )
         pipe.execute()

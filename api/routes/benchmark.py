@@ -16,8 +16,12 @@ router = APIRouter(tags=["benchmark"])
     response_model=BenchmarkResponse,
     responses={202: {"model": JobAccepted}, **error_responses(400, 429, 500, 503)},
 )
-async def create_benchmark(body: BenchmarkRequest, jobs: JobServiceDep, settings: SettingsDep,
-                           respond_async: Annotated[bool, Depends(wants_async)]):
+async def create_benchmark(
+    body: BenchmarkRequest,
+    jobs: JobServiceDep,
+    settings: SettingsDep,
+    respond_async: Annotated[bool, Depends(wants_async)],
+):
     """Run a benchmark suite through the same queue as inference; progress shows on GET /jobs/{id}."""
     if body.iterations > settings.benchmark_max_iterations:
         raise invalid_request(f"iterations must be at most {settings.benchmark_max_iterations}", "iterations")

@@ -18,8 +18,12 @@ router = APIRouter(tags=["inference"])
     response_model=InferenceResponse,
     responses={202: {"model": JobAccepted}, **error_responses(400, 409, 429, 500, 503)},
 )
-async def create_inference(body: InferenceRequest, jobs: JobServiceDep, settings: SettingsDep,
-                           respond_async: Annotated[bool, Depends(wants_async)]):
+async def create_inference(
+    body: InferenceRequest,
+    jobs: JobServiceDep,
+    settings: SettingsDep,
+    respond_async: Annotated[bool, Depends(wants_async)],
+):
     """Generate a completion. Waits for it, streams it (`stream: true`), or answers 202 with a job id
     (`Prefer: respond-async`)."""
     params = generation_params(body, settings)

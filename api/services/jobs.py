@@ -47,17 +47,24 @@ class JobService:
         """Refuse work no worker can take (503) or that would overflow the queue (429)."""
         fleet = await self.fleet.read()
         if not fleet.ready:
-            raise APIError(503, ErrorType.MODEL_NOT_READY, f"model not ready: {fleet.not_ready_reason()}",
-                           headers={"Retry-After": "5"})
+            raise APIError(
+                503,
+                ErrorType.MODEL_NOT_READY,
+                f"model not ready: {fleet.not_ready_reason()}",
+                headers={"Retry-After": "5"},
+            )
         backlog = await self.fleet.queue_depth()
         if backlog >= self.settings.max_queue_depth:
             metrics = await self.fleet.metrics()
             done = int(metrics.get("total_inferences", 0))
             avg_job_s = float(metrics.get("total_generation_time", 0)) / done if done else 1.0
             retry_after = max(1, math.ceil(backlog * avg_job_s / len(fleet.ready)))
-            raise APIError(429, ErrorType.QUEUE_FULL,
-                           f"the queue is full ({backlog} jobs waiting); retry in about {retry_after} s",
-                           headers={"Retry-After": str(retry_after)})
+            raise APIError(
+                429,
+                ErrorType.QUEUE_FULL,
+                f"the queue is full ({backlog} jobs waiting); retry in about {retry_after} s",
+                headers={"Retry-After": str(retry_after)},
+            )
 
     async def submit(self, kind: JobKind, params: dict[str, Any]) -> str:
         await self._admit()
@@ -67,16 +74,24 @@ class JobService:
             pipe.hset(job_key, mapping=new_job_fields(kind, params))
             pipe.expire(job_key, self.settings.job_ttl_s)
             await pipe.execute()
-        send = partial(self.celery.send_task, TASK_FOR_KIND[kind], args=[job_id, params], task_id=job_id,
-                       queue=self.settings.queue_name)
+        send = partial(
+            self.celery.send_task,
+            TASK_FOR_KIND[kind],
+            args=[job_id, params],
+            task_id=job_id,
+            queue=self.settings.queue_name,
+        )
         try:
             # Celery's producer is blocking I/O of about a millisecond: run it off the event loop.
             await anyio.to_thread.run_sync(send)
         except Exception as error:
-            await self.client.hset(job_key, mapping={
-                "status": JobStatus.FAILED.value,
-                "error": JobError(type=ErrorType.SERVICE_UNAVAILABLE, message=str(error)).model_dump_json(),
-            })
+            await self.client.hset(
+                job_key,
+                mapping={
+                    "status": JobStatus.FAILED.value,
+                    "error": JobError(type=ErrorType.SERVICE_UNAVAILABLE, message=str(error)).model_dump_json(),
+                },
+            )
             raise APIError(503, ErrorType.SERVICE_UNAVAILABLE, f"could not enqueue the job: {error}") from error
         return job_id
 
@@ -115,15 +130,15 @@ class JobService:
     async def get(self, job_id: str) -> JobView:
         fields = await self.client.hgetall(self.keys.job(job_id))
         if not fields:
-            raise APIError(404, ErrorType.NOT_FOUND, f"no job with id '{job_id}' (unknown or expired)",
-                           param="job_id")
+            raise APIError(404, ErrorType.NOT_FOUND, f"no job with id '{job_id}' (unknown or expired)", param="job_id")
         return parse_job(job_id, fields)
 
     async def cancel(self, job_id: str) -> JobView:
         job = await self.get(job_id)
         if job.status.is_terminal:
-            raise APIError(409, ErrorType.INVALID_REQUEST, f"job '{job_id}' already finished ({job.status})",
-                           param="job_id")
+            raise APIError(
+                409, ErrorType.INVALID_REQUEST, f"job '{job_id}' already finished ({job.status})", param="job_id"
+            )
         await self.request_cancel(job_id)
         return await self.get(job_id)
 

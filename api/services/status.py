@@ -20,10 +20,16 @@ def _per_host(fleet: Fleet) -> dict[str, WorkerHeartbeat]:
 
 def worker_statuses(workers: list[WorkerHeartbeat], now: float) -> list[WorkerStatus]:
     return [
-        WorkerStatus(id=worker.worker_id, hostname=worker.hostname, state=worker.state, model=worker.model,
-                     device=worker.device, current_job=worker.current_job or None,
-                     heartbeat_age_s=round(max(0.0, now - worker.last_heartbeat), 3),
-                     tokens_per_second=round(worker.tokens_per_second, 3) if worker.tokens_per_second else None)
+        WorkerStatus(
+            id=worker.worker_id,
+            hostname=worker.hostname,
+            state=worker.state,
+            model=worker.model,
+            device=worker.device,
+            current_job=worker.current_job or None,
+            heartbeat_age_s=round(max(0.0, now - worker.last_heartbeat), 3),
+            tokens_per_second=round(worker.tokens_per_second, 3) if worker.tokens_per_second else None,
+        )
         for worker in workers
     ]
 
@@ -55,8 +61,9 @@ async def check_health(reader: FleetReader, settings: Settings) -> HealthRespons
         fleet = await reader.read()
         counters = await reader.metrics()
     except redis.exceptions.RedisError:
-        return HealthResponse(status="unhealthy", model_ready=False, gpu_available=False,
-                              memory_sufficient=False, last_inference=None)
+        return HealthResponse(
+            status="unhealthy", model_ready=False, gpu_available=False, memory_sufficient=False, last_inference=None
+        )
     ready = fleet.ready
     memory_sufficient = bool(ready) and all(
         worker.system_memory_available_gb >= settings.min_free_memory_gb for worker in ready

@@ -23,8 +23,15 @@ Work = Callable[[JobContext, dict], tuple[dict, str]]
 
 
 def outcome(text: str, tokens: int = 3) -> dict:
-    return {"text": text, "tokens_generated": tokens, "generation_time": 0.5, "tokens_per_second": tokens / 0.5,
-            "memory_used_gb": 0.1, "prompt_tokens": 4, "finish_reason": "length"}
+    return {
+        "text": text,
+        "tokens_generated": tokens,
+        "generation_time": 0.5,
+        "tokens_per_second": tokens / 0.5,
+        "memory_used_gb": 0.1,
+        "prompt_tokens": 4,
+        "finish_reason": "length",
+    }
 
 
 def echo_work(context: JobContext, params: dict) -> tuple[dict, str]:
@@ -67,8 +74,14 @@ class InlineCelery:
 
 @pytest.fixture
 def settings() -> Settings:
-    return Settings(key_prefix="unit", queue_name="unit", max_queue_depth=3, max_tokens_limit=512,
-                    sync_wait_timeout_s=5, _env_file=None)
+    return Settings(
+        key_prefix="unit",
+        queue_name="unit",
+        max_queue_depth=3,
+        max_tokens_limit=512,
+        sync_wait_timeout_s=5,
+        _env_file=None,
+    )
 
 
 @pytest.fixture

@@ -13,8 +13,9 @@ def test_benchmark_iterations_are_bounded(client, heartbeat, settings):
 
 def test_benchmark_is_enqueued_by_name(client, heartbeat, celery):
     celery.hold = True
-    response = client.post("/benchmark", json={"test_type": "stress", "iterations": 2},
-                           headers={"Prefer": "respond-async"})
+    response = client.post(
+        "/benchmark", json={"test_type": "stress", "iterations": 2}, headers={"Prefer": "respond-async"}
+    )
     assert response.status_code == 202
     name, (_, params) = celery.sent[0]
     assert name == "moeserve.benchmark"

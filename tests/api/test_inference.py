@@ -25,8 +25,9 @@ def test_inference_applies_defaults_from_settings(client, heartbeat, celery, set
 
 
 def test_curl_style_form_content_type_is_read_as_json(client, heartbeat):
-    response = client.post("/inference", content=b'{"prompt": "from curl"}',
-                           headers={"content-type": "application/x-www-form-urlencoded"})
+    response = client.post(
+        "/inference", content=b'{"prompt": "from curl"}', headers={"content-type": "application/x-www-form-urlencoded"}
+    )
     assert response.status_code == 200
     assert response.json()["text"] == "echo: from curl"
 

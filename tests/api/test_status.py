@@ -3,8 +3,17 @@ from types import SimpleNamespace
 from shared.schemas import ExpertOffloadStats, WorkerState
 from worker.heartbeat import Heartbeat
 
-METRICS_FIELDS = {"model_loaded", "gpu_memory_used_gb", "gpu_memory_total_gb", "system_memory_used_gb",
-                  "avg_tokens_per_second", "total_inferences", "uptime_seconds", "expert_offload", "workers"}
+METRICS_FIELDS = {
+    "model_loaded",
+    "gpu_memory_used_gb",
+    "gpu_memory_total_gb",
+    "system_memory_used_gb",
+    "avg_tokens_per_second",
+    "total_inferences",
+    "uptime_seconds",
+    "expert_offload",
+    "workers",
+}
 HEALTH_FIELDS = {"status", "model_ready", "gpu_available", "memory_sufficient", "last_inference", "workers"}
 
 
@@ -63,11 +72,20 @@ def test_dead_workers_are_pruned_from_the_directory(client, heartbeat, sync_redi
 
 def test_metrics_sum_the_expert_cache_counters_of_offloading_workers(client, sync_redis, keys, settings):
     for worker_id, hits, misses in (("worker-1", 30, 10), ("worker-2", 50, 10)):
-        stats = ExpertOffloadStats(slots_per_layer=127, experts_per_layer=512, miss_mode="hybrid", cpu_share=0.25,
-                                   hits=hits, misses=misses, computed_on_host=4, bytes_copied=1000)
+        stats = ExpertOffloadStats(
+            slots_per_layer=127,
+            experts_per_layer=512,
+            miss_mode="hybrid",
+            cpu_share=0.25,
+            hits=hits,
+            misses=misses,
+            computed_on_host=4,
+            bytes_copied=1000,
+        )
         beat = Heartbeat(sync_redis, keys, settings, worker_id, "test-model")
-        beat.engine = SimpleNamespace(device="cuda", dtype="bfloat16", context_length=4096,
-                                      expert_offload_stats=lambda stats=stats: stats)
+        beat.engine = SimpleNamespace(
+            device="cuda", dtype="bfloat16", context_length=4096, expert_offload_stats=lambda stats=stats: stats
+        )
         beat.state = WorkerState.READY
         beat.beat()
     offload = client.get("/metrics").json()["expert_offload"]

@@ -37,10 +37,21 @@ def test_cost_model_graph_decode_gathers_the_misses_then_computes_and_the_bus_bo
 
 
 def test_cost_model_fits_the_dense_part_of_a_one_graph_step_on_a_graph_run():
-    run = {"label": "offload lru, triton, graph decode, compiled", "expert_kernel": "triton", "tok_per_s": 31.2,
-           "expert_ms_per_token": 0.0, "hit_rate": 0.514}
-    report = {"resident_gb": 4.41, "h2d_gb_per_s": 55.2, "expert_compute_ms": 0.045,
-              "fused_expert_compute_ms": 0.009, "cpu_expert_ms": None, "variants": [run]}
+    run = {
+        "label": "offload lru, triton, graph decode, compiled",
+        "expert_kernel": "triton",
+        "tok_per_s": 31.2,
+        "expert_ms_per_token": 0.0,
+        "hit_rate": 0.514,
+    }
+    report = {
+        "resident_gb": 4.41,
+        "h2d_gb_per_s": 55.2,
+        "expert_compute_ms": 0.045,
+        "fused_expert_compute_ms": 0.009,
+        "cpu_expert_ms": None,
+        "variants": [run],
+    }
     inputs = moe_cost_model.inputs_from_measurement(report, budget_gb=16, zero_copy_share=0.715)
     assert 0 < inputs.graph_dense_ms < 1000 / 31.2  # the step less its modelled experts
     assert inputs.dense_ms == inputs.graph_dense_ms  # no host-path run: the graph's stands in
@@ -58,8 +69,13 @@ def test_cost_model_refuses_a_smoke_measurement(tmp_path):
 
 def test_cost_model_calibrated_on_a_run_reproduces_it():
     run = {"tok_per_s": 7.0, "expert_ms_per_token": 40.0, "hit_rate": 0.85}
-    report = {"resident_gb": 4.41, "h2d_gb_per_s": 55.0, "expert_compute_ms": 0.03, "cpu_expert_ms": 5.0,
-              "variants": [run, {"tok_per_s": 13.0, "expert_ms_per_token": 1.0, "hit_rate": 0.0}]}
+    report = {
+        "resident_gb": 4.41,
+        "h2d_gb_per_s": 55.0,
+        "expert_compute_ms": 0.03,
+        "cpu_expert_ms": 5.0,
+        "variants": [run, {"tok_per_s": 13.0, "expert_ms_per_token": 1.0, "hit_rate": 0.0}],
+    }
     inputs = moe_cost_model.inputs_from_measurement(report, budget_gb=16)
     assert inputs.dense_ms == pytest.approx(1000 / 13.0 - 1.0)  # the least over the variants
     assert inputs.layer_host_ms > 0
@@ -69,12 +85,29 @@ def test_cost_model_calibrated_on_a_run_reproduces_it():
 
 
 def test_cost_model_times_each_run_by_the_expert_path_it_took():
-    report = {"resident_gb": 4.41, "h2d_gb_per_s": 55.0, "expert_compute_ms": 0.19, "fused_expert_compute_ms": 0.024,
-              "cpu_expert_ms": None,
-              "variants": [{"label": "offload lru + prefetch, triton, compiled", "expert_kernel": "triton",
-                            "tok_per_s": 10.3, "expert_ms_per_token": 52.8, "hit_rate": 0.85},
-                           {"label": "offload lru, graph decode, compiled", "expert_kernel": "triton",
-                            "tok_per_s": 30.0, "expert_ms_per_token": 0.0, "hit_rate": 0.5}]}
+    report = {
+        "resident_gb": 4.41,
+        "h2d_gb_per_s": 55.0,
+        "expert_compute_ms": 0.19,
+        "fused_expert_compute_ms": 0.024,
+        "cpu_expert_ms": None,
+        "variants": [
+            {
+                "label": "offload lru + prefetch, triton, compiled",
+                "expert_kernel": "triton",
+                "tok_per_s": 10.3,
+                "expert_ms_per_token": 52.8,
+                "hit_rate": 0.85,
+            },
+            {
+                "label": "offload lru, graph decode, compiled",
+                "expert_kernel": "triton",
+                "tok_per_s": 30.0,
+                "expert_ms_per_token": 0.0,
+                "hit_rate": 0.5,
+            },
+        ],
+    }
     inputs = moe_cost_model.inputs_from_measurement(report, budget_gb=16)
     assert inputs.dense_ms == pytest.approx(1000 / 10.3 - 52.8)  # not the graph run's whole step
     assert inputs.graph_dense_ms < 1000 / 30.0  # the graph run's, its modelled experts taken out

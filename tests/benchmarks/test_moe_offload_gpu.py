@@ -10,7 +10,11 @@ def test_gpu_benchmark_runs_end_to_end_in_smoke_mode_on_the_cpu(tmp_path):
     report = moe_offload_gpu.main(["--smoke", "--device", "cpu", "--tokens", "4", "--out", str(out)])
     assert json.loads(out.read_text())["smoke"] is True
     assert [run["label"] for run in report["variants"]] == [
-        "offload lru + prefetch", "hybrid lru + prefetch", "offload lru", "offload lfu + prefetch"]
+        "offload lru + prefetch",
+        "hybrid lru + prefetch",
+        "offload lru",
+        "offload lfu + prefetch",
+    ]
     for run in report["variants"]:
         assert run["decode_tokens"] == 3 and run["tok_per_s"] > 0
         assert 0 < run["hit_rate"] < 1 and run["cache"]["misses"] > 0
@@ -25,9 +29,20 @@ def test_gpu_benchmark_runs_end_to_end_in_smoke_mode_on_the_cpu(tmp_path):
 
 
 def test_gpu_benchmark_decodes_compiled_variants(tmp_path):
-    report = moe_offload_gpu.main(["--smoke", "--device", "cpu", "--tokens", "4", "--out", str(tmp_path / "c.json"),
-                                   "--variants", "lru:compiled,no-experts:compiled,lru:compiled:graph",
-                                   "--skip-naive"])
+    report = moe_offload_gpu.main(
+        [
+            "--smoke",
+            "--device",
+            "cpu",
+            "--tokens",
+            "4",
+            "--out",
+            str(tmp_path / "c.json"),
+            "--variants",
+            "lru:compiled,no-experts:compiled,lru:compiled:graph",
+            "--skip-naive",
+        ]
+    )
     offload, rest, graph = report["variants"]
     assert offload["label"] == "offload lru, compiled" and offload["compiled"] and offload["layer_ms"] is None
     assert offload["decode_tokens"] == 3 and offload["cache"]["misses"] > 0 and offload["expert_ms_per_token"] > 0

@@ -40,8 +40,9 @@ def test_no_worker_means_503_for_health_and_inference(api_without_worker):
 
 
 def test_inference_generates_real_text_with_the_spec_fields(stack):
-    response = stack.http.post("/inference", json={"prompt": "Why is the sky blue?", "max_tokens": 40,
-                                                   "temperature": 0})
+    response = stack.http.post(
+        "/inference", json={"prompt": "Why is the sky blue?", "max_tokens": 40, "temperature": 0}
+    )
     assert response.status_code == 200, response.text
     body = response.json()
     assert set(body) == SPEC_FIELDS
@@ -60,8 +61,9 @@ def test_greedy_decoding_is_deterministic_through_the_queue(stack):
 
 def test_streaming_sends_the_same_text_as_token_events(stack):
     tokens, done = [], None
-    with stack.http.stream("POST", "/inference", json={"prompt": "Say hello.", "max_tokens": 12,
-                                                       "temperature": 0, "stream": True}) as response:
+    with stack.http.stream(
+        "POST", "/inference", json={"prompt": "Say hello.", "max_tokens": 12, "temperature": 0, "stream": True}
+    ) as response:
         assert response.headers["content-type"].startswith("text/event-stream")
         event = None
         for line in response.iter_lines():
@@ -78,8 +80,9 @@ def test_streaming_sends_the_same_text_as_token_events(stack):
 
 
 def test_async_submission_returns_202_and_polling_gets_the_result(stack):
-    response = stack.http.post("/inference", json={"prompt": "Name a planet.", "max_tokens": 8},
-                               headers={"Prefer": "respond-async"})
+    response = stack.http.post(
+        "/inference", json={"prompt": "Name a planet.", "max_tokens": 8}, headers={"Prefer": "respond-async"}
+    )
     assert response.status_code == 202
     job_id = response.json()["id"]
     assert response.headers["location"] == f"/jobs/{job_id}"
@@ -116,18 +119,24 @@ def test_a_prompt_longer_than_the_context_is_400(stack):
 
 
 def test_curl_style_body_works(stack):
-    response = stack.http.post("/inference", content=b'{"prompt": "Hi", "max_tokens": 3}',
-                               headers={"content-type": "application/x-www-form-urlencoded"})
+    response = stack.http.post(
+        "/inference",
+        content=b'{"prompt": "Hi", "max_tokens": 3}',
+        headers={"content-type": "application/x-www-form-urlencoded"},
+    )
     assert response.status_code == 200 and response.json()["tokens_generated"] > 0
 
 
 def test_a_worker_exception_fails_the_job_and_the_worker_keeps_serving(stack):
     # Bypass the API's validation: a malformed task payload makes the task itself raise.
     settings = Settings(redis_url=stack.redis_url, _env_file=None)
-    stack.redis.hset(f"{stack.prefix}:job:broken", mapping={"kind": "inference", "status": "queued",
-                                                             "created_at": str(time.time()), "params": "{}"})
-    create_celery_app(settings).send_task(INFERENCE_TASK, args=["broken", {"prompt": 1}], task_id="broken",
-                                          queue=stack.prefix)
+    stack.redis.hset(
+        f"{stack.prefix}:job:broken",
+        mapping={"kind": "inference", "status": "queued", "created_at": str(time.time()), "params": "{}"},
+    )
+    create_celery_app(settings).send_task(
+        INFERENCE_TASK, args=["broken", {"prompt": 1}], task_id="broken", queue=stack.prefix
+    )
     job = _poll(stack, "broken", {"failed", "succeeded"})
     assert job["status"] == "failed" and job["error"]["type"] == "inference_error"
     assert "ValidationError" in job["error"]["message"]
@@ -146,9 +155,11 @@ def test_metrics_count_each_job(stack):
 
 
 def test_a_running_job_can_be_cancelled(stack):
-    job_id = stack.http.post("/inference", json={"prompt": "Write a very long essay about the sea.",
-                                                 "max_tokens": 2000, "temperature": 0},
-                             headers={"Prefer": "respond-async"}).json()["id"]
+    job_id = stack.http.post(
+        "/inference",
+        json={"prompt": "Write a very long essay about the sea.", "max_tokens": 2000, "temperature": 0},
+        headers={"Prefer": "respond-async"},
+    ).json()["id"]
     _poll(stack, job_id, {"running"})
     time.sleep(0.5)
     assert stack.http.delete(f"/jobs/{job_id}").status_code == 200

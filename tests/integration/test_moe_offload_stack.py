@@ -21,11 +21,20 @@ PROMPT = "Hello world, tell me a story"
 def moe_stack(tmp_path_factory):
     checkpoint = build_tiny_qwen3_next(tmp_path_factory.mktemp("tiny-moe"))
     stack = LocalStack(
-        f"it-moe-{uuid.uuid4().hex[:8]}", tmp_path_factory.mktemp("moe-stack"),
-        MODEL_ID=str(checkpoint), MODEL_CACHE_DIR=str(tmp_path_factory.mktemp("cache")), OFFLOAD="experts",
-        EXPERT_QUANT="bf16", EXPERT_SLOTS="6", EXPERT_MISSES="hybrid", DEVICE="cpu", MODEL_DTYPE="float32",
+        f"it-moe-{uuid.uuid4().hex[:8]}",
+        tmp_path_factory.mktemp("moe-stack"),
+        MODEL_ID=str(checkpoint),
+        MODEL_CACHE_DIR=str(tmp_path_factory.mktemp("cache")),
+        OFFLOAD="experts",
+        EXPERT_QUANT="bf16",
+        EXPERT_SLOTS="6",
+        EXPERT_MISSES="hybrid",
+        DEVICE="cpu",
+        MODEL_DTYPE="float32",
         APPLY_CHAT_TEMPLATE="false",
-        HEARTBEAT_INTERVAL_S="0.5", HEARTBEAT_STALE_S="3", TORCH_THREADS="1",
+        HEARTBEAT_INTERVAL_S="0.5",
+        HEARTBEAT_STALE_S="3",
+        TORCH_THREADS="1",
     )
     try:
         stack.start_api()

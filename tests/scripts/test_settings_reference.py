@@ -10,14 +10,16 @@ ROOT = Path(__file__).parents[2]
 
 
 def test_the_configuration_reference_and_env_example_are_up_to_date():
-    check = subprocess.run([sys.executable, "scripts/settings_reference.py", "--check"], cwd=ROOT,
-                           capture_output=True, text=True)
+    check = subprocess.run(
+        [sys.executable, "scripts/settings_reference.py", "--check"], cwd=ROOT, capture_output=True, text=True
+    )
     assert check.returncode == 0, check.stderr
 
 
 def test_every_setting_is_documented_once_under_the_variable_pydantic_reads(monkeypatch):
-    documented = [setting.env for _, _, cls in settings_reference.SECTIONS
-                  for setting in settings_reference.settings_of(cls)]
+    documented = [
+        setting.env for _, _, cls in settings_reference.SECTIONS for setting in settings_reference.settings_of(cls)
+    ]
     assert len(documented) == len(set(documented))  # no variable claimed by two classes
     example = (ROOT / ".env.example").read_text().splitlines()
     assert [line.split("=", 1)[0] for line in example if line and not line.startswith("#")] == documented

@@ -15,9 +15,10 @@ def _store():
 
 
 def _claim(claim, worker="w1", max_attempts=2):
-    return claim(keys=[KEYS.job("j"), KEYS.running_jobs(), KEYS.job_cancel("j")],
-                 args=[worker, "1.0", max_attempts, KEYS.worker_heartbeat_prefix(), "j",
-                       KEYS.job_recovery_lock_prefix("j")])
+    return claim(
+        keys=[KEYS.job("j"), KEYS.running_jobs(), KEYS.job_cancel("j")],
+        args=[worker, "1.0", max_attempts, KEYS.worker_heartbeat_prefix(), "j", KEYS.job_recovery_lock_prefix("j")],
+    )
 
 
 def _cancel(cancel):
@@ -59,8 +60,10 @@ def test_a_claim_reports_a_cancel_that_arrived_first():
 
 
 def _owner_beat(client, last_heartbeat: str, current_job: str, worker="w1"):
-    client.hset(KEYS.worker_heartbeat(worker), mapping={"state": "ready", "last_heartbeat": last_heartbeat,
-                                                        "current_job": current_job})
+    client.hset(
+        KEYS.worker_heartbeat(worker),
+        mapping={"state": "ready", "last_heartbeat": last_heartbeat, "current_job": current_job},
+    )
 
 
 @pytest.mark.parametrize(
@@ -105,15 +108,18 @@ def test_a_worker_reclaims_its_own_earlier_attempt():
     client, claim, _ = _store()
     assert _claim(claim, "w1") == 1
     _owner_beat(client, "5.0", "j")  # set before the claim, as the worker does
-    later = claim(keys=[KEYS.job("j"), KEYS.running_jobs(), KEYS.job_cancel("j")],
-                  args=["w1", "9.0", 2, KEYS.worker_heartbeat_prefix(), "j", KEYS.job_recovery_lock_prefix("j")])
+    later = claim(
+        keys=[KEYS.job("j"), KEYS.running_jobs(), KEYS.job_cancel("j")],
+        args=["w1", "9.0", 2, KEYS.worker_heartbeat_prefix(), "j", KEYS.job_recovery_lock_prefix("j")],
+    )
     assert later == 1 and client.hget(KEYS.job("j"), "attempts") == "2"
 
 
 def _finish(client, owner: str) -> int:
     return client.register_script(FINISH_SCRIPT)(
         keys=[KEYS.job("j"), KEYS.job_events("j"), KEYS.running_jobs(), KEYS.job_cancel("j")],
-        args=[owner, 60, "done", '{"text": "x"}', "j", "status", "succeeded", "result", '{"text": "x"}'])
+        args=[owner, 60, "done", '{"text": "x"}', "j", "status", "succeeded", "result", '{"text": "x"}'],
+    )
 
 
 def test_the_end_is_written_once_and_only_by_the_owner():

@@ -95,8 +95,9 @@ def test_input_the_model_refuses_fails_the_job_as_a_client_error_without_raising
         raise InvalidGenerationInput("the prompt is 900 tokens", param="prompt")
 
     assert _run(JobRunner(client, KEYS, settings, "w1"), work) is None
-    assert _events(client) == [("error", {"type": "invalid_request_error", "message": "the prompt is 900 tokens",
-                                          "param": "prompt"})]
+    assert _events(client) == [
+        ("error", {"type": "invalid_request_error", "message": "the prompt is 900 tokens", "param": "prompt"})
+    ]
     assert client.hget(KEYS.job("j"), "status") == "failed"
 
 
@@ -145,8 +146,9 @@ def _reconnect_after(server, seconds: float) -> threading.Thread:
     return thread
 
 
-def test_tokens_made_while_redis_is_down_are_sent_in_order_once_it_answers(outage_client, server, settings,
-                                                                          monkeypatch):
+def test_tokens_made_while_redis_is_down_are_sent_in_order_once_it_answers(
+    outage_client, server, settings, monkeypatch
+):
     monkeypatch.setattr(job_runner, "REDIS_RETRY_INTERVAL_S", 0.0)
     _enqueue(outage_client)
 

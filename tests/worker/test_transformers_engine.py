@@ -14,9 +14,10 @@ def test_greedy_generation_matches_transformers_generate(engine):
 
     input_ids = engine._encode(params)
     with torch.inference_mode():
-        reference = engine.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                          max_new_tokens=24, do_sample=False)
-    expected = engine.tokenizer.decode(reference[0, input_ids.shape[1]:], skip_special_tokens=True)
+        reference = engine.model.generate(
+            input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=24, do_sample=False
+        )
+    expected = engine.tokenizer.decode(reference[0, input_ids.shape[1] :], skip_special_tokens=True)
     assert outcome.text == expected
     assert "".join(control.pieces) == outcome.text
     assert outcome.tokens_generated == reference.shape[1] - input_ids.shape[1]
@@ -32,8 +33,9 @@ def test_the_chat_template_is_applied(engine):
 
 
 def test_max_tokens_bounds_the_output(engine):
-    outcome = engine.generate(GenerationParams(prompt="Tell me a long story.", max_tokens=5, temperature=0.0),
-                              RecordingControl())
+    outcome = engine.generate(
+        GenerationParams(prompt="Tell me a long story.", max_tokens=5, temperature=0.0), RecordingControl()
+    )
     assert outcome.tokens_generated == 5
     assert outcome.finish_reason == "length"
 
@@ -63,13 +65,15 @@ def test_a_prompt_beyond_the_context_is_refused(engine):
 
 def test_prompt_plus_max_tokens_beyond_the_context_blames_max_tokens(engine):
     with pytest.raises(InvalidGenerationInput) as error:
-        engine.generate(GenerationParams(prompt="Hi", max_tokens=engine.context_length, temperature=0.0),
-                        RecordingControl())
+        engine.generate(
+            GenerationParams(prompt="Hi", max_tokens=engine.context_length, temperature=0.0), RecordingControl()
+        )
     assert error.value.param == "max_tokens"
 
 
-@pytest.mark.parametrize("text", ["Hello, world! It's   spaced.", "naïve café, 日本語, emoji 🙂🚀 done",
-                                  "line one\n\tline two\n"])
+@pytest.mark.parametrize(
+    "text", ["Hello, world! It's   spaced.", "naïve café, 日本語, emoji 🙂🚀 done", "line one\n\tline two\n"]
+)
 def test_incremental_detokenizer_reproduces_a_full_decode(engine, text):
     ids = engine.tokenizer(text)["input_ids"]
     detokenizer = IncrementalDetokenizer(engine.tokenizer)

@@ -63,8 +63,11 @@ def static_cache_bytes(config: PretrainedConfig, max_len: int, dtype: torch.dtyp
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     window = getattr(config, "sliding_window", None) or max_len
     per_token = 2 * heads * head_dim * dtype.itemsize
-    lengths = {"full_attention": max_len, "sliding_attention": min(window, max_len),
-               "chunked_attention": min(window, max_len)}
+    lengths = {
+        "full_attention": max_len,
+        "sliding_attention": min(window, max_len),
+        "chunked_attention": min(window, max_len),
+    }
     return sum(lengths.get(kind, 0) for kind in layer_types) * per_token
 
 
@@ -92,8 +95,7 @@ class CompiledDecode:
     """The static cache and compile settings that `generate` needs to run its decode step compiled.
     `configure_compiler` first."""
 
-    def __init__(self, model: Any, max_len: int, hooks: DecodeHooks | None = None,
-                 cuda_graphs: bool = True):
+    def __init__(self, model: Any, max_len: int, hooks: DecodeHooks | None = None, cuda_graphs: bool = True):
         self.max_len = max_len
         self.cache = StaticCache(config=model.config, max_cache_len=max_len)
         graphs = cuda_graphs and model.device.type == "cuda"
@@ -123,8 +125,15 @@ class CompiledDecode:
         compiles, the next ones warm up and record. Returns the seconds it took."""
         started = time.perf_counter()
         log.info("Compiling the decode step (static cache of %d tokens); this takes a while once", self.max_len)
-        generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, min_new_tokens=6, do_sample=False,
-                 **self.generate_kwargs(), **kwargs)
+        generate(
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=6,
+            min_new_tokens=6,
+            do_sample=False,
+            **self.generate_kwargs(),
+            **kwargs,
+        )
         elapsed = time.perf_counter() - started
         log.info("Decode step compiled in %.1f s", elapsed)
         return elapsed

@@ -6,6 +6,7 @@ emitted chunk to the new token and emit only what it adds to that chunk (the app
 incremental detokenizer).
 """
 
+
 class IncrementalDetokenizer:
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer

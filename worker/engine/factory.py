@@ -20,14 +20,20 @@ def create_engine(model_path: str, settings: EngineSettings, offload: OffloadCon
     from worker.engine.transformers_engine import TransformersEngine
 
     common: dict[str, Any] = dict(
-        model_path=model_path, model_name=settings.model_id, device=settings.device, dtype=settings.model_dtype,
-        decode_compile=settings.decode_compile, max_model_len=settings.max_model_len,
-        compile_cache_dir=settings.compile_dir)
+        model_path=model_path,
+        model_name=settings.model_id,
+        device=settings.device,
+        dtype=settings.model_dtype,
+        decode_compile=settings.decode_compile,
+        max_model_len=settings.max_model_len,
+        compile_cache_dir=settings.compile_dir,
+    )
     if should_offload_experts(settings, offload):
         from worker.engine.moe_offload.engine import MoEOffloadEngine
 
-        return DedicatedThreadEngine(MoEOffloadEngine(
-            config=offload, converted_root=settings.model_cache_dir / "offload", **common))
+        return DedicatedThreadEngine(
+            MoEOffloadEngine(config=offload, converted_root=settings.model_cache_dir / "offload", **common)
+        )
     return DedicatedThreadEngine(TransformersEngine(**common))
 
 

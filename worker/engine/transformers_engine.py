@@ -72,9 +72,17 @@ class _ControlStopping(StoppingCriteria):
 
 
 class TransformersEngine(Engine):
-    def __init__(self, model_path: str, model_name: str, device: str = "auto", dtype: str = "auto",
-                 apply_chat_template: bool = True, decode_compile: DecodeCompile = "off", max_model_len: int = 0,
-                 compile_cache_dir: Path | None = None):
+    def __init__(
+        self,
+        model_path: str,
+        model_name: str,
+        device: str = "auto",
+        dtype: str = "auto",
+        apply_chat_template: bool = True,
+        decode_compile: DecodeCompile = "off",
+        max_model_len: int = 0,
+        compile_cache_dir: Path | None = None,
+    ):
         self.model_path = model_path
         self.model_name = model_name
         self.device = pick_device(device)
@@ -100,8 +108,9 @@ class TransformersEngine(Engine):
             self.use_chat_template = False
         if self.compiles_decode:
             self.compiled = self._compile_decode()
-        log.info("Loaded %s on %s (%s) in %.1f s", self.model_name, self.device, self.dtype,
-                 time.perf_counter() - started)
+        log.info(
+            "Loaded %s on %s (%s) in %.1f s", self.model_name, self.device, self.dtype, time.perf_counter() - started
+        )
 
     @property
     def compiles_decode(self) -> bool:

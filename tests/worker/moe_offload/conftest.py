@@ -26,8 +26,9 @@ def converted(tiny_checkpoint, tmp_path_factory):
 
     def get(quant: str) -> Path:
         if quant not in folders:
-            folders[quant] = convert_checkpoint(tiny_checkpoint, root / quant, quant, host_memory_gb=0,
-                                                show_progress=False)
+            folders[quant] = convert_checkpoint(
+                tiny_checkpoint, root / quant, quant, host_memory_gb=0, show_progress=False
+            )
         return folders[quant]
 
     return get

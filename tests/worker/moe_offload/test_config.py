@@ -13,7 +13,9 @@ def test_expert_knobs_read_their_prefixed_variables_and_the_budgets_their_own_na
     assert (config.slots, config.cache_policy, config.offload, config.gpu_memory_gb) == (6, "lfu", "experts", 12.0)
     # values given in code take precedence over the environment, by their field names
     assert OffloadConfig(_env_file=None, offload="none", slots=3).model_dump(include={"offload", "slots"}) == {
-        "offload": "none", "slots": 3}
+        "offload": "none",
+        "slots": 3,
+    }
 
 
 def test_gpu_reserve_must_leave_room_for_weights():

@@ -52,8 +52,14 @@ def test_not_enough_disk_is_a_clear_error(tiny_checkpoint, tmp_path, monkeypatch
 
 
 def test_a_dense_model_is_refused_as_unsupported(tmp_path):
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
     LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
     with pytest.raises(UnsupportedModelError, match="OFFLOAD=none"):
         convert_checkpoint(tmp_path / "llama", tmp_path / "out", "nf4", host_memory_gb=0, show_progress=False)
@@ -69,8 +75,10 @@ def test_fused_expert_tensors_convert_to_the_same_rows_as_per_expert_ones(tiny_c
     fused = {key: value for key, value in tensors.items() if ".experts." not in key}
     for layer in range(4):
         prefix = f"model.layers.{layer}.mlp.experts"
-        gate_up = [torch.cat([tensors[f"{prefix}.{e}.gate_proj.weight"], tensors[f"{prefix}.{e}.up_proj.weight"]])
-                   for e in range(32)]
+        gate_up = [
+            torch.cat([tensors[f"{prefix}.{e}.gate_proj.weight"], tensors[f"{prefix}.{e}.up_proj.weight"]])
+            for e in range(32)
+        ]
         fused[f"{prefix}.gate_up_proj"] = torch.stack(gate_up)
         fused[f"{prefix}.down_proj"] = torch.stack([tensors[f"{prefix}.{e}.down_proj.weight"] for e in range(32)])
     save_file(fused, str(fused_dir / "model.safetensors"))

@@ -51,8 +51,7 @@ def test_offload_engine_converts_once_and_generates_what_the_plain_engine_does(t
     engine.load()
     assert is_converted(converted_folder(tmp_path / "offload", str(tiny_checkpoint), "bf16"))
 
-    plain = TransformersEngine(str(tiny_checkpoint), "plain", device="cpu", dtype="float32",
-                               apply_chat_template=False)
+    plain = TransformersEngine(str(tiny_checkpoint), "plain", device="cpu", dtype="float32", apply_chat_template=False)
     plain.load()
     # bf16 rows against float32 experts: tiny differences, the same greedy tokens on this prompt
     outcome, text = _generate(engine)
@@ -83,8 +82,9 @@ def test_host_budget_smaller_than_the_experts_is_refused_clearly(tiny_checkpoint
 
 def test_graph_decode_without_a_compiled_decode_says_so_and_decodes_through_the_host(converted, tmp_path, caplog):
     config = OffloadConfig(_env_file=None, quant="nf4", slots=6, decode="graph")
-    engine = MoEOffloadEngine(str(converted("nf4")), "tiny", config, tmp_path, device="cpu", dtype="float32",
-                              decode_compile="off")
+    engine = MoEOffloadEngine(
+        str(converted("nf4")), "tiny", config, tmp_path, device="cpu", dtype="float32", decode_compile="off"
+    )
     with caplog.at_level(logging.WARNING, logger="worker.engine.moe_offload.engine"):
         engine.load()
     assert "EXPERT_DECODE=graph takes effect in a compiled decode only" in caplog.text
@@ -107,16 +107,25 @@ def test_a_changed_local_checkpoint_is_converted_again(tiny_checkpoint, tmp_path
     assert manifest.stat().st_mtime_ns != first
 
 
-def test_compiled_decode_generates_what_eager_decode_does_and_replays_the_same_graphs(tiny_checkpoint, tmp_path,
-                                                                                     monkeypatch):
+def test_compiled_decode_generates_what_eager_decode_does_and_replays_the_same_graphs(
+    tiny_checkpoint, tmp_path, monkeypatch
+):
     """DECODE_COMPILE=on on the CPU (inductor; CUDA graphs where MOE_TEST_DEVICE=cuda, via gpu_check.sh): the
     graph breaks at the offloaded experts and the rest of each layer runs compiled over a static cache."""
     import torch._dynamo.utils
 
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)  # the engine points it under MODEL_CACHE_DIR
 
-    settings = _settings(tiny_checkpoint, tmp_path, offload="experts", quant="bf16", slots=6,
-                         device=TEST_DEVICE.type, max_model_len=96, decode="host")
+    settings = _settings(
+        tiny_checkpoint,
+        tmp_path,
+        offload="experts",
+        quant="bf16",
+        slots=6,
+        device=TEST_DEVICE.type,
+        max_model_len=96,
+        decode="host",
+    )
     eager = _create(settings, decode_compile="off")
     eager.load()
     compiled = _create(settings, decode_compile="on")
@@ -141,15 +150,24 @@ def test_compiled_decode_generates_what_eager_decode_does_and_replays_the_same_g
         _generate(compiled, max_tokens=90)
 
 
-def test_graph_decode_keeps_each_step_on_the_device_and_generates_what_eager_decode_does(tiny_checkpoint, tmp_path,
-                                                                                       monkeypatch):
+def test_graph_decode_keeps_each_step_on_the_device_and_generates_what_eager_decode_does(
+    tiny_checkpoint, tmp_path, monkeypatch
+):
     """EXPERT_DECODE=graph: no graph break at the experts; a step reads each routed expert from its slot or from
     host memory, and between steps the misses are counted and copied into slots."""
     import torch._dynamo.utils
 
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
-    settings = _settings(tiny_checkpoint, tmp_path, offload="experts", quant="bf16", slots=6,
-                         device=TEST_DEVICE.type, max_model_len=96, decode_compile="on")
+    settings = _settings(
+        tiny_checkpoint,
+        tmp_path,
+        offload="experts",
+        quant="bf16",
+        slots=6,
+        device=TEST_DEVICE.type,
+        max_model_len=96,
+        decode_compile="on",
+    )
     eager = _create(settings, decode_compile="off")
     eager.load()
     torch._dynamo.utils.counters.clear()

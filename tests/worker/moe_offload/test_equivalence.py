@@ -53,8 +53,9 @@ def _greedy(model, prompt, new_tokens: int = 12) -> torch.Tensor:
 @pytest.mark.parametrize("quant", ["bf16", "nf4"])
 @pytest.mark.parametrize("slots,prefetch", [(32, False), (6, True), (6, False), (2, True)])
 @torch.inference_mode()
-def test_offloaded_model_matches_transformers_with_the_same_expert_weights(tiny_checkpoint, converted, quant,
-                                                                          slots, prefetch):
+def test_offloaded_model_matches_transformers_with_the_same_expert_weights(
+    tiny_checkpoint, converted, quant, slots, prefetch
+):
     offloaded = _offloaded(converted(quant), slots, prefetch)
     reference = _reference(tiny_checkpoint, experts_from=offloaded)
     for seed in range(2):
@@ -142,9 +143,19 @@ def test_lfu_policy_gives_the_same_tokens(tiny_checkpoint, converted):
 
 @torch.inference_mode()
 def test_another_fused_experts_family_qwen3_moe_offloads_the_same_way(tmp_path):
-    config = Qwen3MoeConfig(vocab_size=390, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_experts=16,
-                            num_experts_per_tok=2, moe_intermediate_size=64, tie_word_embeddings=False)
+    config = Qwen3MoeConfig(
+        vocab_size=390,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        num_experts=16,
+        num_experts_per_tok=2,
+        moe_intermediate_size=64,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     Qwen3MoeForCausalLM(config).save_pretrained(tmp_path / "qwen3-moe", max_shard_size="200KB")
     folder = convert_checkpoint(tmp_path / "qwen3-moe", tmp_path / "out", "nf4", 0, show_progress=False)

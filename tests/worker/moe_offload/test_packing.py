@@ -40,8 +40,9 @@ def test_4bit_rows_hold_what_bitsandbytes_gives_for_each_matrix(quant):
     got_gate_up, got_down = unpack_experts(layout, rows[[3, 1]], torch.float32)
     for position, expert in enumerate([3, 1]):
         for got, original in ((got_gate_up, gate_up), (got_down, down)):
-            packed, state = bnbf.quantize_4bit(original[expert], blocksize=QUANT_BLOCKSIZE, quant_type=quant,
-                                               compress_statistics=False)
+            packed, state = bnbf.quantize_4bit(
+                original[expert], blocksize=QUANT_BLOCKSIZE, quant_type=quant, compress_statistics=False
+            )
             assert torch.equal(got[position], bnbf.dequantize_4bit(packed, state))
     error = (got_gate_up - gate_up[[3, 1]]).abs().max()
     assert 0 < error < 0.25 * gate_up.abs().max()

@@ -22,8 +22,12 @@ from worker.engine.moe_offload import triton_experts  # noqa: E402
 def _rows(layout: ExpertLayout, count: int) -> torch.Tensor:
     rows = torch.zeros(count, layout.row_bytes, dtype=torch.uint8)
     for row in rows:
-        pack_expert(layout, torch.randn(2 * layout.intermediate, layout.hidden),
-                    torch.randn(layout.hidden, layout.intermediate), row)
+        pack_expert(
+            layout,
+            torch.randn(2 * layout.intermediate, layout.hidden),
+            torch.randn(layout.hidden, layout.intermediate),
+            row,
+        )
     return rows.to(TEST_DEVICE)
 
 
@@ -69,13 +73,16 @@ def test_table_mode_reads_each_expert_from_its_slot_or_else_from_host_memory():
     positions = torch.arange(4, device=TEST_DEVICE)
     flat_weights, x = torch.rand(4, device=TEST_DEVICE), torch.randn(1, layout.hidden, device=TEST_DEVICE)
 
-    reference = mix_decode(layout, torch.nn.SiLU(), torch.float32, host, torch.cat([experts, positions]),
-                           flat_weights, x)
-    through_torch = mix_decode_table(layout, torch.nn.SiLU(), torch.float32, buffer, host_only, experts, table,
-                                     positions, flat_weights, x)
+    reference = mix_decode(
+        layout, torch.nn.SiLU(), torch.float32, host, torch.cat([experts, positions]), flat_weights, x
+    )
+    through_torch = mix_decode_table(
+        layout, torch.nn.SiLU(), torch.float32, buffer, host_only, experts, table, positions, flat_weights, x
+    )
     code = triton_experts.code_table(layout, TEST_DEVICE)
-    through_kernels = triton_experts.fused_mix_decode_table(layout, code, triton_experts.Blocks(), buffer, host_only,
-                                                            experts, table, positions, flat_weights, x)
+    through_kernels = triton_experts.fused_mix_decode_table(
+        layout, code, triton_experts.Blocks(), buffer, host_only, experts, table, positions, flat_weights, x
+    )
     torch.testing.assert_close(through_torch, reference)
     torch.testing.assert_close(through_kernels, reference, rtol=1e-5, atol=1e-5 * reference.abs().max().item())
 
@@ -83,15 +90,26 @@ def test_table_mode_reads_each_expert_from_its_slot_or_else_from_host_memory():
 @torch.inference_mode()
 def test_offloaded_model_decodes_the_same_through_the_kernels(converted):
     """The tiny Qwen3-Next (hidden 256, intermediate 128, NF4) with EXPERT_KERNEL=triton against torch."""
-    models = {kernel: build_offloaded_model(converted("nf4"), TEST_DEVICE, torch.float32, MemoryPlan(6),
-                                            OffloadConfig(_env_file=None, misses="copy", kernel=kernel, decode="host"))
-              .model for kernel in ("triton", "torch")}
+    models = {
+        kernel: build_offloaded_model(
+            converted("nf4"),
+            TEST_DEVICE,
+            torch.float32,
+            MemoryPlan(6),
+            OffloadConfig(_env_file=None, misses="copy", kernel=kernel, decode="host"),
+        ).model
+        for kernel in ("triton", "torch")
+    }
     fused = [m for m in models["triton"].modules() if isinstance(m, OffloadedExperts)]
     assert fused and all(m.uses_fused_kernels for m in fused)
 
     prompt = torch.randint(1, 390, (1, 10), generator=torch.Generator().manual_seed(1)).to(TEST_DEVICE)
-    tokens = {kernel: model.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=0, output_logits=True,
-                                     return_dict_in_generate=True) for kernel, model in models.items()}
+    tokens = {
+        kernel: model.generate(
+            prompt, max_new_tokens=4, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True
+        )
+        for kernel, model in models.items()
+    }
     assert torch.equal(tokens["triton"].sequences, tokens["torch"].sequences)
     for fused_logits, torch_logits in zip(tokens["triton"].logits, tokens["torch"].logits, strict=True):
         torch.testing.assert_close(fused_logits, torch_logits, rtol=1e-4, atol=1e-4)

@@ -14,9 +14,19 @@ class MemoryPlan:
     slots_per_layer: int
 
 
-def plan_memory(*, device_budget_gb: float, reserve_gb: float, host_budget_gb: float, resident_bytes: int,
-                num_layers: int, experts_per_layer: int, row_bytes: int, top_k: int,
-                share_host_rows: bool = False, slots_override: int = 0) -> MemoryPlan:
+def plan_memory(
+    *,
+    device_budget_gb: float,
+    reserve_gb: float,
+    host_budget_gb: float,
+    resident_bytes: int,
+    num_layers: int,
+    experts_per_layer: int,
+    row_bytes: int,
+    top_k: int,
+    share_host_rows: bool = False,
+    slots_override: int = 0,
+) -> MemoryPlan:
     """Slots per layer that fit `device_budget_gb` after the resident weights and `reserve_gb` (KV cache,
     activations, dequantized experts). `share_host_rows`: the device is the host (CPU tier), so every
     expert is usable in place and the device budget only has to hold the resident part. `slots_override`

@@ -24,6 +24,7 @@ from worker.engine.moe_offload.transfer import CopyStream
 
 log = logging.getLogger(__name__)
 
+
 @dataclass
 class OffloadedExpertLayers:
     """Every `OffloadedExperts` of one model, what they share, and the `DecodeHooks` a compiled decode drives."""
@@ -63,27 +64,42 @@ def load_host_rows(path: Path, pin: bool) -> torch.Tensor:
     return pin_in_place(torch.empty_like(rows).copy_(rows)) if pin else rows
 
 
-def build_offloaded_model(folder: Path, device: torch.device, dtype: torch.dtype, plan: MemoryPlan,
-                          config: OffloadConfig) -> OffloadedModel:
+def build_offloaded_model(
+    folder: Path, device: torch.device, dtype: torch.dtype, plan: MemoryPlan, config: OffloadConfig
+) -> OffloadedModel:
     """`config.decode` as resolved: graph or host (auto is the engine's to decide)."""
     manifest = read_manifest(folder)
     model_config = load_config(folder)
     model = build_skeleton(model_config, dtype)
     pin = device.type == "cuda"
-    experts = [(entry["module"], ExpertLayout.from_json(entry["layout"]), load_host_rows(folder / entry["file"], pin))
-               for entry in manifest["experts"]]
+    experts = [
+        (entry["module"], ExpertLayout.from_json(entry["layout"]), load_host_rows(folder / entry["file"], pin))
+        for entry in manifest["experts"]
+    ]
     layers = install_offloaded_experts(model, experts, device, dtype, plan.slots_per_layer, config, model_config)
     _load_resident(model, folder, manifest["resident_files"], dtype)
     model.to(device).eval()
-    log.info("Offloaded model ready: %d MoE layers, %d of %d expert slots per layer on %s; %s",
-             len(layers.modules), plan.slots_per_layer, layers.modules[0].num_experts, device,
-             layers.miss_split.describe())
+    log.info(
+        "Offloaded model ready: %d MoE layers, %d of %d expert slots per layer on %s; %s",
+        len(layers.modules),
+        plan.slots_per_layer,
+        layers.modules[0].num_experts,
+        device,
+        layers.miss_split.describe(),
+    )
     return OffloadedModel(model, layers, plan)
 
 
-def install_offloaded_experts(model: torch.nn.Module, experts: list[tuple[str, ExpertLayout, torch.Tensor]],
-                              device: torch.device, dtype: torch.dtype, slots: int, config: OffloadConfig,
-                              model_config, refills: int | None = None) -> OffloadedExpertLayers:
+def install_offloaded_experts(
+    model: torch.nn.Module,
+    experts: list[tuple[str, ExpertLayout, torch.Tensor]],
+    device: torch.device,
+    dtype: torch.dtype,
+    slots: int,
+    config: OffloadConfig,
+    model_config,
+    refills: int | None = None,
+) -> OffloadedExpertLayers:
     """Swap each (module name, layout, host rows) experts module for `OffloadedExperts` over a slot cache.
     With fewer slots than experts: with `config.prefetch`, link each layer to the next one's router, and decide
     (by `config.misses`, timed once here) what share of misses to compute on the CPU. `config.decode` graph: a
@@ -112,8 +128,9 @@ def install_offloaded_experts(model: torch.nn.Module, experts: list[tuple[str, E
     return layers
 
 
-def fused_decode_kernels(kernel: ExpertKernel, layout: ExpertLayout, device: torch.device, hidden_act: str,
-                         top_k: int) -> DecodeKernels | None:
+def fused_decode_kernels(
+    kernel: ExpertKernel, layout: ExpertLayout, device: torch.device, hidden_act: str, top_k: int
+) -> DecodeKernels | None:
     """The Triton kernels for decode's experts (`triton_experts`), or None for the torch path. auto: on CUDA
     where Triton imports and the kernels cover the layout; triton: wherever asked (on the CPU that needs
     TRITON_INTERPRET=1, as the tests do), else an error; torch: never. On CUDA their block sizes are timed
@@ -138,16 +155,19 @@ def fused_decode_kernels(kernel: ExpertKernel, layout: ExpertLayout, device: tor
     except Exception:
         if kernel == "triton":
             raise
-        log.warning("The Triton expert kernels failed their check here; decode dequantizes, then multiplies",
-                    exc_info=True)
+        log.warning(
+            "The Triton expert kernels failed their check here; decode dequantizes, then multiplies", exc_info=True
+        )
         return None
     if kernel == "auto" and tuning and tuning.fused_ms > tuning.torch_ms:
         log.info("Dequantize-then-multiply is faster here than the Triton expert kernels; decode uses it")
         return None
     log.info("Decode's experts: Triton kernels (relative difference to dequantize-then-multiply %.1e)", error)
     code = triton_experts.code_table(layout, device)
-    return DecodeKernels(partial(triton_experts.fused_mix_decode, layout, code, blocks),
-                         partial(triton_experts.fused_mix_decode_table, layout, code, blocks))
+    return DecodeKernels(
+        partial(triton_experts.fused_mix_decode, layout, code, blocks),
+        partial(triton_experts.fused_mix_decode_table, layout, code, blocks),
+    )
 
 
 def link_predictors(model: torch.nn.Module, modules: list[OffloadedExperts], config) -> None:

@@ -22,33 +22,50 @@ class OffloadConfig(BaseSettings):
 
     # A validation alias equal to the field's name reads the variable without the prefix (matched case-blind).
     offload: OffloadMode = Field(
-        "auto", validation_alias="offload",
+        "auto",
+        validation_alias="offload",
         description="experts: offload the routed experts of a MoE; none: never; auto: when a fused-experts MoE's "
-                    "16-bit weights exceed the device budget")
+        "16-bit weights exceed the device budget",
+    )
     gpu_memory_gb: float = Field(
-        16.0, ge=0, validation_alias="gpu_memory_gb",
-        description="GPU memory the worker may use (the process is held to it); 0 = all of it")
+        16.0,
+        ge=0,
+        validation_alias="gpu_memory_gb",
+        description="GPU memory the worker may use (the process is held to it); 0 = all of it",
+    )
     gpu_reserve_gb: float = Field(
-        1.5, ge=0, validation_alias="gpu_reserve_gb",
-        description="of GPU_MEMORY_GB, what stays free for the KV cache, activations and dequantized experts")
+        1.5,
+        ge=0,
+        validation_alias="gpu_reserve_gb",
+        description="of GPU_MEMORY_GB, what stays free for the KV cache, activations and dequantized experts",
+    )
     host_memory_gb: float = Field(
-        0.0, ge=0, validation_alias="host_memory_gb",
-        description="host RAM for the quantized expert rows and for converting a checkpoint; 0 = what is free")
+        0.0,
+        ge=0,
+        validation_alias="host_memory_gb",
+        description="host RAM for the quantized expert rows and for converting a checkpoint; 0 = what is free",
+    )
     quant: ExpertQuant = Field("nf4", description="expert rows: nf4 or fp4 (4.5 bits per weight), or bf16")
     cache_policy: CachePolicyName = Field(
-        "lru", description="which expert leaves a full layer of slots: lru, or lfu (frequency with decay and "
-                           "admission)")
+        "lru", description="which expert leaves a full layer of slots: lru, or lfu (frequency with decay and admission)"
+    )
     slots: int = Field(0, ge=0, description="device expert slots per layer; 0 = as many as the budget allows")
     prefetch: bool = Field(True, description="copy the next layer's likely experts while this layer computes")
     misses: MissMode = Field(
-        "auto", description="an expert with no slot: copy it over the bus, compute it on the CPU, or hybrid (split "
-                            "by speeds timed at load); auto = hybrid on a GPU, copy on the CPU")
+        "auto",
+        description="an expert with no slot: copy it over the bus, compute it on the CPU, or hybrid (split "
+        "by speeds timed at load); auto = hybrid on a GPU, copy on the CPU",
+    )
     kernel: ExpertKernel = Field(
-        "auto", description="decode's experts: triton (fused 4-bit kernels) or torch (dequantize, then multiply); "
-                            "auto = triton on CUDA where it is installed")
+        "auto",
+        description="decode's experts: triton (fused 4-bit kernels) or torch (dequantize, then multiply); "
+        "auto = triton on CUDA where it is installed",
+    )
     decode: ExpertDecode = Field(
-        "auto", description="a compiled decode's experts: graph (the step stays on the device) or host (the host "
-                            "decides at each MoE layer); auto = graph wherever decode compiles")
+        "auto",
+        description="a compiled decode's experts: graph (the step stays on the device) or host (the host "
+        "decides at each MoE layer); auto = graph wherever decode compiles",
+    )
 
     @model_validator(mode="after")
     def _check_budget(self) -> "OffloadConfig":

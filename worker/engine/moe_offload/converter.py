@@ -91,23 +91,28 @@ def is_converted(folder: Path) -> bool:
 def read_manifest(folder: Path) -> dict:
     manifest = json.loads((folder / MANIFEST_NAME).read_text())
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise ConversionError(f"{folder} holds offload format {manifest.get('format_version')}, not "
-                              f"{FORMAT_VERSION}; delete it to convert again")
+        raise ConversionError(
+            f"{folder} holds offload format {manifest.get('format_version')}, not "
+            f"{FORMAT_VERSION}; delete it to convert again"
+        )
     return manifest
 
 
-def estimate_output_bytes(experts_modules: dict[str, ExpertsModuleInfo], skeleton: torch.nn.Module,
-                          quant: ExpertQuant) -> tuple[int, int]:
+def estimate_output_bytes(
+    experts_modules: dict[str, ExpertsModuleInfo], skeleton: torch.nn.Module, quant: ExpertQuant
+) -> tuple[int, int]:
     """(expert bytes, resident bytes at the checkpoint's 16-bit width) of a converted model."""
-    expert_bytes = sum(m.num_experts * ExpertLayout(m.hidden, m.intermediate, quant).row_bytes
-                       for m in experts_modules.values())
+    expert_bytes = sum(
+        m.num_experts * ExpertLayout(m.hidden, m.intermediate, quant).row_bytes for m in experts_modules.values()
+    )
     expert_params = {f"{name}.{p}" for name in experts_modules for p in ("gate_up_proj", "down_proj")}
     resident_bytes = sum(p.numel() * 2 for n, p in skeleton.named_parameters() if n not in expert_params)
     return expert_bytes, resident_bytes
 
 
-def convert_checkpoint(checkpoint_dir: Path, output_dir: Path, quant: ExpertQuant, host_memory_gb: float,
-                       show_progress: bool = True) -> Path:
+def convert_checkpoint(
+    checkpoint_dir: Path, output_dir: Path, quant: ExpertQuant, host_memory_gb: float, show_progress: bool = True
+) -> Path:
     """Convert `checkpoint_dir` into `output_dir` (atomically: a partial run leaves only a `.partial` folder)."""
     started = time.perf_counter()
     config = load_config(checkpoint_dir)
@@ -121,8 +126,10 @@ def convert_checkpoint(checkpoint_dir: Path, output_dir: Path, quant: ExpertQuan
     free_disk = shutil.disk_usage(output_dir.parent).free
     needed_disk = int((expert_bytes + resident_bytes) * 1.05)
     if free_disk < needed_disk:
-        raise ConversionError(f"converting {checkpoint_dir.name} needs {needed_disk / _GIB:.1f} GB of disk in "
-                              f"{output_dir.parent}, {free_disk / _GIB:.1f} GB free")
+        raise ConversionError(
+            f"converting {checkpoint_dir.name} needs {needed_disk / _GIB:.1f} GB of disk in "
+            f"{output_dir.parent}, {free_disk / _GIB:.1f} GB free"
+        )
     budget = int(host_memory_gb * _GIB) if host_memory_gb > 0 else psutil.virtual_memory().available
     meter = _MemoryMeter(budget)
 
@@ -131,8 +138,15 @@ def convert_checkpoint(checkpoint_dir: Path, output_dir: Path, quant: ExpertQuan
     partial.mkdir(parents=True)
     writer = _Writer(partial, experts_modules, quant, meter)
     total_bytes = sum(shard.stat().st_size for shard in shards)
-    log.info("Converting %s (%d shards, %.1f GB) to %s experts: %.1f GB of experts, %.1f GB resident",
-             checkpoint_dir, len(shards), total_bytes / _GIB, quant, expert_bytes / _GIB, resident_bytes / _GIB)
+    log.info(
+        "Converting %s (%d shards, %.1f GB) to %s experts: %.1f GB of experts, %.1f GB resident",
+        checkpoint_dir,
+        len(shards),
+        total_bytes / _GIB,
+        quant,
+        expert_bytes / _GIB,
+        resident_bytes / _GIB,
+    )
     with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="converting", disable=not show_progress) as bar:
         for shard in shards:
             with safe_open(str(shard), framework="pt") as reader:
@@ -168,8 +182,9 @@ def convert_checkpoint(checkpoint_dir: Path, output_dir: Path, quant: ExpertQuan
 
 
 class _Writer:
-    def __init__(self, folder: Path, experts_modules: dict[str, ExpertsModuleInfo], quant: ExpertQuant,
-                 meter: _MemoryMeter):
+    def __init__(
+        self, folder: Path, experts_modules: dict[str, ExpertsModuleInfo], quant: ExpertQuant, meter: _MemoryMeter
+    ):
         self.folder = folder
         self.experts_modules = experts_modules
         self.quant = quant
@@ -221,8 +236,14 @@ class _Writer:
     def _write_layer(self, layer: _LayerInProgress) -> None:
         file_name = f"experts-{len(self.experts_entries):03d}.safetensors"
         save_file({"rows": layer.rows}, str(self.folder / file_name))
-        self.experts_entries.append({"module": layer.info.name, "file": file_name,
-                                     "num_experts": layer.info.num_experts, "layout": layer.layout.to_json()})
+        self.experts_entries.append(
+            {
+                "module": layer.info.name,
+                "file": file_name,
+                "num_experts": layer.info.num_experts,
+                "layout": layer.layout.to_json(),
+            }
+        )
         self.expert_bytes += layer.rows.numel()
         del self.layers[layer.info.name]
 

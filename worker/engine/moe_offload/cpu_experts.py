@@ -21,6 +21,7 @@ from worker.engine.moe_offload.packing import ExpertLayout, unpack_experts
 
 log = logging.getLogger(__name__)
 
+
 def cpu_expert_forward(layout: ExpertLayout, row: torch.Tensor, x: torch.Tensor, act_fn) -> torch.Tensor:
     """One expert applied to `x` [tokens, hidden] on the CPU, from its host row; returns [tokens, hidden]."""
     gate_up, down = unpack_experts(layout, row.unsqueeze(0), x.dtype)
@@ -49,8 +50,15 @@ class MissSplit:
         return f"misses: {self.mode}, {self.cpu_share:.0%} computed on the CPU{timing}"
 
 
-def calibrate_miss_split(mode: MissMode, layout: ExpertLayout, host_rows: torch.Tensor, device: torch.device,
-                         dtype: torch.dtype, act_fn, samples: int = 8) -> MissSplit:
+def calibrate_miss_split(
+    mode: MissMode,
+    layout: ExpertLayout,
+    host_rows: torch.Tensor,
+    device: torch.device,
+    dtype: torch.dtype,
+    act_fn,
+    samples: int = 8,
+) -> MissSplit:
     """copy: all misses copied; cpu: all computed on the CPU; hybrid: split by measured speeds so both sides
     finish together; auto: hybrid on a GPU, copy on the CPU device (where both sides are the same RAM)."""
     if mode == "auto":

@@ -28,11 +28,22 @@ def converted_folder(root: Path, model_id: str, quant: ExpertQuant) -> Path:
 
 
 class MoEOffloadEngine(TransformersEngine):
-    def __init__(self, model_path: str, model_name: str, config: OffloadConfig, converted_root: Path,
-                 device: str = "auto", dtype: str = "auto", apply_chat_template: bool = True,
-                 decode_compile: DecodeCompile = "off", max_model_len: int = 0, compile_cache_dir: Path | None = None):
-        super().__init__(model_path, model_name, device, dtype, apply_chat_template, decode_compile, max_model_len,
-                         compile_cache_dir)
+    def __init__(
+        self,
+        model_path: str,
+        model_name: str,
+        config: OffloadConfig,
+        converted_root: Path,
+        device: str = "auto",
+        dtype: str = "auto",
+        apply_chat_template: bool = True,
+        decode_compile: DecodeCompile = "off",
+        max_model_len: int = 0,
+        compile_cache_dir: Path | None = None,
+    ):
+        super().__init__(
+            model_path, model_name, device, dtype, apply_chat_template, decode_compile, max_model_len, compile_cache_dir
+        )
         self.offload = config
         self.converted_root = converted_root
         self.offloaded: OffloadedModel | None = None
@@ -57,8 +68,12 @@ class MoEOffloadEngine(TransformersEngine):
         if self.compiles_decode:
             return "graph"
         if self.offload.decode == "graph":
-            log.warning("EXPERT_DECODE=graph takes effect in a compiled decode only (DECODE_COMPILE is %s on %s): "
-                        "decode runs the experts through the host", self.decode_compile, self.device)
+            log.warning(
+                "EXPERT_DECODE=graph takes effect in a compiled decode only (DECODE_COMPILE is %s on %s): "
+                "decode runs the experts through the host",
+                self.decode_compile,
+                self.device,
+            )
         return "host"
 
     def _needs_conversion(self, folder: Path) -> bool:
@@ -89,9 +104,13 @@ class MoEOffloadEngine(TransformersEngine):
         if self.compiles_decode:  # allocated up front for the whole length, unlike a growing cache
             length = self._context_length(config)
             kv_bytes = static_cache_bytes(config, length, self.torch_dtype)
-            log.log(logging.WARNING if kv_bytes > self.offload.gpu_reserve_gb * _GIB else logging.INFO,
-                    "The static cache of a compiled decode holds %d tokens: %.2f GB of the GPU budget, taken from "
-                    "the expert slots (MAX_MODEL_LEN sets the length)", length, kv_bytes / _GIB)
+            log.log(
+                logging.WARNING if kv_bytes > self.offload.gpu_reserve_gb * _GIB else logging.INFO,
+                "The static cache of a compiled decode holds %d tokens: %.2f GB of the GPU budget, taken from "
+                "the expert slots (MAX_MODEL_LEN sets the length)",
+                length,
+                kv_bytes / _GIB,
+            )
             resident_bytes += kv_bytes
         plan = plan_memory(
             device_budget_gb=device_budget,
@@ -122,6 +141,9 @@ class MoEOffloadEngine(TransformersEngine):
         experts = self.offloaded.experts
         split = experts.miss_split
         return ExpertOffloadStats(
-            slots_per_layer=self.offloaded.plan.slots_per_layer, experts_per_layer=experts.modules[0].num_experts,
-            miss_mode=split.mode, cpu_share=round(split.cpu_share, 4), **experts.cache_stats().counters(),
+            slots_per_layer=self.offloaded.plan.slots_per_layer,
+            experts_per_layer=experts.modules[0].num_experts,
+            miss_mode=split.mode,
+            cpu_share=round(split.cpu_share, 4),
+            **experts.cache_stats().counters(),
         )

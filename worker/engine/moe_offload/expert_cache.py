@@ -99,8 +99,9 @@ class Acquired:
 class ExpertCache:
     """`slots` device rows for one layer's `host_rows` [experts, row_bytes]."""
 
-    def __init__(self, host_rows: torch.Tensor, slots: int, device: torch.device, copier: CopyStream,
-                 policy: CachePolicyName):
+    def __init__(
+        self, host_rows: torch.Tensor, slots: int, device: torch.device, copier: CopyStream, policy: CachePolicyName
+    ):
         num_experts, row_bytes = host_rows.shape
         if not 1 <= slots <= num_experts:
             raise ValueError(f"slots must be in 1..{num_experts}, got {slots}")
@@ -196,8 +197,9 @@ class ExpertCache:
         for expert in missed:
             if len(copies) == min(refills, self.capacity):
                 break
-            if self._free or (len(self._slot_of) > len(protected & self._slot_of.keys())
-                              and self._policy.admits(expert, protected)):
+            if self._free or (
+                len(self._slot_of) > len(protected & self._slot_of.keys()) and self._policy.admits(expert, protected)
+            ):
                 copies.append((self._assign_slot(expert, protected), expert))
                 self._policy.admit(expert)
         chosen = [expert for _, expert in copies]
@@ -268,8 +270,9 @@ class ExpertCache:
 
     def _copy_in(self, copies: list[tuple[int, int]]) -> None:
         """Bring each (slot, expert)'s row into its slot."""
-        self.copier.copy([(self.buffer[slot], self.host_rows[expert]) for slot, expert in copies],
-                         after=self._last_read)
+        self.copier.copy(
+            [(self.buffer[slot], self.host_rows[expert]) for slot, expert in copies], after=self._last_read
+        )
         self.stats.bytes_copied += self.row_bytes * len(copies)
 
     def wait_hits(self, acquired: Acquired) -> None:

@@ -77,12 +77,19 @@ class GraphDecodeLayer:
         self.index = index
         self.host = host
 
-    def forward(self, experts_module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                top_k_weights: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, experts_module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
         experts = top_k_index.reshape(-1)
         self.shared.routes[self.index].copy_(experts)
         x = hidden_states.to(experts_module.compute_dtype)
-        output = experts_module.mix_table(experts_module.cache.buffer, self.host, experts,
-                                          self.shared.table[self.index], self.shared.positions,
-                                          top_k_weights.reshape(-1), x)
+        output = experts_module.mix_table(
+            experts_module.cache.buffer,
+            self.host,
+            experts,
+            self.shared.table[self.index],
+            self.shared.positions,
+            top_k_weights.reshape(-1),
+            x,
+        )
         return output.to(hidden_states.dtype)

@@ -43,8 +43,9 @@ class NextLayerPredictor:
         self._with_guesses = decode_graph(self._eager, compiled)
 
 
-def routed_and_guessed(top_k_index: torch.Tensor, hidden_states: torch.Tensor, next_router_weight: torch.Tensor,
-                       top_k: int) -> torch.Tensor:
+def routed_and_guessed(
+    top_k_index: torch.Tensor, hidden_states: torch.Tensor, next_router_weight: torch.Tensor, top_k: int
+) -> torch.Tensor:
     guess = torch.topk(nn.functional.linear(hidden_states, next_router_weight), top_k, dim=-1).indices
     return torch.cat([top_k_index.reshape(-1), guess.reshape(-1).to(top_k_index.dtype)])
 
@@ -82,19 +83,36 @@ class Routing:
         return positions + real
 
 
-def mix_decode(layout: ExpertLayout, act_fn, dtype: torch.dtype, buffer: torch.Tensor, indices: torch.Tensor,
-               flat_weights: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def mix_decode(
+    layout: ExpertLayout,
+    act_fn,
+    dtype: torch.dtype,
+    buffer: torch.Tensor,
+    indices: torch.Tensor,
+    flat_weights: torch.Tensor,
+    x: torch.Tensor,
+) -> torch.Tensor:
     """One token `x` [1, H] through the experts whose rows sit in `buffer` at the slots of `indices` (slots, then
     routing positions into `flat_weights`: one tensor, one copy in), each weighted by its routing weight,
     summed: [1, H]. Every expert sees the same token, so the group is two batched matmuls."""
     slot_index, position_index = indices.view(2, -1)
-    return _mix_rows(layout, act_fn, dtype, buffer.index_select(0, slot_index),
-                     flat_weights.index_select(0, position_index), x)
+    return _mix_rows(
+        layout, act_fn, dtype, buffer.index_select(0, slot_index), flat_weights.index_select(0, position_index), x
+    )
 
 
-def mix_decode_table(layout: ExpertLayout, act_fn, dtype: torch.dtype, buffer: torch.Tensor, host: torch.Tensor,
-                     experts: torch.Tensor, table: torch.Tensor, positions: torch.Tensor, flat_weights: torch.Tensor,
-                     x: torch.Tensor) -> torch.Tensor:
+def mix_decode_table(
+    layout: ExpertLayout,
+    act_fn,
+    dtype: torch.dtype,
+    buffer: torch.Tensor,
+    host: torch.Tensor,
+    experts: torch.Tensor,
+    table: torch.Tensor,
+    positions: torch.Tensor,
+    flat_weights: torch.Tensor,
+    x: torch.Tensor,
+) -> torch.Tensor:
     """`mix_decode` for a decode step that never leaves the device: `experts` are expert ids, and each one's
     row is read from its slot in `buffer` where `table` [experts] gives one (-1: none), else from `host`
     (where it is: page-locked host memory mapped for the device, or the CPU tier's rows). This path reads
@@ -105,8 +123,9 @@ def mix_decode_table(layout: ExpertLayout, act_fn, dtype: torch.dtype, buffer: t
     return _mix_rows(layout, act_fn, dtype, rows, flat_weights.index_select(0, positions), x)
 
 
-def _mix_rows(layout: ExpertLayout, act_fn, dtype: torch.dtype, rows: torch.Tensor, weights: torch.Tensor,
-              x: torch.Tensor) -> torch.Tensor:
+def _mix_rows(
+    layout: ExpertLayout, act_fn, dtype: torch.dtype, rows: torch.Tensor, weights: torch.Tensor, x: torch.Tensor
+) -> torch.Tensor:
     gate_up, down = unpack_experts(layout, rows, dtype)
     gate, up = torch.matmul(gate_up, x[0]).chunk(2, dim=-1)
     expert_out = torch.bmm(down, (act_fn(gate) * up).unsqueeze(-1)).squeeze(-1)
@@ -126,8 +145,14 @@ class OffloadedExperts(nn.Module):
     """`kernels`: default the torch path (`mix_decode`, `mix_decode_table`); on a GPU the fused kernels of
     `triton_experts`. `graph_decode`, once `GraphDecode` sets it, takes a compiled decode's experts."""
 
-    def __init__(self, layout: ExpertLayout, cache: ExpertCache, act_fn, compute_dtype: torch.dtype,
-                 kernels: DecodeKernels | None = None):
+    def __init__(
+        self,
+        layout: ExpertLayout,
+        cache: ExpertCache,
+        act_fn,
+        compute_dtype: torch.dtype,
+        kernels: DecodeKernels | None = None,
+    ):
         super().__init__()
         self.layout = layout
         self.cache = cache
@@ -138,8 +163,9 @@ class OffloadedExperts(nn.Module):
         self.miss_split = MissSplit("copy", 0.0)
         self.graph_decode: GraphDecodeLayer | None = None
         self.uses_fused_kernels = kernels is not None
-        kernels = kernels or DecodeKernels(partial(mix_decode, layout, act_fn, compute_dtype),
-                                           partial(mix_decode_table, layout, act_fn, compute_dtype))
+        kernels = kernels or DecodeKernels(
+            partial(mix_decode, layout, act_fn, compute_dtype), partial(mix_decode_table, layout, act_fn, compute_dtype)
+        )
         self._mix_eager = kernels.from_slots
         self._mix_decode = self._mix_eager
         self.mix_table = kernels.by_table
@@ -155,8 +181,9 @@ class OffloadedExperts(nn.Module):
             self.next_layer.compile_decode(compiled)
         self._mix_decode = decode_graph(self._mix_eager, compiled)
 
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                top_k_weights: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
         if self.graph_decode is not None and hidden_states.shape[0] == 1 and torch.compiler.is_compiling():
             return self.graph_decode.forward(self, hidden_states, top_k_index, top_k_weights)
         return self._forward_on_host(hidden_states, top_k_index, top_k_weights)
@@ -164,8 +191,9 @@ class OffloadedExperts(nn.Module):
     # Host decisions (which experts to copy) need the routing on the host: a compiled decode without
     # `graph_decode` breaks its graph here and runs this eagerly between the graph before and the graph after.
     @torch.compiler.disable
-    def _forward_on_host(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                         top_k_weights: torch.Tensor) -> torch.Tensor:
+    def _forward_on_host(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
         decoding = hidden_states.shape[0] == 1
         wanted = top_k_index.reshape(-1)
         guess_count = 0
@@ -174,7 +202,7 @@ class OffloadedExperts(nn.Module):
             guess_count = wanted.numel() - top_k_index.numel()
         ids = wanted.tolist()  # the one device-to-host sync per layer: the host decides what to copy
         routed_ids = ids[: len(ids) - guess_count]
-        predicted = ids[len(ids) - guess_count:]
+        predicted = ids[len(ids) - guess_count :]
         routing = Routing(top_k_index, top_k_weights, routed_ids)
         routed = sorted(set(routed_ids))
 
@@ -186,7 +214,7 @@ class OffloadedExperts(nn.Module):
 
         parts = []
         for start in range(0, len(routed), self.cache.capacity):
-            group = routed[start:start + self.cache.capacity]
+            group = routed[start : start + self.cache.capacity]
             acquired = self.cache.acquire(group, start_copies=False)
             experts = acquired.hit_experts + acquired.miss_experts
             try:
@@ -219,12 +247,13 @@ class OffloadedExperts(nn.Module):
     def _pick_cpu_experts(self, routed: list[int]) -> list[int]:
         misses = [e for e in routed if not self.cache.holds(e)]
         count = self.miss_split.cpu_count(len(misses))
-        chosen = misses[len(misses) - count:] if count else []
+        chosen = misses[len(misses) - count :] if count else []
         self.cache.record_computed_on_host(len(chosen))
         return chosen
 
-    def _compute_on_cpu(self, x: torch.Tensor, weights: list[float], routing: Routing,
-                        experts: list[int]) -> torch.Tensor:
+    def _compute_on_cpu(
+        self, x: torch.Tensor, weights: list[float], routing: Routing, experts: list[int]
+    ) -> torch.Tensor:
         total = torch.zeros(x.shape, dtype=torch.float32)
         for expert in experts:
             weight = sum(weights[position] for position in routing.positions[expert])

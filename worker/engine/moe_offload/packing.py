@@ -81,8 +81,9 @@ class ExpertLayout:
         return cls(hidden=int(data["hidden"]), intermediate=int(data["intermediate"]), quant=data["quant"])
 
 
-def pack_expert(layout: ExpertLayout, gate_up: torch.Tensor, down: torch.Tensor, out: torch.Tensor,
-                quantize_on: str = "cpu") -> None:
+def pack_expert(
+    layout: ExpertLayout, gate_up: torch.Tensor, down: torch.Tensor, out: torch.Tensor, quantize_on: str = "cpu"
+) -> None:
     """Quantize (or copy) one expert's matrices into `out`, a uint8 row of `layout.row_bytes`.
 
     `quantize_on="cuda"` runs bitsandbytes' CUDA kernel (same format) instead of its CPU one, which is slow
@@ -96,7 +97,9 @@ def pack_expert(layout: ExpertLayout, gate_up: torch.Tensor, down: torch.Tensor,
         if layout.is_4bit:
             packed, state = bnbf.quantize_4bit(
                 weight.detach().to(device=quantize_on, dtype=torch.float32).contiguous(),
-                blocksize=QUANT_BLOCKSIZE, quant_type=layout.quant, compress_statistics=False,
+                blocksize=QUANT_BLOCKSIZE,
+                quant_type=layout.quant,
+                compress_statistics=False,
             )
             _write(out, sections[f"{name}_packed"], packed.reshape(-1))
             _write(out, sections[f"{name}_absmax"], state.absmax.to(torch.float32).reshape(-1))
@@ -105,12 +108,12 @@ def pack_expert(layout: ExpertLayout, gate_up: torch.Tensor, down: torch.Tensor,
 
 
 def _write(row: torch.Tensor, section: Section, values: torch.Tensor) -> None:
-    row[section.offset:section.end].copy_(values.contiguous().view(torch.uint8))
+    row[section.offset : section.end].copy_(values.contiguous().view(torch.uint8))
 
 
 def section_view(rows: torch.Tensor, section: Section) -> torch.Tensor:
     """The section of every row in `rows` [n, row_bytes], viewed in its own dtype: [n, elements]."""
-    return rows[:, section.offset:section.end].view(section.dtype)
+    return rows[:, section.offset : section.end].view(section.dtype)
 
 
 def unpack_experts(layout: ExpertLayout, rows: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,8 +128,9 @@ def unpack_experts(layout: ExpertLayout, rows: torch.Tensor, dtype: torch.dtype)
             # quantized tensor of n * numel weights: one dequantize call for all of them.
             packed = section_view(rows, sections[f"{name}_packed"]).contiguous()
             absmax = section_view(rows, sections[f"{name}_absmax"]).contiguous().reshape(-1)
-            state = bnbf.QuantState(absmax=absmax, shape=shape, dtype=dtype, blocksize=QUANT_BLOCKSIZE,
-                                    quant_type=layout.quant)
+            state = bnbf.QuantState(
+                absmax=absmax, shape=shape, dtype=dtype, blocksize=QUANT_BLOCKSIZE, quant_type=layout.quant
+            )
             result.append(bnbf.dequantize_4bit(packed.reshape(-1, 1), quant_state=state))
         else:
             result.append(section_view(rows, sections[f"{name}_weight"]).reshape(shape).to(dtype))

@@ -56,8 +56,13 @@ class _CudaArray:
     def __init__(self, pointer: int, like: torch.Tensor):
         if like.dtype != torch.uint8 or not like.is_contiguous():
             raise ValueError("expects contiguous uint8 rows")
-        self.__cuda_array_interface__ = {"shape": tuple(like.shape), "typestr": "|u1", "data": (pointer, False),
-                                         "version": 3, "strides": None}
+        self.__cuda_array_interface__ = {
+            "shape": tuple(like.shape),
+            "typestr": "|u1",
+            "data": (pointer, False),
+            "version": 3,
+            "strides": None,
+        }
         self.rows = like  # torch keeps this object, and so the rows, alive with the tensor
 
 

@@ -52,8 +52,7 @@ GATHER_CHUNK = 8192  # bytes of a row each gathering program copies
 
 
 @triton.jit
-def _row(buf_u8, buf_f32, gathered_u8, gathered_f32, experts_ptr, table_ptr, i, row_bytes,
-         GATHERED: tl.constexpr):
+def _row(buf_u8, buf_f32, gathered_u8, gathered_f32, experts_ptr, table_ptr, i, row_bytes, GATHERED: tl.constexpr):
     """Byte and float32 pointers to the i-th expert's row."""
     index = tl.load(experts_ptr + i).to(tl.int64)
     if GATHERED:
@@ -96,13 +95,29 @@ def _dot_block(row_u8, row_f32, code_ptr, packed_off, absmax_off, rows, row_len,
 
 
 @triton.jit
-def _gate_up_kernel(buf_u8, buf_f32, gathered_u8, gathered_f32, code_ptr, experts_ptr, table_ptr, x_ptr, h_ptr,
-                    row_bytes, packed_off, absmax_off, HIDDEN: tl.constexpr, INTER: tl.constexpr, BLOCK: tl.constexpr,
-                    GATHERED: tl.constexpr):
+def _gate_up_kernel(
+    buf_u8,
+    buf_f32,
+    gathered_u8,
+    gathered_f32,
+    code_ptr,
+    experts_ptr,
+    table_ptr,
+    x_ptr,
+    h_ptr,
+    row_bytes,
+    packed_off,
+    absmax_off,
+    HIDDEN: tl.constexpr,
+    INTER: tl.constexpr,
+    BLOCK: tl.constexpr,
+    GATHERED: tl.constexpr,
+):
     expert = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    row_u8, row_f32 = _row(buf_u8, buf_f32, gathered_u8, gathered_f32, experts_ptr, table_ptr, expert, row_bytes,
-                               GATHERED)
+    row_u8, row_f32 = _row(
+        buf_u8, buf_f32, gathered_u8, gathered_f32, experts_ptr, table_ptr, expert, row_bytes, GATHERED
+    )
     half = tl.arange(0, 32)
     gate = tl.zeros([BLOCK], dtype=tl.float32)
     up = tl.zeros([BLOCK], dtype=tl.float32)
@@ -116,15 +131,34 @@ def _gate_up_kernel(buf_u8, buf_f32, gathered_u8, gathered_f32, code_ptr, expert
 
 
 @triton.jit
-def _down_kernel(buf_u8, buf_f32, gathered_u8, gathered_f32, code_ptr, experts_ptr, table_ptr, positions_ptr,
-                 weights_ptr, h_ptr, y_ptr, row_bytes, packed_off, absmax_off, EXPERTS: tl.constexpr,
-                 HIDDEN: tl.constexpr, INTER: tl.constexpr, BLOCK: tl.constexpr, GATHERED: tl.constexpr):
+def _down_kernel(
+    buf_u8,
+    buf_f32,
+    gathered_u8,
+    gathered_f32,
+    code_ptr,
+    experts_ptr,
+    table_ptr,
+    positions_ptr,
+    weights_ptr,
+    h_ptr,
+    y_ptr,
+    row_bytes,
+    packed_off,
+    absmax_off,
+    EXPERTS: tl.constexpr,
+    HIDDEN: tl.constexpr,
+    INTER: tl.constexpr,
+    BLOCK: tl.constexpr,
+    GATHERED: tl.constexpr,
+):
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     half = tl.arange(0, 32)
     total = tl.zeros([BLOCK], dtype=tl.float32)
     for expert in range(EXPERTS):
-        row_u8, row_f32 = _row(buf_u8, buf_f32, gathered_u8, gathered_f32, experts_ptr, table_ptr, expert, row_bytes,
-                               GATHERED)
+        row_u8, row_f32 = _row(
+            buf_u8, buf_f32, gathered_u8, gathered_f32, experts_ptr, table_ptr, expert, row_bytes, GATHERED
+        )
         weight = tl.load(weights_ptr + tl.load(positions_ptr + expert)).to(tl.float32)
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for k0 in range(0, INTER, 64):
@@ -137,33 +171,65 @@ def _down_kernel(buf_u8, buf_f32, gathered_u8, gathered_f32, code_ptr, experts_p
 
 def supports(layout: ExpertLayout, hidden_act: str) -> bool:
     """4-bit rows of SiLU-gated experts whose sizes the kernels' blocks divide."""
-    return (layout.is_4bit and hidden_act == "silu" and QUANT_BLOCKSIZE == 64
-            and layout.hidden % 64 == 0 and layout.intermediate % 64 == 0 and Blocks().fits(layout))
+    return (
+        layout.is_4bit
+        and hidden_act == "silu"
+        and QUANT_BLOCKSIZE == 64
+        and layout.hidden % 64 == 0
+        and layout.intermediate % 64 == 0
+        and Blocks().fits(layout)
+    )
 
 
-def fused_mix_decode(layout: ExpertLayout, code: torch.Tensor, blocks: Blocks, buffer: torch.Tensor,
-                     indices: torch.Tensor, flat_weights: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def fused_mix_decode(
+    layout: ExpertLayout,
+    code: torch.Tensor,
+    blocks: Blocks,
+    buffer: torch.Tensor,
+    indices: torch.Tensor,
+    flat_weights: torch.Tensor,
+    x: torch.Tensor,
+) -> torch.Tensor:
     """`offloaded_experts.mix_decode` for 4-bit rows: the same [1, H] result, from the rows in place."""
     experts = indices.shape[0] // 2
     return _launch(layout, code, blocks, buffer, buffer, indices[:experts], None, indices[experts:], flat_weights, x)
 
 
-def fused_mix_decode_table(layout: ExpertLayout, code: torch.Tensor, blocks: Blocks, buffer: torch.Tensor,
-                           host: torch.Tensor, experts: torch.Tensor, table: torch.Tensor, positions: torch.Tensor,
-                           flat_weights: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def fused_mix_decode_table(
+    layout: ExpertLayout,
+    code: torch.Tensor,
+    blocks: Blocks,
+    buffer: torch.Tensor,
+    host: torch.Tensor,
+    experts: torch.Tensor,
+    table: torch.Tensor,
+    positions: torch.Tensor,
+    flat_weights: torch.Tensor,
+    x: torch.Tensor,
+) -> torch.Tensor:
     """`offloaded_experts.mix_decode_table` for 4-bit rows: each expert's row read from its slot in `buffer`
     where `table` gives one, else from `host` (page-locked host memory mapped for the device), gathered into
     device memory by `_gather_kernel` first."""
     count = experts.shape[0]
     gathered = torch.empty((count, layout.row_bytes), dtype=torch.uint8, device=x.device)
     _gather_kernel[(count, triton.cdiv(layout.row_bytes, GATHER_CHUNK))](
-        host, gathered, experts, table, layout.row_bytes, CHUNK=GATHER_CHUNK)
+        host, gathered, experts, table, layout.row_bytes, CHUNK=GATHER_CHUNK
+    )
     return _launch(layout, code, blocks, buffer, gathered, experts, table, positions, flat_weights, x)
 
 
-def _launch(layout: ExpertLayout, code: torch.Tensor, blocks: Blocks, buffer: torch.Tensor,
-            gathered: torch.Tensor, experts: torch.Tensor, table: torch.Tensor | None, positions: torch.Tensor,
-            flat_weights: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def _launch(
+    layout: ExpertLayout,
+    code: torch.Tensor,
+    blocks: Blocks,
+    buffer: torch.Tensor,
+    gathered: torch.Tensor,
+    experts: torch.Tensor,
+    table: torch.Tensor | None,
+    positions: torch.Tensor,
+    flat_weights: torch.Tensor,
+    x: torch.Tensor,
+) -> torch.Tensor:
     """The two expert kernels; with a `table`, experts by id and the rows of those without a slot in `gathered`,
     else slots of `buffer` (and `gathered` unused)."""
     count = experts.shape[0]
@@ -173,15 +239,44 @@ def _launch(layout: ExpertLayout, code: torch.Tensor, blocks: Blocks, buffer: to
     y = torch.empty((1, hidden), dtype=x.dtype, device=x.device)
     gathers = table is not None
     # float32 views for the absmax sections, 16-byte aligned in every row
-    rows = (buffer, buffer.view(torch.float32), gathered, gathered.view(torch.float32), code, experts,
-            table if table is not None else experts)
+    rows = (
+        buffer,
+        buffer.view(torch.float32),
+        gathered,
+        gathered.view(torch.float32),
+        code,
+        experts,
+        table if table is not None else experts,
+    )
     _gate_up_kernel[(count, inter // blocks.gate_up_rows)](
-        *rows, x, h, layout.row_bytes, sections["gate_up_packed"].offset, sections["gate_up_absmax"].offset,
-        HIDDEN=hidden, INTER=inter, BLOCK=blocks.gate_up_rows, GATHERED=gathers, num_warps=blocks.warps)
+        *rows,
+        x,
+        h,
+        layout.row_bytes,
+        sections["gate_up_packed"].offset,
+        sections["gate_up_absmax"].offset,
+        HIDDEN=hidden,
+        INTER=inter,
+        BLOCK=blocks.gate_up_rows,
+        GATHERED=gathers,
+        num_warps=blocks.warps,
+    )
     _down_kernel[(hidden // blocks.down_rows,)](
-        *rows, positions, flat_weights, h, y, layout.row_bytes, sections["down_packed"].offset,
-        sections["down_absmax"].offset, EXPERTS=count, HIDDEN=hidden, INTER=inter, BLOCK=blocks.down_rows,
-        GATHERED=gathers, num_warps=blocks.warps)
+        *rows,
+        positions,
+        flat_weights,
+        h,
+        y,
+        layout.row_bytes,
+        sections["down_packed"].offset,
+        sections["down_absmax"].offset,
+        EXPERTS=count,
+        HIDDEN=hidden,
+        INTER=inter,
+        BLOCK=blocks.down_rows,
+        GATHERED=gathers,
+        num_warps=blocks.warps,
+    )
     return y
 
 
@@ -191,16 +286,21 @@ def _sample(layout: ExpertLayout, device: torch.device, experts: int) -> tuple[t
     generator = torch.Generator().manual_seed(0)
     rows = torch.zeros(experts, layout.row_bytes, dtype=torch.uint8)
     for row in rows:
-        pack_expert(layout, torch.randn(2 * layout.intermediate, layout.hidden, generator=generator),
-                    torch.randn(layout.hidden, layout.intermediate, generator=generator), row)
+        pack_expert(
+            layout,
+            torch.randn(2 * layout.intermediate, layout.hidden, generator=generator),
+            torch.randn(layout.hidden, layout.intermediate, generator=generator),
+            row,
+        )
     indices = torch.tensor([*reversed(range(experts)), *range(experts)])
     weights = torch.rand(experts, generator=generator)
     x = torch.randn(1, layout.hidden, generator=generator)
     return tuple(tensor.to(device) for tensor in (rows, indices, weights, x))
 
 
-def check_against_torch(layout: ExpertLayout, device: torch.device, blocks: Blocks = Blocks(),
-                        experts: int = 3) -> float:
+def check_against_torch(
+    layout: ExpertLayout, device: torch.device, blocks: Blocks = Blocks(), experts: int = 3
+) -> float:
     """Run the kernels once here on random rows of `layout` and compare them with dequantize-then-multiply;
     returns the largest difference relative to the output's scale, and raises past 1e-3 (float32 math on
     both sides, summed in another order: ~1e-6)."""
@@ -237,15 +337,26 @@ def tune(layout: ExpertLayout, device: torch.device, experts: int, repeats: int 
     each once; Triton keeps them on disk), beside the torch path's time. CUDA events; once per shape."""
     code = code_table(layout, device)
     rows, indices, weights, x = _sample(layout, device, experts)
-    timings = {blocks: _time_ms(lambda b=blocks: fused_mix_decode(layout, code, b, rows, indices, weights, x), repeats)
-               for blocks in CANDIDATES if blocks.fits(layout)}
+    timings = {
+        blocks: _time_ms(lambda b=blocks: fused_mix_decode(layout, code, b, rows, indices, weights, x), repeats)
+        for blocks in CANDIDATES
+        if blocks.fits(layout)
+    }
     best = min(timings, key=timings.__getitem__)
     x16 = x.to(torch.bfloat16)
-    torch_ms = _time_ms(lambda: mix_decode(layout, torch.nn.SiLU(), torch.bfloat16, rows, indices, weights, x16),
-                        repeats)
-    log.info("Expert kernels for %d experts, one token: Triton %s %.1f us (default %.1f us, slowest %.1f us); "
-             "dequantize-then-multiply %.1f us", experts, best, timings[best] * 1000,
-             timings.get(Blocks(), float("nan")) * 1000, max(timings.values()) * 1000, torch_ms * 1000)
+    torch_ms = _time_ms(
+        lambda: mix_decode(layout, torch.nn.SiLU(), torch.bfloat16, rows, indices, weights, x16), repeats
+    )
+    log.info(
+        "Expert kernels for %d experts, one token: Triton %s %.1f us (default %.1f us, slowest %.1f us); "
+        "dequantize-then-multiply %.1f us",
+        experts,
+        best,
+        timings[best] * 1000,
+        timings.get(Blocks(), float("nan")) * 1000,
+        max(timings.values()) * 1000,
+        torch_ms * 1000,
+    )
     return Tuning(best, timings[best], torch_ms)
 
 
