@@ -37,5 +37,7 @@ settings-docs: install
 bench: install model
 	scripts/with_redis.sh $(PY) -m benchmarks.serving_overhead
 
+# Flower alone (`make run` starts one too), on FLOWER_PORT
 flower: install
-	$(VENV)/bin/celery -A shared.celery_app:celery_app flower --port=5555
+	$(VENV)/bin/celery -A shared.celery_app:celery_app flower \
+		--port=$$($(PY) -c 'from shared.config import get_settings; print(get_settings().flower_port or 5555)')

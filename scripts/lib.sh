@@ -13,8 +13,12 @@ except Exception: sys.exit(1)' 2>/dev/null
 }
 
 # Start redis-server if nothing answers at REDIS_URL; sets STARTED_REDIS_PID to what it started.
+# With a folder argument it keeps its data there (AOF, fsync every second), so a restart keeps the jobs;
+# without, in memory only. In a session of its own, so that a Ctrl-C reaches it only through
+# stop_started_redis, once the processes that use it have stopped.
 STARTED_REDIS_PID=""
 ensure_redis() {
+    local data_dir=${1:-}
     if redis_answers; then return 0; fi
     if ! command -v redis-server >/dev/null; then
         if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
@@ -26,8 +30,15 @@ ensure_redis() {
         fi
     fi
     read -r host port < <(redis_host_port)
-    echo ">> starting redis-server on $host:$port (in-memory only)"
-    redis-server --bind "$host" --port "$port" --save "" --appendonly no --daemonize no --loglevel warning &
+    local persistence=(--save "" --appendonly no)
+    if [ -n "$data_dir" ]; then
+        mkdir -p "$data_dir"
+        persistence=(--save "" --appendonly yes --appendfsync everysec --dir "$data_dir")
+        echo ">> starting redis-server on $host:$port (append-only file in $data_dir)"
+    else
+        echo ">> starting redis-server on $host:$port (in-memory only)"
+    fi
+    setsid redis-server --bind "$host" --port "$port" "${persistence[@]}" --daemonize no --loglevel warning &
     STARTED_REDIS_PID=$!
     for _ in $(seq 50); do redis_answers && return 0; sleep 0.1; done
     echo "!! redis-server did not come up on $host:$port" >&2

@@ -50,6 +50,12 @@ class Settings(BaseSettings):
     )
     job_ttl_s: int = Field(86_400, ge=60, description="seconds a job's record and events are kept")
     max_job_attempts: int = Field(2, ge=1, description="deliveries before a job that kills workers fails")
+    redis_retry_s: float = Field(
+        600.0,
+        gt=0,
+        description="how long a worker retries a job's claim or end while Redis is unreachable; "
+        "past it the job is left to the watchdog, which re-queues it",
+    )
 
     # --- health ---
     min_free_memory_gb: float = Field(
@@ -76,6 +82,9 @@ class Settings(BaseSettings):
     # --- API server ---
     api_host: str = Field("127.0.0.1", description="address `make run` binds the API to")
     api_port: int = Field(8000, ge=1, le=65535, description="port `make run` serves the API on")
+    flower_port: int = Field(
+        5555, ge=0, le=65535, description="port `make run` serves Flower on (at API_HOST); 0 = no Flower"
+    )
 
     @field_validator("api_keys_file", mode="before")
     @classmethod

@@ -1,37 +1,90 @@
 """The job record (one Redis hash per job) and the atomic state changes both sides make to it.
 
 The API writes a record as `queued`; the worker moves it to `running` and then to a terminal state; a
-cancel moves a queued job straight to `cancelled`. The two transitions that race (claim and cancel) are
-Lua scripts so that exactly one of them wins.
+cancel moves a queued job straight to `cancelled`. The transitions that race (claim, cancel, a worker's end
+of a job it may have lost during a Redis outage) are Lua scripts, so that exactly one of them wins.
 """
 
 import json
 import time
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
 from shared.schemas import ErrorType, JobError, JobKind, JobStatus, JobView
 
 # KEYS[1] = job hash, KEYS[2] = running-jobs set, KEYS[3] = cancel flag.
-# ARGV = worker id, now, max attempts, heartbeat key prefix (the owner's id completes it), job id.
-# A job is claimable when queued, or when running under an owner whose heartbeat is gone (it died).
+# ARGV = worker id, now, max attempts, heartbeat key prefix (the owner's id completes it), job id,
+# recovery lock prefix (the attempt completes it).
+# A job is claimable when queued, or when running but orphaned (see `is_orphaned`, which this mirrors;
+# and a worker's own earlier attempt is over, since a worker runs one job at a time).
+# The same claim sent again (same worker and `now`, after a reply lost to a broken connection) answers
+# as the first did, without counting another attempt.
+# A claim that finds the owner alive frees the attempt's recovery lock: if the job is orphaned later,
+# the watchdog may re-queue it again.
 # Returns: 1 claimed, 2 claimed but a cancel is pending, 0 not claimable, -1 attempts exhausted.
 # One script, so a claim is one round trip and cannot interleave with a cancel.
 CLAIM_SCRIPT = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return 0 end
-if status == 'running' then
-  local owner = redis.call('HGET', KEYS[1], 'worker')
-  if owner and redis.call('EXISTS', ARGV[4] .. owner) == 1 then return 0 end
-elseif status ~= 'queued' then
+local owner = redis.call('HGET', KEYS[1], 'worker')
+local started_at = redis.call('HGET', KEYS[1], 'started_at')
+local repeated = status == 'running' and owner == ARGV[1] and started_at == ARGV[2]
+if status == 'running' and not repeated and owner ~= ARGV[1] then
+  local beat = ARGV[4] .. (owner or '')
+  local orphaned = redis.call('EXISTS', beat) == 0
+  if not orphaned then
+    local beat_at = tonumber(redis.call('HGET', beat, 'last_heartbeat') or '0') or 0
+    orphaned = beat_at > (tonumber(started_at or '0') or 0)
+      and (redis.call('HGET', beat, 'current_job') or '') ~= ARGV[5]
+  end
+  if not orphaned then
+    redis.call('DEL', ARGV[6] .. (redis.call('HGET', KEYS[1], 'attempts') or '0'))
+    return 0
+  end
+elseif status ~= 'queued' and status ~= 'running' then
   return 0
 end
-local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
-if attempts > tonumber(ARGV[3]) then return -1 end
-redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[1], 'started_at', ARGV[2])
-redis.call('SADD', KEYS[2], ARGV[5])
+if not repeated then
+  local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+  if attempts > tonumber(ARGV[3]) then return -1 end
+  redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[1], 'started_at', ARGV[2])
+  redis.call('SADD', KEYS[2], ARGV[5])
+end
 if redis.call('EXISTS', KEYS[3]) == 1 then return 2 end
 return 1
+"""
+
+# KEYS[1] = job hash, KEYS[2] = job event stream, KEYS[3] = running-jobs set, KEYS[4] = cancel flag,
+# KEYS[5] = metrics hash, whose count of jobs ended in the written status goes up by one.
+# ARGV = expected owner ('' = any), ttl, terminal event type, its data, job id, then field/value pairs.
+# The terminal state is written only over a running job still owned as expected: a worker that lost its
+# job (re-queued and claimed elsewhere while Redis was out of its reach) must not end it a second time.
+# Returns 1 written, 0 not (finished, expired, or owned by another worker now).
+FINISH_SCRIPT = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
+if ARGV[1] ~= '' and redis.call('HGET', KEYS[1], 'worker') ~= ARGV[1] then return 0 end
+for i = 6, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+redis.call('XADD', KEYS[2], '*', 'type', ARGV[3], 'data', ARGV[4])
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+redis.call('SREM', KEYS[3], ARGV[5])
+redis.call('DEL', KEYS[4])
+redis.call('HINCRBY', KEYS[5], 'jobs_' .. redis.call('HGET', KEYS[1], 'status'), 1)  -- jobs_finished_field
+return 1
+"""
+
+# KEYS[1] = job hash, KEYS[2] = job event stream, KEYS[3] = cancel flag. ARGV = owner, ttl, then each token's
+# data. Token events held back while Redis was unreachable are sent only if the job is still the
+# sender's, so that a worker that lost its job never writes into the stream of the attempt that took over.
+# Returns -1 when the job is no longer the sender's, else 1 when a cancel is pending, 0 when not.
+SEND_HELD_TOKENS_SCRIPT = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'running' or redis.call('HGET', KEYS[1], 'worker') ~= ARGV[1] then
+  return -1
+end
+for i = 3, #ARGV do redis.call('XADD', KEYS[2], '*', 'type', 'token', 'data', ARGV[i]) end
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+return redis.call('EXISTS', KEYS[3])
 """
 
 # KEYS[1] = job hash, KEYS[2] = job event stream, KEYS[3] = metrics hash. ARGV = now, error JSON, ttl, the
@@ -64,6 +117,17 @@ def new_job_fields(kind: JobKind, params: dict[str, Any], client: str | None = N
     if client is not None:
         fields["client"] = client
     return fields
+
+
+def is_orphaned(job_id: str, job: Mapping[str, str], owner_heartbeat: Mapping[str, str]) -> bool:
+    """Whether a `running` job has lost its worker: the owner's heartbeat is gone (it died), or a heartbeat
+    written after the claim names another current job (the owner is alive but gave the job up, e.g. its
+    end could not be written while Redis was down). A heartbeat from before the claim proves nothing."""
+    if not owner_heartbeat:
+        return True
+    beat_at = float(owner_heartbeat.get("last_heartbeat") or 0)
+    started_at = float(job.get("started_at") or 0)
+    return beat_at > started_at and owner_heartbeat.get("current_job", "") != job_id
 
 
 def cancelled_error() -> JobError:

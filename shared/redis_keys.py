@@ -28,8 +28,13 @@ class RedisKeys:
         return f"{self.prefix}:jobs:running"
 
     # Guard so that only one process re-enqueues a given attempt of a dead job. TTL: job_ttl_s.
+    # A claim that finds the job's owner alive deletes it, so that the job can be re-queued again if it is
+    # orphaned later in the same attempt.
     def job_recovery_lock(self, job_id: str, attempt: int) -> str:
-        return f"{self.prefix}:job:{job_id}:recovered:{attempt}"
+        return f"{self.job_recovery_lock_prefix(job_id)}{attempt}"
+
+    def job_recovery_lock_prefix(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}:recovered:"
 
     # One hash per worker, refreshed every heartbeat_interval_s. TTL: heartbeat_stale_s.
     def worker_heartbeat(self, worker_id: str) -> str:

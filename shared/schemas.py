@@ -238,6 +238,19 @@ class ExpertOffloadStats(ExpertCacheCounters):
         return parts[0].model_copy(update=ExpertCacheCounters.total(parts).counters())
 
 
+class WorkerStatus(BaseModel):
+    """One worker as /health and /metrics list it, from its last heartbeat."""
+
+    id: str
+    hostname: str
+    state: "WorkerState"
+    model: str
+    device: str
+    current_job: str | None = Field(description="the job it runs now; null when idle")
+    heartbeat_age_s: float = Field(description="seconds since its last heartbeat")
+    tokens_per_second: float | None = Field(description="of its last finished inference; null before its first")
+
+
 class MetricsResponse(BaseModel):
     model_loaded: bool
     gpu_memory_used_gb: float
@@ -249,6 +262,7 @@ class MetricsResponse(BaseModel):
     expert_offload: ExpertOffloadStats | None = Field(
         None, description="expert cache counters of the workers serving an offloaded MoE model; null otherwise"
     )
+    workers: list[WorkerStatus] = Field(default_factory=list, description="each worker with a fresh heartbeat")
 
 
 class DecodeSpeedCheck(BaseModel):
@@ -267,6 +281,7 @@ class HealthResponse(BaseModel):
     memory_sufficient: bool
     last_inference: datetime | None
     performance: DecodeSpeedCheck | None = None
+    workers: list[WorkerStatus] = Field(default_factory=list, description="each worker with a fresh heartbeat")
 
 
 # ---------------------------------------------------------------- errors
@@ -308,6 +323,7 @@ class WorkerHeartbeat(BaseModel):
     started_at: float
     last_heartbeat: float
     current_job: str = ""
+    tokens_per_second: float = 0.0  # of the worker's last finished inference; 0 before its first
     load_error: str = ""
     process_rss_gb: float = 0.0
     system_memory_used_gb: float = 0.0

@@ -32,6 +32,7 @@ class Heartbeat:
         self.state = WorkerState.LOADING
         self.load_error = ""
         self.current_job = ""
+        self.tokens_per_second = 0.0  # of the last inference this worker finished
         self.engine: Engine | None = None
         # Run after each beat once the worker is ready (the orphaned-job watchdog).
         self.on_tick: Callable[[], object] | None = None
@@ -55,6 +56,7 @@ class Heartbeat:
             started_at=self.started_at,
             last_heartbeat=time.time(),
             current_job=self.current_job,
+            tokens_per_second=self.tokens_per_second,
             load_error=self.load_error,
             gpu_name=gpu.name if gpu else "",
             gpu_memory_used_gb=gpu.used_gb if gpu else 0.0,
@@ -72,13 +74,23 @@ class Heartbeat:
             pipe.execute()
 
     def _run(self) -> None:
+        failing = False  # logged once per outage, not once per beat
         while not self._stop.is_set():
             try:
                 self.beat()
+                if failing:
+                    log.warning("heartbeat: Redis answers again")
+                    failing = False
                 if self.on_tick is not None:
                     self.on_tick()
             except redis.RedisError as error:
-                log.warning("heartbeat failed: %s", error)
+                if not failing:
+                    log.warning(
+                        "heartbeat failed: %s (retried every %.1f s, logged again once it works)",
+                        error,
+                        self.settings.heartbeat_interval_s,
+                    )
+                failing = True
             except Exception:
                 log.exception("heartbeat tick failed")
             self._stop.wait(self.settings.heartbeat_interval_s)

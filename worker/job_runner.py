@@ -8,58 +8,127 @@ import json
 import logging
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from enum import IntEnum
 from typing import Any
 
 import redis
 
 from shared.config import Settings
-from shared.job_record import CLAIM_SCRIPT, cancelled_error, jobs_finished_field
+from shared.job_record import CLAIM_SCRIPT, FINISH_SCRIPT, SEND_HELD_TOKENS_SCRIPT, cancelled_error
 from shared.redis_keys import RedisKeys
 from shared.schemas import ErrorType, EventType, JobError, JobStatus
 from worker.engine.base import InvalidGenerationInput
+from worker.redis_outage import UNREACHABLE, RedisUnreachable, retry_until_reachable
 
 log = logging.getLogger(__name__)
+
+#: While Redis is unreachable, a running job tries it again this often (tokens and cancel checks).
+REDIS_RETRY_INTERVAL_S = 1.0
 
 
 class JobContext:
     """A claimed job as its work sees it: the `GenerationControl` handed to the engine (token events out,
-    cancel and deadline in), progress, and `finish` with the job's result."""
+    cancel and deadline in), progress, and `finish` with the job's result.
+
+    While Redis is unreachable the job goes on: its tokens are held back and sent once Redis answers (if the
+    job is still this worker's), and its end is retried until Redis answers, within `REDIS_RETRY_S`."""
 
     def __init__(
-        self, client: redis.Redis, keys: RedisKeys, job_id: str, deadline: float, ttl_s: int, stream_tokens: bool = True
+        self,
+        client: redis.Redis,
+        keys: RedisKeys,
+        job_id: str,
+        deadline: float,
+        ttl_s: int,
+        owner: str,
+        retry_s: float,
+        stream_tokens: bool = True,
     ):
         self.client = client
         self.keys = keys
         self.job_id = job_id
         self.deadline = deadline
         self.ttl_s = ttl_s
+        self.owner = owner
+        self.retry_s = retry_s
         self.stream_tokens = stream_tokens
         self.finished = False
+        self.lost = False  # another worker took the job over while Redis was out of this one's reach
         self.first_token_at: float | None = None  # wall clock, for the time-to-first-token histogram
         self._cancel_seen: bool | None = None  # fresh answer from the last emit, used once
+        self._held_back: list[str] = []  # token event data not yet in the stream
+        self._unreachable_until = 0.0  # monotonic time before which Redis is not tried again
+        self._outage_logged = False
 
     def emit(self, text: str) -> None:
-        if not self.stream_tokens:
+        if not self.stream_tokens or self.lost:
             return
         if self.first_token_at is None:
             self.first_token_at = time.time()
+        data = json.dumps({"text": text})
+        if self._held_back or self._redis_resting():
+            self._held_back.append(data)
+            self._send_held_back()
+            return
         events = self.keys.job_events(self.job_id)
-        # One round trip per token: publish it and learn whether a cancel arrived.
-        with self.client.pipeline(transaction=False) as pipe:
-            pipe.xadd(events, {"type": EventType.TOKEN.value, "data": json.dumps({"text": text})})
-            pipe.expire(events, self.ttl_s)
-            pipe.exists(self.keys.job_cancel(self.job_id))
-            self._cancel_seen = bool(pipe.execute()[-1])
+        try:
+            # One round trip per token: publish it and learn whether a cancel arrived.
+            with self.client.pipeline(transaction=False) as pipe:
+                pipe.xadd(events, {"type": EventType.TOKEN.value, "data": data})
+                pipe.expire(events, self.ttl_s)
+                pipe.exists(self.keys.job_cancel(self.job_id))
+                self._cancel_seen = bool(pipe.execute()[-1])
+        except UNREACHABLE as error:
+            self._held_back.append(data)
+            self._lose_redis(error)
+
+    def _send_held_back(self, now: bool = False) -> None:
+        if self._redis_resting() and not now:
+            return
+        try:
+            answer = self.client.register_script(SEND_HELD_TOKENS_SCRIPT)(
+                keys=[self.keys.job(self.job_id), self.keys.job_events(self.job_id), self.keys.job_cancel(self.job_id)],
+                args=[self.owner, self.ttl_s, *self._held_back],
+            )
+        except UNREACHABLE as error:
+            self._lose_redis(error)
+            return
+        if answer == -1:
+            log.warning(
+                "job %s: Redis answers again, but another worker has taken the job over; this attempt stops",
+                self.job_id,
+            )
+            self.lost = True
+        else:
+            log.warning("job %s: Redis answers again; %d held-back tokens sent", self.job_id, len(self._held_back))
+        self._held_back.clear()
+        self._cancel_seen = answer == 1
+
+    def _redis_resting(self) -> bool:
+        return time.monotonic() < self._unreachable_until
+
+    def _lose_redis(self, error: Exception) -> None:
+        if not self._outage_logged:
+            log.warning("job %s: Redis is unreachable (%s); the job goes on, its tokens held back", self.job_id, error)
+            self._outage_logged = True
+        self._unreachable_until = time.monotonic() + REDIS_RETRY_INTERVAL_S
 
     def cancel_requested(self) -> bool:
         seen, self._cancel_seen = self._cancel_seen, None
         if seen is None:
-            seen = bool(self.client.exists(self.keys.job_cancel(self.job_id)))
+            if self._redis_resting():
+                return False  # asked again once Redis answers
+            try:
+                seen = bool(self.client.exists(self.keys.job_cancel(self.job_id)))
+            except UNREACHABLE as error:
+                self._lose_redis(error)
+                return False
         return seen
 
     def stop_reason(self) -> str | None:
+        if self.lost:
+            return "cancelled"  # the attempt that took the job over answers for it
         if self.cancel_requested():
             return "cancelled"
         if time.monotonic() > self.deadline:
@@ -67,19 +136,42 @@ class JobContext:
         return None
 
     def set_progress(self, done: int, total: int) -> None:
-        self.client.hset(self.keys.job(self.job_id), "progress", f"{done}/{total}")
+        try:
+            self.client.hset(self.keys.job(self.job_id), "progress", f"{done}/{total}")
+        except UNREACHABLE as error:
+            self._lose_redis(error)  # progress is only informative; the next one replaces it
 
-    def finish(self, result: dict[str, Any], finish_reason: str) -> None:
-        """The job's end: succeeded with `result`, or cancelled (keeping what it made) if that is why it stopped."""
+    def finish(self, result: dict[str, Any], finish_reason: str) -> bool:
+        """The job's end: succeeded with `result`, or cancelled (keeping what it made) if that is why it stopped.
+        True when written; see `end`."""
         if finish_reason == "cancelled":
-            self.end(JobStatus.CANCELLED, result=result, error=cancelled_error())
-        else:
-            self.end(JobStatus.SUCCEEDED, result=result)
+            return self.end(JobStatus.CANCELLED, result=result, error=cancelled_error())
+        return self.end(JobStatus.SUCCEEDED, result=result)
 
-    def end(self, status: JobStatus, result: dict[str, Any] | None = None, error: JobError | None = None) -> None:
-        """Write the terminal state and the one terminal event in one transaction."""
-        write_terminal_state(self.client, self.keys, self.job_id, self.ttl_s, status, result, error)
+    def end(self, status: JobStatus, result: dict[str, Any] | None = None, error: JobError | None = None) -> bool:
+        """Write the held-back tokens, the terminal state and the one terminal event, retried while Redis is
+        unreachable. False when not written: the job was taken over by another worker, or Redis did not answer
+        within `REDIS_RETRY_S` (the watchdog then re-queues it, see `shared.job_record.is_orphaned`)."""
         self.finished = True
+
+        def write() -> bool:
+            if self._held_back and not self.lost:
+                self._send_held_back(now=True)
+                if self._held_back:
+                    raise redis.ConnectionError("Redis is still unreachable")
+            if self.lost:
+                return False
+            return write_terminal_state(
+                self.client, self.keys, self.job_id, self.ttl_s, status, result, error, owner=self.owner
+            )
+
+        try:
+            written = retry_until_reachable(write, f"job {self.job_id}: writing its end", self.retry_s)
+        except RedisUnreachable:
+            return False
+        if not written:
+            log.warning("job %s: its end was not written: the job is no longer this worker's", self.job_id)
+        return written
 
 
 def write_terminal_state(
@@ -90,27 +182,26 @@ def write_terminal_state(
     status: JobStatus,
     result: dict[str, Any] | None = None,
     error: JobError | None = None,
-) -> None:
-    job_key, events = keys.job(job_id), keys.job_events(job_id)
-    fields: dict[Any, Any] = {"status": status.value, "finished_at": repr(time.time())}
+    owner: str = "",
+) -> bool:
+    """The terminal state and event in one script, over a running job owned by `owner` ('' = any owner).
+    True when written."""
+    fields: dict[str, str] = {"status": status.value, "finished_at": repr(time.time())}
     if result is not None:
         fields["result"] = json.dumps(result)
     if error is not None:
         fields["error"] = error.model_dump_json()
-    event: dict[Any, Any] = (
-        {"type": EventType.ERROR.value, "data": error.model_dump_json()}
+    event_type, data = (
+        (EventType.ERROR.value, error.model_dump_json())
         if error is not None
-        else {"type": EventType.DONE.value, "data": json.dumps(result)}
+        else (EventType.DONE.value, json.dumps(result))
     )
-    with client.pipeline() as pipe:
-        pipe.hset(job_key, mapping=fields)
-        pipe.xadd(events, event)
-        pipe.expire(events, ttl_s)
-        pipe.expire(job_key, ttl_s)
-        pipe.srem(keys.running_jobs(), job_id)
-        pipe.hincrby(keys.metrics(), jobs_finished_field(status), 1)
-        pipe.delete(keys.job_cancel(job_id))
-        pipe.execute()
+    pairs = [item for field in fields.items() for item in field]
+    written = client.register_script(FINISH_SCRIPT)(
+        keys=[keys.job(job_id), keys.job_events(job_id), keys.running_jobs(), keys.job_cancel(job_id), keys.metrics()],
+        args=[owner, ttl_s, event_type, data, job_id, *pairs],
+    )
+    return bool(written)
 
 
 class Claim(IntEnum):
@@ -131,16 +222,20 @@ class JobRunner:
         self._claim = client.register_script(CLAIM_SCRIPT)
 
     def claim(self, job_id: str) -> Claim:
+        """Retried while Redis is unreachable (the same claim answers the same: see CLAIM_SCRIPT); raises
+        `RedisUnreachable` past `REDIS_RETRY_S`."""
+        keys = [self.keys.job(job_id), self.keys.running_jobs(), self.keys.job_cancel(job_id)]
+        args: list[str | int | float] = [
+            self.worker_id,
+            repr(time.time()),
+            self.settings.max_job_attempts,
+            self.keys.worker_heartbeat_prefix(),
+            job_id,
+            self.keys.job_recovery_lock_prefix(job_id),
+        ]
         claimed = Claim(
-            self._claim(
-                keys=[self.keys.job(job_id), self.keys.running_jobs(), self.keys.job_cancel(job_id)],
-                args=[
-                    self.worker_id,
-                    repr(time.time()),
-                    self.settings.max_job_attempts,
-                    self.keys.worker_heartbeat_prefix(),
-                    job_id,
-                ],
+            retry_until_reachable(
+                lambda: self._claim(keys=keys, args=args), f"job {job_id}: claim", self.settings.redis_retry_s
             )
         )
         if claimed is Claim.EXHAUSTED:
@@ -149,6 +244,7 @@ class JobRunner:
             self._end(
                 job_id,
                 JobStatus.FAILED,
+                owner="",
                 error=JobError(
                     type=ErrorType.INFERENCE,
                     message=f"the job stopped its worker on each of {attempts} attempts; not retried again",
@@ -164,7 +260,7 @@ class JobRunner:
         exception fails it and propagates, for Celery to record."""
         claimed = self.claim(job_id)
         if claimed is Claim.CANCEL_PENDING:
-            self._end(job_id, JobStatus.CANCELLED, error=cancelled_error())
+            self._end(job_id, JobStatus.CANCELLED, owner=self.worker_id, error=cancelled_error())
         if claimed is not Claim.CLAIMED:
             if claimed is Claim.NOT_CLAIMABLE:
                 log.info("job %s skipped: no longer queued (cancelled, finished or owned elsewhere)", job_id)
@@ -176,6 +272,8 @@ class JobRunner:
             job_id,
             deadline=time.monotonic() + self.settings.job_timeout_s,
             ttl_s=self.settings.job_ttl_s,
+            owner=self.worker_id,
+            retry_s=self.settings.redis_retry_s,
             stream_tokens=stream_tokens,
         )
         try:
@@ -198,5 +296,13 @@ class JobRunner:
                 JobStatus.FAILED, error=JobError(type=ErrorType.INFERENCE, message="the job ended without a result")
             )
 
-    def _end(self, job_id: str, status: JobStatus, error: JobError) -> None:
-        write_terminal_state(self.client, self.keys, job_id, self.settings.job_ttl_s, status, error=error)
+    def _end(self, job_id: str, status: JobStatus, owner: str, error: JobError) -> None:
+        """End a job that never ran here; if Redis stays unreachable the watchdog finds it again."""
+        with suppress(RedisUnreachable):
+            retry_until_reachable(
+                lambda: write_terminal_state(
+                    self.client, self.keys, job_id, self.settings.job_ttl_s, status, error=error, owner=owner
+                ),
+                f"job {job_id}: writing its end",
+                self.settings.redis_retry_s,
+            )

@@ -1,16 +1,18 @@
-"""Re-enqueue jobs whose worker died mid-run, without waiting for Celery's visibility timeout.
+"""Re-enqueue jobs that lost their worker, without waiting for Celery's visibility timeout.
 
 Celery's Redis transport returns an unacked message only after `visibility_timeout` (an hour or more,
-since it must outlive the longest job). The job record knows better: a `running` job whose owner has no
-heartbeat is orphaned. A starting worker re-enqueues each such job once per attempt (a SET NX guard makes
-that exactly once across workers); the claim script counts attempts, so a job that keeps killing its
-worker fails instead of looping.
+since it must outlive the longest job). The job record knows better: a `running` job is orphaned when its
+owner has no heartbeat (it died), or when the owner's heartbeat, written after the claim, names another
+current job (it lived through a Redis outage but could not write the job's end). Each worker runs this
+after every heartbeat; a SET NX guard makes each attempt's re-enqueue happen once across workers; the claim
+script counts attempts, so a job that keeps killing its worker fails instead of looping.
 """
 
 import json
 import logging
 
 from shared.celery_app import celery_app
+from shared.job_record import is_orphaned
 from shared.schemas import JobKind, JobStatus
 from shared.task_names import TASK_FOR_KIND
 
@@ -26,7 +28,8 @@ def recover_orphaned_jobs(runtime, send_task=celery_app.send_task) -> list[str]:
             client.srem(keys.running_jobs(), job_id)
             continue
         owner = record.get("worker", "")
-        if owner and client.exists(keys.worker_heartbeat(owner)):
+        heartbeat = client.hgetall(keys.worker_heartbeat(owner)) if owner else {}
+        if not is_orphaned(job_id, record, heartbeat):
             continue
         attempts = int(record.get("attempts", 0))
         if not client.set(keys.job_recovery_lock(job_id, attempts), runtime.worker_id, nx=True, ex=settings.job_ttl_s):
@@ -38,6 +41,7 @@ def recover_orphaned_jobs(runtime, send_task=celery_app.send_task) -> list[str]:
             task_id=f"{job_id}.retry{attempts}",
             queue=settings.queue_name,
         )
-        log.warning("re-enqueued job %s: its worker %s died during attempt %d", job_id, owner, attempts)
+        why = "is alive but no longer on it" if heartbeat else "died"
+        log.warning("re-enqueued job %s: its worker %s %s (attempt %d)", job_id, owner, why, attempts)
         recovered.append(job_id)
     return recovered

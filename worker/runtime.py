@@ -22,6 +22,7 @@ from worker.engine.moe_offload.config import OffloadConfig
 from worker.heartbeat import Heartbeat
 from worker.job_runner import JobContext, JobRunner
 from worker.model_store import resolve_model_path
+from worker.redis_outage import connect
 from worker.settings import get_engine_settings
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ def start_runtime() -> WorkerRuntime:
 
         torch.set_num_threads(engine_settings.torch_threads)
     keys = RedisKeys(settings.key_prefix)
-    client = redis.Redis.from_url(settings.redis_url, decode_responses=True)
+    client = connect(settings.redis_url)
     worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     heartbeat = Heartbeat(client, keys, settings, worker_id, engine_settings.model_id)
     heartbeat.start()

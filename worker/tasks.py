@@ -17,8 +17,9 @@ def run_inference(job_id: str, params: dict[str, Any]) -> dict[str, Any] | None:
         if job is None:
             return None
         outcome = runtime.require_engine().generate(GenerationParams.model_validate(params), job)
-        job.finish(outcome.model_dump(), outcome.finish_reason)
-        record_inference(runtime.client, runtime.keys, job_id, outcome, job.first_token_at)
+        if job.finish(outcome.model_dump(), outcome.finish_reason):  # not when another worker took it over
+            runtime.heartbeat.tokens_per_second = outcome.tokens_per_second
+            record_inference(runtime.client, runtime.keys, job_id, outcome, job.first_token_at)
         return outcome.model_dump()
 
 

@@ -8,7 +8,14 @@ import redis.exceptions
 
 from api.services.fleet import Fleet, FleetReader
 from shared.config import Settings
-from shared.schemas import DecodeSpeedCheck, ExpertOffloadStats, HealthResponse, MetricsResponse, WorkerHeartbeat
+from shared.schemas import (
+    DecodeSpeedCheck,
+    ExpertOffloadStats,
+    HealthResponse,
+    MetricsResponse,
+    WorkerHeartbeat,
+    WorkerStatus,
+)
 
 _GIB = 1024**3
 
@@ -16,6 +23,22 @@ _GIB = 1024**3
 def _per_host(fleet: Fleet) -> dict[str, WorkerHeartbeat]:
     """One heartbeat per machine, so that two workers on one host do not count its memory twice."""
     return {worker.hostname: worker for worker in fleet.workers}
+
+
+def worker_statuses(workers: list[WorkerHeartbeat], now: float) -> list[WorkerStatus]:
+    return [
+        WorkerStatus(
+            id=worker.worker_id,
+            hostname=worker.hostname,
+            state=worker.state,
+            model=worker.model,
+            device=worker.device,
+            current_job=worker.current_job or None,
+            heartbeat_age_s=round(max(0.0, now - worker.last_heartbeat), 3),
+            tokens_per_second=round(worker.tokens_per_second, 3) if worker.tokens_per_second else None,
+        )
+        for worker in workers
+    ]
 
 
 async def collect_metrics(reader: FleetReader, started_at: float) -> MetricsResponse:
@@ -36,6 +59,7 @@ async def collect_metrics(reader: FleetReader, started_at: float) -> MetricsResp
         total_inferences=int(counters.get("total_inferences", 0)),
         uptime_seconds=round(time.time() - started_at, 3),
         expert_offload=ExpertOffloadStats.over_workers([w.expert_offload for w in fleet.ready if w.expert_offload]),
+        workers=worker_statuses(fleet.workers, time.time()),
     )
 
 
@@ -61,6 +85,7 @@ async def check_health(reader: FleetReader, settings: Settings) -> HealthRespons
         memory_sufficient=memory_sufficient,
         last_inference=datetime.fromtimestamp(float(last), tz=UTC) if last else None,
         performance=speed,
+        workers=worker_statuses(fleet.workers, time.time()),
     )
 
 

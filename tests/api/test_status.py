@@ -12,9 +12,10 @@ METRICS_FIELDS = {
     "total_inferences",
     "uptime_seconds",
     "expert_offload",
+    "workers",
 }
 SPEC_HEALTH_FIELDS = {"status", "model_ready", "gpu_available", "memory_sufficient", "last_inference"}
-HEALTH_FIELDS = SPEC_HEALTH_FIELDS | {"performance"}
+HEALTH_FIELDS = SPEC_HEALTH_FIELDS | {"performance", "workers"}
 
 
 def test_health_is_503_without_a_worker(client):
@@ -130,3 +131,19 @@ def test_a_slow_service_is_unhealthy_when_the_setting_says_so(client, heartbeat,
     assert response.json()["performance"]["affects_status"] is True
     _recent_jobs_at(sync_redis, keys, tokens_per_second=1.0, ended_s_ago=3600)  # idle: no verdict, healthy
     assert client.get("/health").status_code == 200
+
+
+def test_health_and_metrics_list_each_fresh_worker(client, heartbeat, sync_redis, keys, settings):
+    busy = Heartbeat(sync_redis, keys, settings, "worker-2", "test-model")
+    busy.state, busy.current_job, busy.tokens_per_second = WorkerState.READY, "job-9", 12.5
+    busy.beat()
+    stale = Heartbeat(sync_redis, keys, settings, "worker-3", "test-model")
+    stale.beat()
+    sync_redis.hset(keys.worker_heartbeat("worker-3"), "last_heartbeat", "1000.0")
+    for body in (client.get("/health").json(), client.get("/metrics").json()):
+        workers = {worker["id"]: worker for worker in body["workers"]}
+        assert set(workers) == {"worker-1", "worker-2"}
+        assert workers["worker-2"]["current_job"] == "job-9" and workers["worker-2"]["tokens_per_second"] == 12.5
+        assert workers["worker-1"]["current_job"] is None and workers["worker-1"]["tokens_per_second"] is None
+        assert workers["worker-1"]["state"] == "ready" and workers["worker-1"]["hostname"]
+        assert 0 <= workers["worker-1"]["heartbeat_age_s"] < 5

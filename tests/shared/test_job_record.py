@@ -1,6 +1,7 @@
 import fakeredis
+import pytest
 
-from shared.job_record import CANCEL_QUEUED_SCRIPT, CLAIM_SCRIPT, new_job_fields, parse_job
+from shared.job_record import CANCEL_QUEUED_SCRIPT, CLAIM_SCRIPT, FINISH_SCRIPT, is_orphaned, new_job_fields, parse_job
 from shared.redis_keys import RedisKeys
 from shared.schemas import JobKind, JobStatus
 
@@ -16,7 +17,7 @@ def _store():
 def _claim(claim, worker="w1", max_attempts=2):
     return claim(
         keys=[KEYS.job("j"), KEYS.running_jobs(), KEYS.job_cancel("j")],
-        args=[worker, "1.0", max_attempts, KEYS.worker_heartbeat_prefix(), "j"],
+        args=[worker, "1.0", max_attempts, KEYS.worker_heartbeat_prefix(), "j", KEYS.job_recovery_lock_prefix("j")],
     )
 
 
@@ -61,3 +62,81 @@ def test_a_claim_reports_a_cancel_that_arrived_first():
     client, claim, _ = _store()
     client.set(KEYS.job_cancel("j"), "1")
     assert _claim(claim) == 2
+
+
+def _owner_beat(client, last_heartbeat: str, current_job: str, worker="w1"):
+    client.hset(
+        KEYS.worker_heartbeat(worker),
+        mapping={"state": "ready", "last_heartbeat": last_heartbeat, "current_job": current_job},
+    )
+
+
+@pytest.mark.parametrize(
+    ("beat", "orphaned"),
+    [
+        (None, True),  # the owner died: its heartbeat expired
+        (("5.0", "other"), True),  # alive, and a beat after the claim shows it on another job
+        (("5.0", ""), True),  # alive and idle after the claim: it gave the job up
+        (("5.0", "j"), False),  # alive and on this job
+        (("0.5", ""), False),  # its last beat predates the claim (claimed at 1.0): no news yet
+    ],
+)
+def test_a_running_job_is_taken_over_exactly_when_the_watchdog_calls_it_orphaned(beat, orphaned):
+    client, claim, _ = _store()
+    assert _claim(claim, "w1") == 1
+    if beat is not None:
+        _owner_beat(client, *beat)
+    record = client.hgetall(KEYS.job("j"))
+    assert is_orphaned("j", record, client.hgetall(KEYS.worker_heartbeat("w1"))) is orphaned
+    assert _claim(claim, "w2") == (1 if orphaned else 0)
+    assert client.hget(KEYS.job("j"), "worker") == ("w2" if orphaned else "w1")
+
+
+def test_a_claim_that_finds_the_owner_alive_frees_the_attempts_recovery_lock():
+    client, claim, _ = _store()
+    assert _claim(claim, "w1") == 1
+    _owner_beat(client, "5.0", "j")
+    client.set(KEYS.job_recovery_lock("j", 1), "w2")
+    assert _claim(claim, "w2") == 0
+    assert not client.exists(KEYS.job_recovery_lock("j", 1))
+
+
+def test_a_claim_sent_again_after_a_lost_reply_answers_the_same_without_another_attempt():
+    client, claim, _ = _store()
+    _owner_beat(client, "5.0", "j")  # the claimer's own beat names the job it is claiming
+    assert _claim(claim, "w1") == 1
+    assert _claim(claim, "w1") == 1
+    assert client.hget(KEYS.job("j"), "attempts") == "1"
+
+
+def test_a_worker_reclaims_its_own_earlier_attempt():
+    client, claim, _ = _store()
+    assert _claim(claim, "w1") == 1
+    _owner_beat(client, "5.0", "j")  # set before the claim, as the worker does
+    later = claim(
+        keys=[KEYS.job("j"), KEYS.running_jobs(), KEYS.job_cancel("j")],
+        args=["w1", "9.0", 2, KEYS.worker_heartbeat_prefix(), "j", KEYS.job_recovery_lock_prefix("j")],
+    )
+    assert later == 1 and client.hget(KEYS.job("j"), "attempts") == "2"
+
+
+def _finish(client, owner: str) -> int:
+    return client.register_script(FINISH_SCRIPT)(
+        keys=[KEYS.job("j"), KEYS.job_events("j"), KEYS.running_jobs(), KEYS.job_cancel("j"), KEYS.metrics()],
+        args=[owner, 60, "done", '{"text": "x"}', "j", "status", "succeeded", "result", '{"text": "x"}'],
+    )
+
+
+def test_the_end_is_written_once_and_only_by_the_owner():
+    client, claim, _ = _store()
+    assert _finish(client, "w1") == 0  # still queued: nobody's to end
+    assert _claim(claim, "w1") == 1
+    assert _finish(client, "w2") == 0  # not the owner
+    assert _finish(client, "w1") == 1
+    assert _finish(client, "w1") == 0  # already ended
+    assert client.hget(KEYS.job("j"), "status") == "succeeded" and client.xlen(KEYS.job_events("j")) == 1
+    assert client.smembers(KEYS.running_jobs()) == set() and client.ttl(KEYS.job("j")) > 0
+    assert client.hget(KEYS.metrics(), "jobs_succeeded") == "1"  # counted once, by the end that was written
+    client.delete(KEYS.job("j"))
+    assert _finish(client, "") == 0  # expired (or lost with Redis): no half record is created
+    assert not client.exists(KEYS.job("j"))

@@ -1,4 +1,7 @@
 import json
+import threading
+import time
+import types
 
 import fakeredis
 import pytest
@@ -7,8 +10,11 @@ from shared.config import Settings
 from shared.job_record import new_job_fields
 from shared.redis_keys import RedisKeys
 from shared.schemas import JobKind
+from worker import job_runner
 from worker.engine.base import InvalidGenerationInput
-from worker.job_runner import JobRunner
+from worker.heartbeat import Heartbeat
+from worker.job_runner import Claim, JobRunner
+from worker.recovery import recover_orphaned_jobs
 
 KEYS = RedisKeys("t")
 
@@ -119,3 +125,108 @@ def test_a_job_that_keeps_killing_workers_fails_after_max_attempts(client, setti
     record = client.hgetall(KEYS.job("j"))
     assert record["status"] == "failed"
     assert "2 attempts" in json.loads(record["error"])["message"]
+
+
+# ---------------------------------------------------------------- Redis unreachable mid-job
+
+
+@pytest.fixture
+def server():
+    return fakeredis.FakeServer()
+
+
+@pytest.fixture
+def outage_client(server):
+    return fakeredis.FakeRedis(server=server, decode_responses=True)
+
+
+def _reconnect_after(server, seconds: float) -> threading.Thread:
+    thread = threading.Timer(seconds, lambda: setattr(server, "connected", True))
+    thread.start()
+    return thread
+
+
+def test_tokens_made_while_redis_is_down_are_sent_in_order_once_it_answers(
+    outage_client, server, settings, monkeypatch
+):
+    monkeypatch.setattr(job_runner, "REDIS_RETRY_INTERVAL_S", 0.0)
+    _enqueue(outage_client)
+
+    def work(context):
+        context.emit("a")
+        server.connected = False
+        context.emit("b")
+        assert context.stop_reason() is None  # a cancel check that cannot reach Redis does not stop the job
+        context.emit("c")
+        server.connected = True
+        context.emit("d")
+        return {"text": "abcd"}, "stop"
+
+    assert _run(JobRunner(outage_client, KEYS, settings, "w1"), work) == {"text": "abcd"}
+    assert _events(outage_client) == [("token", {"text": t}) for t in "abcd"] + [("done", {"text": "abcd"})]
+
+
+def test_an_end_that_redis_cannot_take_is_retried_until_it_answers(outage_client, server, settings):
+    _enqueue(outage_client)
+
+    def work(context):
+        context.emit("a")
+        server.connected = False
+        context.emit("b")  # held back
+        _reconnect_after(server, 0.5)
+        return {"text": "ab"}, "stop"
+
+    started = time.monotonic()
+    _run(JobRunner(outage_client, KEYS, settings, "w1"), work)
+    assert time.monotonic() - started >= 0.5
+    assert outage_client.hget(KEYS.job("j"), "status") == "succeeded"
+    assert _events(outage_client) == [("token", {"text": "a"}), ("token", {"text": "b"}), ("done", {"text": "ab"})]
+
+
+def test_a_claim_cut_by_an_outage_is_retried_and_counts_one_attempt(outage_client, server, settings):
+    _enqueue(outage_client)
+    server.connected = False
+    _reconnect_after(server, 0.4)
+    assert JobRunner(outage_client, KEYS, settings, "w1").claim("j") is Claim.CLAIMED
+    assert outage_client.hget(KEYS.job("j"), "attempts") == "1"
+
+
+def test_past_the_retry_bound_the_job_is_given_up_and_the_watchdog_requeues_it(outage_client, server):
+    settings = Settings(key_prefix="t", redis_retry_s=0.5, _env_file=None)
+    _enqueue(outage_client)
+    beat = Heartbeat(outage_client, KEYS, settings, "w1", "m")
+    runner = JobRunner(outage_client, KEYS, settings, "w1")
+
+    def work(context):
+        server.connected = False
+        return {"text": "lost"}, "stop"
+
+    beat.current_job = "j"
+    assert _run(runner, work) == {"text": "lost"}  # returned after the bound, without an end written
+    beat.current_job = ""
+    server.connected = True
+    assert outage_client.hget(KEYS.job("j"), "status") == "running"
+    beat.beat()  # the live owner's next heartbeat says it is no longer on the job
+    sent = []
+    runtime = types.SimpleNamespace(client=outage_client, keys=KEYS, settings=settings, worker_id="w1")
+    assert recover_orphaned_jobs(runtime, lambda name, args, task_id, queue: sent.append(task_id)) == ["j"]
+    assert sent == ["j.retry1"]
+    assert _run(runner, lambda context: ({"text": "second"}, "stop")) == {"text": "second"}
+    assert _events(outage_client) == [("done", {"text": "second"})]
+
+
+def test_a_worker_whose_job_was_taken_over_writes_nothing_more(outage_client, server, settings, monkeypatch):
+    monkeypatch.setattr(job_runner, "REDIS_RETRY_INTERVAL_S", 0.0)
+    _enqueue(outage_client)
+
+    def work(context):
+        server.connected = False
+        context.emit("stale")
+        server.connected = True
+        outage_client.hset(KEYS.job("j"), "worker", "w2")  # re-queued and claimed elsewhere meanwhile
+        context.emit("more")
+        assert context.lost and context.stop_reason() == "cancelled"
+        return {"text": "stale"}, "stop"
+
+    _run(JobRunner(outage_client, KEYS, settings, "w1"), work)
+    assert outage_client.hget(KEYS.job("j"), "status") == "running" and _events(outage_client) == []

@@ -6,7 +6,8 @@ from shared.config import Settings
 from shared.job_record import new_job_fields
 from shared.redis_keys import RedisKeys
 from shared.schemas import JobKind
-from worker.job_runner import JobRunner
+from worker.heartbeat import Heartbeat
+from worker.job_runner import Claim, JobRunner
 from worker.recovery import recover_orphaned_jobs
 
 KEYS = RedisKeys("t")
@@ -34,3 +35,33 @@ def test_orphaned_jobs_are_reenqueued_exactly_once():
         assert job is not None
         job.finish({"text": "ok"}, "stop")
     assert client.hget(KEYS.job("orphan"), "attempts") == "2"
+
+
+def test_a_job_whose_live_owner_moved_on_is_reenqueued_and_again_if_a_retry_found_it_busy():
+    client = fakeredis.FakeRedis(decode_responses=True)
+    settings = Settings(key_prefix="t", max_job_attempts=3, _env_file=None)
+    client.hset(KEYS.job("j"), mapping=new_job_fields(JobKind.INFERENCE, {"prompt": "x"}))
+    owner = Heartbeat(client, KEYS, settings, "w1", "m")
+    owner.current_job = "j"
+    JobRunner(client, KEYS, settings, "w1").claim("j")
+    owner.beat()
+    sent = []
+    runtime = types.SimpleNamespace(client=client, keys=KEYS, settings=settings, worker_id="w2")
+
+    def send_task(name, args, task_id, queue):
+        sent.append(task_id)
+
+    assert recover_orphaned_jobs(runtime, send_task) == []  # alive and on it
+    owner.current_job = ""  # e.g. it could not write the job's end while Redis was down
+    owner.beat()
+    assert recover_orphaned_jobs(runtime, send_task) == ["j"]
+    # Before the retry is claimed the owner shows the job again (say it reported a stale beat): the
+    # claim refuses and frees the attempt's lock ...
+    owner.current_job = "j"
+    owner.beat()
+    assert JobRunner(client, KEYS, settings, "w2").claim("j") is Claim.NOT_CLAIMABLE
+    # ... so that when the owner does give it up, it is re-queued again rather than left running.
+    owner.current_job = ""
+    owner.beat()
+    assert recover_orphaned_jobs(runtime, send_task) == ["j"]
+    assert sent == ["j.retry1", "j.retry1"]
