@@ -16,6 +16,7 @@ from api.main import create_app
 from shared.config import Settings
 from shared.redis_keys import RedisKeys
 from shared.schemas import WorkerState
+from shared.task_names import BENCHMARK_TASK
 from worker.heartbeat import Heartbeat
 from worker.job_runner import JobContext, JobRunner
 
@@ -44,6 +45,24 @@ def echo_work(context: JobContext, params: dict) -> tuple[dict, str]:
     return outcome(" ".join(words), len(words)), "length"
 
 
+def benchmark_work(context: JobContext, params: dict) -> tuple[dict, str]:
+    """A benchmark report of the requested size, as the worker's benchmark job would answer."""
+    prompts = [{"prompt_length": 8, "output_length": 3, "tokens_per_second": 6.0, "memory_used_gb": 0.1}] * params[
+        "iterations"
+    ]
+    report = {
+        "benchmark_type": params["test_type"],
+        "iterations": len(prompts),
+        "avg_tokens_per_second": 6.0,
+        "min_tokens_per_second": 6.0,
+        "max_tokens_per_second": 6.0,
+        "p95_tokens_per_second": 6.0,
+        "avg_memory_usage_gb": 0.1,
+        "test_prompts": prompts,
+    }
+    return report, "stop"
+
+
 class InlineCelery:
     """Stands in for the broker: hands each task straight to a JobRunner thread."""
 
@@ -64,7 +83,7 @@ class InlineCelery:
             # The runner re-raises for Celery's sake, after recording the failure.
             with contextlib.suppress(Exception), self.runner.claimed(job_id) as job:
                 if job is not None:
-                    job.finish(*self.work(job, params))
+                    job.finish(*(benchmark_work if name == BENCHMARK_TASK else self.work)(job, params))
 
         thread = threading.Thread(target=run)
         thread.start()
