@@ -6,7 +6,7 @@ from contextlib import asynccontextmanager
 
 from celery import Celery
 from fastapi import FastAPI
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 
 from api.anthropic.errors import anthropic_error_response
 from api.errors import install_error_handlers
@@ -28,10 +28,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        # Must outlive the longest XREAD BLOCK, or waiting callers see a read timeout.
-        client = redis_client or Redis.from_url(
-            settings.redis_url, decode_responses=True, socket_timeout=XREAD_BLOCK_MS / 1000 + 10
-        )
+        client = redis_client or Redis.from_pool(_connection_pool(settings))  # closed with the client
         app.state.settings = settings
         app.state.keys = KeyRing.from_settings(settings)
         app.state.started_at = time.time()
@@ -54,6 +51,19 @@ def create_app(
     for module in (inference, jobs, benchmark, status, openai, anthropic):
         app.include_router(module.router)
     return app
+
+
+def _connection_pool(settings: Settings) -> BlockingConnectionPool:
+    """Every waiting caller holds a connection through its XREAD BLOCK; past REDIS_MAX_CONNECTIONS a request
+    waits for a free one (up to SYNC_WAIT_TIMEOUT_S) rather than failing, as redis-py's default pool would."""
+    return BlockingConnectionPool.from_url(
+        settings.redis_url,
+        decode_responses=True,
+        max_connections=settings.redis_max_connections,
+        timeout=settings.sync_wait_timeout_s,
+        # Must outlive the longest XREAD BLOCK, or waiting callers see a read timeout.
+        socket_timeout=XREAD_BLOCK_MS / 1000 + 10,
+    )
 
 
 app = create_app()

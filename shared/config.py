@@ -19,6 +19,9 @@ class Settings(BaseSettings):
         pattern=r"^[A-Za-z0-9_.-]+$",
         description="prefix of every key the service writes (jobs, streams, heartbeats)",
     )
+    redis_max_connections: int = Field(
+        1000, ge=1, description="the API's Redis connections at most (each waiting caller holds one); more wait"
+    )
     queue_name: str = Field("inference", pattern=r"^[A-Za-z0-9_.-]+$", description="the Celery queue of jobs")
     # Celery's Redis transport re-delivers an unacked message only after this; it must outlive the
     # longest job or a slow job would be handed to a second worker while still running.

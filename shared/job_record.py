@@ -100,6 +100,21 @@ return 1
 """
 
 
+# KEYS[1] = the Celery queue's list, KEYS[2] = the count of submissions on their way into it. ARGV = the most
+# jobs that may wait, the count's TTL (so that one lost by a crashed API heals). Admits a submission only while
+# waiting plus arriving jobs stay under the bound, counting it as arriving until the API has enqueued it
+# (`SUBMISSION_DONE`): a burst of submissions cannot all read a short queue and overflow it together.
+# Returns {1, depth} admitted, {0, depth} refused.
+ADMIT_SCRIPT = """
+local depth = redis.call('LLEN', KEYS[1]) + tonumber(redis.call('GET', KEYS[2]) or '0')
+if depth >= tonumber(ARGV[1]) then return {0, depth} end
+redis.call('INCR', KEYS[2])
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+return {1, depth}
+"""
+ARRIVING_TTL_S = 30
+
+
 def jobs_finished_field(status: JobStatus) -> str:
     """The metrics hash's count of jobs that ended in `status`."""
     return f"jobs_{status.value}"

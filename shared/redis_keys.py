@@ -23,6 +23,10 @@ class RedisKeys:
     def job_cancel(self, job_id: str) -> str:
         return f"{self.prefix}:job:{job_id}:cancel"
 
+    # Submissions admitted by the API and not yet in the Celery queue (ADMIT_SCRIPT). TTL: ARRIVING_TTL_S.
+    def arriving_jobs(self) -> str:
+        return f"{self.prefix}:jobs:arriving"
+
     # Set of job ids currently running, for recovering jobs whose worker died. No TTL (members pruned).
     def running_jobs(self) -> str:
         return f"{self.prefix}:jobs:running"

@@ -21,7 +21,15 @@ from api.errors import APIError, from_job_error
 from api.services.auth import Caller
 from api.services.fleet import FleetReader
 from shared.config import Settings
-from shared.job_record import CANCEL_QUEUED_SCRIPT, cancelled_error, jobs_finished_field, new_job_fields, parse_job
+from shared.job_record import (
+    ADMIT_SCRIPT,
+    ARRIVING_TTL_S,
+    CANCEL_QUEUED_SCRIPT,
+    cancelled_error,
+    jobs_finished_field,
+    new_job_fields,
+    parse_job,
+)
 from shared.redis_keys import RedisKeys
 from shared.schemas import ErrorType, EventType, JobError, JobKind, JobStatus, JobView
 from shared.task_names import TASK_FOR_KIND
@@ -41,6 +49,7 @@ class JobService:
         self.celery = celery
         self.fleet = FleetReader(client, keys, settings)
         self._cancel_queued = client.register_script(CANCEL_QUEUED_SCRIPT)
+        self._admit_script = client.register_script(ADMIT_SCRIPT)
 
     # ------------------------------------------------------------------ submit
 
@@ -54,8 +63,11 @@ class JobService:
                 f"model not ready: {fleet.not_ready_reason()}",
                 headers={"Retry-After": "5"},
             )
-        backlog = await self.fleet.queue_depth()
-        if backlog >= self.settings.max_queue_depth:
+        queue = self.keys.celery_queue(self.settings.queue_name)
+        admitted, backlog = await self._admit_script(
+            keys=[queue, self.keys.arriving_jobs()], args=[self.settings.max_queue_depth, ARRIVING_TTL_S]
+        )
+        if not admitted:
             metrics = await self.fleet.metrics()
             done = int(metrics.get("total_inferences", 0))
             avg_job_s = float(metrics.get("total_generation_time", 0)) / done if done else 1.0
@@ -69,6 +81,12 @@ class JobService:
 
     async def submit(self, kind: JobKind, params: dict[str, Any], caller: Caller) -> str:
         await self._admit()
+        try:
+            return await self._enqueue(kind, params, caller)
+        finally:  # in the queue now, or failed: no longer arriving
+            await self.client.decr(self.keys.arriving_jobs())
+
+    async def _enqueue(self, kind: JobKind, params: dict[str, Any], caller: Caller) -> str:
         job_id = uuid.uuid4().hex
         job_key = self.keys.job(job_id)
         async with self.client.pipeline() as pipe:
