@@ -355,11 +355,17 @@ def main(argv: list[str] | None = None) -> dict:
                 bus = f"emulated {run['emulated']['h2d_gbps']:g} GB/s" if run.get("emulated") else "card's bus"
                 print(f"# {run['label']}: measured {run['tok_per_s']:.1f} tok/s, predicted {predicted:.1f} ({bus})")
     if best:
-        predict = graph_tok_per_s if "graph decode" in best["label"] else tok_per_s
+        predicted = predict_run(on_card, best)
+        if predicted is None:
+            predicted = tok_per_s(on_card, best["hit_rate"])
+        bus = (
+            f"an emulated {best['emulated']['h2d_gbps']:g} GB/s"
+            if best.get("emulated")
+            else f"that card's bus ({measured['h2d_gb_per_s']:.1f} GB/s)"
+        )
         print(
             f"# measured on {measured['card']}: {best['tok_per_s']:.1f} tok/s ({best['label']}, hit rate "
-            f"{best['hit_rate']:.1%}); the model predicts {predict(on_card, best['hit_rate']):.1f} for that "
-            f"card's bus ({measured['h2d_gb_per_s']:.1f} GB/s) and hit rate"
+            f"{best['hit_rate']:.1%}); the model predicts {predicted:.1f} for {bus} and hit rate"
         )
     else:
         print("# measured: none yet; run benchmarks/moe_offload_gpu.py on a GPU")
