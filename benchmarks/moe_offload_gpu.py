@@ -45,6 +45,7 @@ from shared.schemas import ExpertCacheCounters
 from worker.engine.compiled_decode import CompiledDecode, configure_compiler, static_cache_bytes
 from worker.engine.moe_offload.budget import (
     DeviceMemoryNeeds,
+    dequantized_expert_bytes,
     linear_attention_state_bytes,
     plan_memory,
     prefill_activation_bytes,
@@ -530,13 +531,8 @@ def main(argv: list[str] | None = None) -> dict:
     needs = DeviceMemoryNeeds(
         kv_cache=static_cache_bytes(config, args.max_model_len, dtype),
         linear_attention_state=linear_attention_state_bytes(config),
-        prefill_activations=prefill_activation_bytes(
-            config,
-            args.max_model_len,
-            min(args.max_model_len * top_k, config.num_experts),
-            3 * layout.hidden * layout.intermediate,
-            dtype.itemsize,
-        ),
+        prefill_activations=prefill_activation_bytes(config, args.max_model_len, dtype.itemsize),
+        prefill_bytes_per_slot=dequantized_expert_bytes(3 * layout.hidden * layout.intermediate, dtype.itemsize),
         gather_scratch=GraphDecode.scratch_bytes(len(experts_names), top_k, layout.row_bytes) if graph_variants else 0,
     )
     plan = plan_memory(

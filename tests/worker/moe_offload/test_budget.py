@@ -6,6 +6,7 @@ from transformers import Qwen3NextConfig
 from worker.engine.moe_offload.budget import (
     DeviceMemoryNeeds,
     MemoryBudgetError,
+    dequantized_expert_bytes,
     linear_attention_state_bytes,
     plan_memory,
     prefill_activation_bytes,
@@ -65,6 +66,15 @@ def test_state_and_prefill_estimates_follow_the_config():
     config = Qwen3NextConfig(num_hidden_layers=48, full_attention_interval=4)  # 36 DeltaNet layers
     one_layer = linear_attention_state_bytes(Qwen3NextConfig(num_hidden_layers=1, full_attention_interval=4))
     assert linear_attention_state_bytes(config) == 36 * one_layer > 0
-    short = prefill_activation_bytes(config, 512, 160, 3 * 2048 * 512)
-    assert prefill_activation_bytes(config, 8192, 160, 3 * 2048 * 512) > short
-    assert prefill_activation_bytes(config, 512, 512, 3 * 2048 * 512) > short  # more experts dequantized at once
+    assert prefill_activation_bytes(config, 8192) > prefill_activation_bytes(config, 512) > 0
+
+
+def test_the_prompts_dequantized_experts_grow_with_the_slots():
+    """The prompt dequantizes a group of up to `slots` experts at once: each slot costs its rows in every layer
+    and one dequantized expert, and the plan balances the two."""
+    per_slot = dequantized_expert_bytes(3 * 2048 * 512)
+    plan = _plan(16, DeviceMemoryNeeds(prefill_bytes_per_slot=per_slot))
+    slots = plan.slots_per_layer
+    assert plan.breakdown["prefill_dequantized_experts"] == slots * per_slot
+    assert sum(plan.breakdown.values()) == 15 * GIB and 0 <= plan.breakdown["left"] < 48 * ROW + per_slot
+    assert slots < _plan(16, DeviceMemoryNeeds()).slots_per_layer

@@ -30,9 +30,16 @@ class DeviceMemoryNeeds:
     linear_attention_state: int = 0  # Gated DeltaNet's convolution and recurrent state
     prefill_activations: int = 0  # the peak of the longest prompt's forward
     gather_scratch: int = 0  # graph decode's rows gathered over the bus, kept for the refills
+    # The prompt's experts are dequantized a group of up to `slots` at a time: this much per slot, so more slots
+    # also mean a bigger prefill peak.
+    prefill_bytes_per_slot: int = 0
 
     def items(self) -> dict[str, int]:
-        return {name: getattr(self, name) for name in DeviceMemoryNeeds.__dataclass_fields__}
+        return {
+            name: getattr(self, name)
+            for name in DeviceMemoryNeeds.__dataclass_fields__
+            if name != "prefill_bytes_per_slot"
+        }
 
     @property
     def total(self) -> int:
@@ -62,17 +69,16 @@ def linear_attention_state_bytes(config) -> int:
     return layers * (conv + recurrent)
 
 
-def prefill_activation_bytes(
-    config, tokens: int, experts_at_once: int, expert_weight_count: int, dtype_bytes: int = 2
-) -> int:
-    """The peak of a `tokens`-token prompt's forward, estimated: a layer's activations (the residual stream,
-    norms, projections and MLP intermediates: ~24 hidden-sized vectors a token), the offloaded experts' prefill
-    dequantizing up to `experts_at_once` experts of `expert_weight_count` weights at a time, and the last
-    token's logits in float32."""
-    layer = tokens * config.hidden_size * 24 * dtype_bytes
-    experts = experts_at_once * expert_weight_count * dtype_bytes
-    logits = config.vocab_size * 4
-    return layer + experts + logits
+def prefill_activation_bytes(config, tokens: int, dtype_bytes: int = 2) -> int:
+    """The peak of a `tokens`-token prompt's forward besides its dequantized experts, estimated: a layer's
+    activations (the residual stream, norms, projections and MLP intermediates: ~24 hidden-sized vectors a
+    token) and the last token's logits in float32."""
+    return tokens * config.hidden_size * 24 * dtype_bytes + config.vocab_size * 4
+
+
+def dequantized_expert_bytes(layout_weights: int, dtype_bytes: int = 2) -> int:
+    """One expert's weights dequantized for the prompt's batched matmuls."""
+    return layout_weights * dtype_bytes
 
 
 def plan_memory(
@@ -141,11 +147,17 @@ def _itemized_plan(
 ) -> MemoryPlan:
     free = limit - resident_bytes - needs.total
     layer_row = num_layers * row_bytes
-    slots = min(experts_per_layer, free // layer_row) if free > 0 else 0
-    breakdown = {"resident_weights": resident_bytes, **needs.items(), "expert_slots": slots * layer_row}
+    per_slot = layer_row + needs.prefill_bytes_per_slot
+    slots = min(experts_per_layer, free // per_slot) if free > 0 else 0
+    breakdown = {
+        "resident_weights": resident_bytes,
+        **needs.items(),
+        "prefill_dequantized_experts": slots * needs.prefill_bytes_per_slot,
+        "expert_slots": slots * layer_row,
+    }
     breakdown["left"] = limit - sum(breakdown.values())
     if slots < top_k:
-        needed = resident_bytes + needs.total + top_k * layer_row
+        needed = resident_bytes + needs.total + top_k * per_slot
         items = ", ".join(f"{name} {value / _GIB:.2f}" for name, value in breakdown.items() if value)
         raise MemoryBudgetError(
             f"the process limit of {limit / _GIB:.2f} GiB is too small for {top_k} expert slots per layer: "
