@@ -724,8 +724,7 @@ def main(argv: list[str] | None = None) -> dict:
                 )
             )
             window.close()
-        run = runs[len(runs) // 2] if len(runs) % 2 else runs[0]  # the per-layer times of one prompt
-        run = dict(run)
+        run = dict(runs[len(runs) // 2])  # the per-layer times: one prompt's, the middle one
         decode_seconds = sum(r["decode_seconds"] for r in runs)
         stats = window.counters
         run.update(
