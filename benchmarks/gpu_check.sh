@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu_check.sh quick   # ~2 min: probe, CUDA tests
 #   bash benchmarks/gpu_check.sh bench   # ~7 min: the benchmarks
 #   bash benchmarks/gpu_check.sh         # both, time boxes cut
+#   bash benchmarks/gpu_check.sh bus     # ~8 min, on its own: a 16 GB card's bus, emulated
 # Part quick:
 #   0. benchmarks/zero_copy_probe.py: the expert kernels reading rows from GPU memory, from mapped host memory,
 #      and after copying them in (what a decode step without graph breaks stands on);
@@ -17,6 +18,13 @@
 #      rest of the model alone;
 #   2b. the same with transformers' reference DeltaNet: graph path against the host-path compiled decode;
 #   3. the cost model beside what was measured.
+# Part bus (on its own; steps 4 and 5):
+#   4. graph decode at real shapes, 16 GB, the whole process held to 15 GiB as NVML counts it (the run fails
+#      past it): the card's own bus, then an emulated 25 GB/s (PCIe 4.0 x16) and 12.5 GB/s bus, in one process
+#      so the step compiles once; tok/s the median over BUS_PROMPTS prompts of BUS_TOKENS tokens (128, not 256,
+#      to fit the box; BUS_TOKENS=256 where the box allows); time to first token for 512, 2k and 8k-token
+#      prompts; routing statistics; bytes over the bus and refilled on the device;
+#   5. the cost model's prediction beside each of step 4's variants.
 # Each benchmark's JSON is rewritten after every variant, so a run cut off keeps what it measured.
 # Output goes to $OUT when set, else benchmarks/results/gpu-check/.
 set -uo pipefail
@@ -49,15 +57,28 @@ print('torch', torch.__version__, 'cuda', torch.version.cuda, '| transformers', 
       '| cpu', torch.backends.cpu.get_cpu_capability(), os.cpu_count(), 'cores')"
     # Time-boxed step by step, so that one stuck step cannot eat the others' time; variant lists and boxes can
     # be set from outside.
-    if [ "$PART" != bench ]; then
+    if [ "$PART" = bus ]; then
+        echo "## 4. emulated buses: graph decode at 16 GB, the card's bus, 25 GB/s, 12.5 GB/s"
+        fla=/tmp/fla-site
+        [ -d "$fla" ] && PYTHONPATH=$fla:$PYTHONPATH python3 -c "import fla; print('fla', fla.__version__)"
+        PYTHONPATH=$fla:$PYTHONPATH BENCH_TIMEOUT_S=${BUS_TIMEOUT_S:-420} TOKENS=${BUS_TOKENS:-128} bench --skip-naive \
+            --prompts "${BUS_PROMPTS:-5}" --max-model-len 8192 --ttft "${BUS_TTFT:-512,2048,8192}" \
+            --variants "${BUS_VARIANTS:-lru:compiled:graph,lru:compiled:graph:h2d=25,lru:compiled:graph:h2d=12.5}" \
+            --out "$OUT/moe_offload_gpu-bus.json"
+        echo "## 5. cost model beside each variant"
+        python3 -m benchmarks.moe_cost_model --measured "$OUT/moe_offload_gpu-bus.json" \
+            ${ZERO_COPY_SHARE:+--zero-copy-share "$ZERO_COPY_SHARE"}
+    fi
+    if [ "$PART" != bench ] && [ "$PART" != bus ]; then
         echo "## 0. zero-copy probe"
         timeout "${PROBE_TIMEOUT_S:-35}" python3 -m benchmarks.zero_copy_probe --out "$OUT/zero_copy_probe.json"
         echo "## 1. CUDA correctness (tiny Qwen3-Next)"
         MOE_TEST_DEVICE=cuda timeout "${TESTS_TIMEOUT_S:-100}" python3 -m pytest -q -p no:cacheprovider -p no:logging \
-            -k "${TESTS_K:-compiled_decode or graph_decode or triton_experts}" tests/worker/moe_offload/test_engine.py \
-            ${TESTS-tests/worker/moe_offload/test_triton_experts.py}
+            -k "${TESTS_K:-compiled_decode or graph_decode or triton_experts or device_step}" \
+            tests/worker/moe_offload/test_engine.py \
+            ${TESTS-tests/worker/moe_offload/test_triton_experts.py tests/worker/moe_offload/test_expert_cache.py}
     fi
-    if [ "$PART" != quick ]; then
+    if [ "$PART" != quick ] && [ "$PART" != bus ]; then
         echo "## 2. real shapes, 16 GB cap, flash-linear-attention kernels for Gated DeltaNet"
         PYTHONPATH=/tmp/fla-site:$PYTHONPATH python3 -c "import fla; print('fla', fla.__version__)"
         PYTHONPATH=/tmp/fla-site:$PYTHONPATH BENCH_TIMEOUT_S=${FLA_TIMEOUT_S:-250} bench --skip-naive \

@@ -10,10 +10,16 @@ Per token, each of the L MoE layers routes to k experts; a fraction h of them is
   graph path   (EXPERT_DECODE=graph) no host work a layer: a copy kernel gathers the misses' rows from host
                RAM over the bus, then the kernels compute all k experts from device memory:
                t_layer = m * row_bytes / (share * PCIe bandwidth) + k * t_kernel
-               (share: what a kernel reading mapped host RAM draws of a copy's bandwidth: 39.4 of 55.1 GB/s
-               on an H100). The refills copy each miss in once more, beside the step, so the bus also bounds
-               the whole step: t = max(t_dense_graph + L * t_layer, 2 * L * m * row_bytes / PCIe bandwidth).
-               t_dense_graph: the rest of a step that is one CUDA graph (no breaks), fitted on a graph run.
+               (share: what a kernel reading mapped host RAM draws of a copy's bandwidth, from the zero-copy
+               probe). Between steps the refills copy the chosen misses (r of them a layer; LRU: every miss)
+               from the step's gather scratch into slots, device to device, queued before the next step:
+               t = t_dense_graph + L * t_layer + L * r * row_bytes / device copy bandwidth.
+               t_dense_graph: the rest of a step that is one CUDA graph (no breaks), fitted on a graph run with
+               the run's own refill bytes taken out (a run from before device-to-device refills copied them over
+               the bus beside the step: nothing to take out).
+  emulated bus (the benchmark's --h2d-gbps B) the engine runs at the card's own bus and then waits until its
+               bytes fit B: t_emulated = t(card's bus) + bus bytes per token / B. A real bus of B GB/s would
+               instead give t(B); the emulation is slower than that by about the card's own gather time.
   token        t = t_dense + L * t_layer        (t_dense: attention, DeltaNet, shared experts, lm_head)
 with t_copy = row_bytes / PCIe bandwidth and t_cpu = row_bytes / host-RAM bandwidth (a 4-bit expert
 matvec on the CPU is bound by reading its row). Under uniform, independent routing the hit rate is
@@ -25,6 +31,7 @@ route alike).
 
 import argparse
 import json
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -54,6 +61,10 @@ class Inputs:
     kernel_expert_ms: float = 0.008  # the Triton kernels, per expert of one token (H100: 78 us for 10)
     zero_copy_share: float = 0.715  # the gather kernel reading mapped host RAM, as a share of a copy's bandwidth
     graph_dense_ms: float = 12.0  # the dense part of a decode step that is one CUDA graph (assumed until measured)
+    # A 16 GB card's device-to-device copy bandwidth (a copy reads and writes: about half its memory
+    # bandwidth); assumed until measured on the card in question.
+    d2d_gb_per_s: float = 300.0
+    refill_share: float = 1.0  # of each step's misses, the share refilled into slots (LRU: all)
 
     @property
     def slots(self) -> int:
@@ -100,11 +111,31 @@ def graph_experts_ms(inputs: Inputs, hit_rate: float) -> float:
     return LAYERS * (gather_ms + TOP_K * inputs.kernel_expert_ms)
 
 
+def refill_ms(inputs: Inputs, hit_rate: float) -> float:
+    """Per token, the refills: the refilled misses copied from the gather scratch into slots on the device."""
+    refilled = LAYERS * TOP_K * (1 - hit_rate) * inputs.refill_share
+    return refilled * ROW_BYTES / (inputs.d2d_gb_per_s * 1e9) * 1000
+
+
+def graph_step_ms(inputs: Inputs, hit_rate: float) -> float:
+    return inputs.graph_dense_ms + graph_experts_ms(inputs, hit_rate) + refill_ms(inputs, hit_rate)
+
+
 def graph_tok_per_s(inputs: Inputs, hit_rate: float) -> float:
-    """Decode with the step on the device: the step, or the bus carrying every miss twice (read by the step,
-    copied in by its refill), whichever takes longer."""
-    bus_ms = 2 * LAYERS * TOP_K * (1 - hit_rate) * ROW_BYTES / (inputs.pcie_gb_per_s * 1e9) * 1000
-    return 1000 / max(inputs.graph_dense_ms + graph_experts_ms(inputs, hit_rate), bus_ms)
+    """Decode with the step on the device: the dense part, the gathers and the kernels, then the refills."""
+    return 1000 / graph_step_ms(inputs, hit_rate)
+
+
+def bus_bytes_per_token(hit_rate: float) -> float:
+    """Graph decode: each miss crosses the bus once, gathered by the step."""
+    return LAYERS * TOP_K * (1 - hit_rate) * ROW_BYTES
+
+
+def emulated_graph_tok_per_s(on_card: Inputs, hit_rate: float, emulated_gb_per_s: float) -> float:
+    """A graph decode run on a card whose bus the benchmark holds to `emulated_gb_per_s`: the step at the card's
+    own bus, then the wait until its bus bytes fit the emulated rate."""
+    wait_ms = bus_bytes_per_token(hit_rate) / (emulated_gb_per_s * 1e9) * 1000
+    return 1000 / (graph_step_ms(on_card, hit_rate) + wait_ms)
 
 
 def experts_timed(run: dict) -> bool:
@@ -126,11 +157,63 @@ def measured_dense_ms(report: dict) -> float | None:
     return min(1000 / run["tok_per_s"] - run["expert_ms_per_token"] for run in runs) if runs else None
 
 
+def run_refill_ms(run: dict, d2d_gb_per_s: float) -> float:
+    """Per token, the refills a graph run copied on the device, from its own counters (none in a run from before
+    device-to-device refills: its refills crossed the bus beside the step)."""
+    tokens = max(1, run.get("decode_tokens", 1))
+    return run.get("cache", {}).get("bytes_copied_on_device", 0) / tokens / (d2d_gb_per_s * 1e9) * 1000
+
+
+def run_bus_wait_ms(run: dict) -> float:
+    """Per token, what an emulated run's pacing added: its bus bytes at the emulated rate."""
+    emulated = run.get("emulated")
+    if not emulated:
+        return 0.0
+    return bus_bytes_per_token(run["hit_rate"]) / (emulated["h2d_gbps"] * 1e9) * 1000
+
+
 def measured_graph_dense_ms(report: dict, on_card: Inputs) -> float | None:
     """The dense part of a one-graph decode step: a graph decode run's step less its modelled experts at the
-    card's bus (`on_card`), at the least over such runs; None without one."""
+    card's bus (`on_card`), its own refills and an emulated run's pacing, at the least over such runs; None
+    without one."""
     runs = [run for run in report["variants"] if not experts_timed(run)]
-    return min(1000 / run["tok_per_s"] - graph_experts_ms(on_card, run["hit_rate"]) for run in runs) if runs else None
+    return (
+        min(
+            1000 / run["tok_per_s"]
+            - graph_experts_ms(on_card, run["hit_rate"])
+            - run_refill_ms(run, on_card.d2d_gb_per_s)
+            - run_bus_wait_ms(run)
+            for run in runs
+        )
+        if runs
+        else None
+    )
+
+
+def predict_run(on_card: Inputs, run: dict) -> float | None:
+    """What the model predicts for one measured graph run, at its hit rate, on the card's bus or the emulated
+    one it ran under (None for host-path runs: their host time is fitted on them)."""
+    if experts_timed(run):
+        return None
+    emulated = run.get("emulated")
+    if emulated:
+        return emulated_graph_tok_per_s(on_card, run["hit_rate"], emulated["h2d_gbps"])
+    return graph_tok_per_s(on_card, run["hit_rate"])
+
+
+def newest_result(root: Path = RESULTS) -> Path | None:
+    """The newest non-smoke `moe_offload_gpu` JSON under `root`, its dated folders included: by the date the
+    benchmark writes into it, else the date in its folder's name (`<card>-YYYY-MM-DD`), then the run's number
+    prefix and name; a file with neither date counts as oldest."""
+
+    def key(path: Path) -> tuple[str, str]:
+        data = json.loads(path.read_text())
+        folder_date = re.search(r"\d{4}-\d{2}-\d{2}", path.parent.name) if path.parent != root else None
+        date = data.get("date") or (folder_date.group(0) if folder_date else "")
+        return date[:10], path.name
+
+    found = [p for p in root.rglob("*moe_offload_gpu*.json") if not json.loads(p.read_text()).get("smoke")]
+    return max(found, key=key) if found else None
 
 
 def expert_compute_ms(report: dict, run: dict) -> float:
@@ -149,6 +232,7 @@ def inputs_from_measurement(report: dict, budget_gb: float, zero_copy_share: flo
         gpu_expert_ms=expert_compute_ms(report, fastest),
         kernel_expert_ms=report.get("fused_expert_compute_ms") or Inputs.kernel_expert_ms,
         measured_cpu_expert_ms=report.get("cpu_expert_ms"),
+        d2d_gb_per_s=report.get("d2d_gb_per_s") or Inputs.d2d_gb_per_s,
         layer_host_ms=0.0,
         zero_copy_share=zero_copy_share,
     )
@@ -184,6 +268,12 @@ def main(argv: list[str] | None = None) -> dict:
         "(benchmarks/zero_copy_probe.py's GB/s over the run's host-to-device GB/s)",
     )
     parser.add_argument(
+        "--d2d-gb-per-s",
+        type=float,
+        default=Inputs.d2d_gb_per_s,
+        help="the target card's device-to-device copy bandwidth, for the refills",
+    )
+    parser.add_argument(
         "--cpu-expert-ms",
         type=float,
         default=None,
@@ -193,8 +283,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     measured = None
     if args.measured is None:
-        found = sorted(p for p in RESULTS.glob("moe_offload_gpu-*.json") if not json.loads(p.read_text())["smoke"])
-        args.measured = found[-1] if found else None
+        args.measured = newest_result()
     if args.measured:
         measured = json.loads(args.measured.read_text())
         if measured["smoke"]:
@@ -202,11 +291,17 @@ def main(argv: list[str] | None = None) -> dict:
         if not measured["variants"]:
             parser.error(f"{args.measured} holds no finished decode run")
         inputs = inputs_from_measurement(measured, args.budget_gb, args.zero_copy_share)
-        source = f"times measured on {measured['card']} ({args.measured.name})"
+        shown = args.measured.relative_to(RESULTS) if args.measured.is_relative_to(RESULTS) else args.measured
+        source = f"times measured on {measured['card']} ({shown})"
     else:
         inputs = Inputs(gpu_budget_gb=args.budget_gb)
         source = "assumed times (no GPU measurement committed yet)"
-    overrides = {"host_ram_gb_per_s": args.host_ram_gb_per_s, "zero_copy_share": args.zero_copy_share}
+    on_card = inputs
+    overrides = {
+        "host_ram_gb_per_s": args.host_ram_gb_per_s,
+        "zero_copy_share": args.zero_copy_share,
+        "d2d_gb_per_s": args.d2d_gb_per_s,
+    }
     if args.cpu_expert_ms is not None:
         overrides["measured_cpu_expert_ms"] = args.cpu_expert_ms
     if args.pcie_gb_per_s:
@@ -252,13 +347,25 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"| {label:<34} | {hit_rate:>8.1%} | {_cell(copy):>10} | {_cell(hybrid):>12} | {graph:>11.1f} |")
     if not host_path:
         print("# copy and hybrid: no host-path run with experts in this measurement")
+    if measured:
+        on_card = replace(on_card, pcie_gb_per_s=measured["h2d_gb_per_s"], zero_copy_share=inputs.zero_copy_share)
+        for run in measured["variants"]:
+            predicted = predict_run(on_card, run)
+            if predicted is not None:
+                bus = f"emulated {run['emulated']['h2d_gbps']:g} GB/s" if run.get("emulated") else "card's bus"
+                print(f"# {run['label']}: measured {run['tok_per_s']:.1f} tok/s, predicted {predicted:.1f} ({bus})")
     if best:
-        on_card = Inputs(**{**inputs.__dict__, "pcie_gb_per_s": measured["h2d_gb_per_s"]})
-        predict = graph_tok_per_s if "graph decode" in best["label"] else tok_per_s
+        predicted = predict_run(on_card, best)
+        if predicted is None:
+            predicted = tok_per_s(on_card, best["hit_rate"])
+        bus = (
+            f"an emulated {best['emulated']['h2d_gbps']:g} GB/s"
+            if best.get("emulated")
+            else f"that card's bus ({measured['h2d_gb_per_s']:.1f} GB/s)"
+        )
         print(
             f"# measured on {measured['card']}: {best['tok_per_s']:.1f} tok/s ({best['label']}, hit rate "
-            f"{best['hit_rate']:.1%}); the model predicts {predict(on_card, best['hit_rate']):.1f} for that "
-            f"card's bus ({measured['h2d_gb_per_s']:.1f} GB/s) and hit rate"
+            f"{best['hit_rate']:.1%}); the model predicts {predicted:.1f} for {bus} and hit rate"
         )
     else:
         print("# measured: none yet; run benchmarks/moe_offload_gpu.py on a GPU")

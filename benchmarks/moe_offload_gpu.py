@@ -24,6 +24,7 @@ import json
 import logging
 import platform
 import pstats
+import statistics
 import time
 import traceback
 from dataclasses import asdict
@@ -33,16 +34,30 @@ from pathlib import Path
 import torch
 from transformers import Qwen3NextConfig
 from transformers.activations import ACT2FN
+from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextRMSNorm, Qwen3NextRMSNormGated
 
 from benchmarks.moe_cost_model import measured_dense_ms
+from benchmarks.nvml_memory import MemoryWatch, OverBudgetError, nvml_reader
+from benchmarks.route_file import RecordedRoutes
+from benchmarks.route_replay import RouteSchedule, install_replay
+from benchmarks.routing_stats import RoutingLog, routing_stats
 from shared.schemas import ExpertCacheCounters
-from worker.engine.compiled_decode import CompiledDecode, configure_compiler
-from worker.engine.moe_offload.budget import plan_memory
+from worker.engine.compiled_decode import CompiledDecode, configure_compiler, static_cache_bytes
+from worker.engine.moe_offload.budget import (
+    DeviceMemoryNeeds,
+    dequantized_expert_bytes,
+    linear_attention_state_bytes,
+    plan_memory,
+    prefill_activation_bytes,
+    process_limit_bytes,
+)
 from worker.engine.moe_offload.builder import fused_decode_kernels, install_offloaded_experts
 from worker.engine.moe_offload.checkpoint import build_skeleton, find_fused_experts
 from worker.engine.moe_offload.config import OffloadConfig
 from worker.engine.moe_offload.cpu_experts import MissSplit
+from worker.engine.moe_offload.graph_decode import GraphDecode
 from worker.engine.moe_offload.offloaded_experts import OffloadedExperts, mix_decode
+from worker.engine.moe_offload.pacing import Pacer, TokenBucket
 from worker.engine.moe_offload.packing import ExpertLayout, pack_expert, unpack_experts
 from worker.engine.moe_offload.pinning import pin_in_place
 
@@ -113,7 +128,8 @@ class Clock:
 
 
 def materialize_random(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
-    """Give every meta parameter random values on `device`: N(0, 0.02) matrices, neutral 1-D weights."""
+    """Give every meta parameter random values on `device`: N(0, 0.02) matrices, 1-D weights where a real
+    checkpoint has them: norms that scale by one, DeltaNet's decay parameters in their trained range."""
     generator = torch.Generator(device=device).manual_seed(0)
     for module in model.modules():
         for name, param in list(module._parameters.items()):
@@ -126,8 +142,12 @@ def materialize_random(model: torch.nn.Module, device: torch.device, dtype: torc
                 value.uniform_(0.0, 2.7, generator=generator)  # log of A in (1, 16)
             elif name == "dt_bias":
                 value.fill_(1.0)
+            elif isinstance(module, Qwen3NextRMSNormGated):
+                value.fill_(1.0)  # DeltaNet's output norm scales by its weight: zero would silence all 36 layers
+            elif isinstance(module, Qwen3NextRMSNorm):
+                value.zero_()  # the other norms scale by (1 + weight)
             else:
-                value.zero_()  # Qwen3-Next's norms scale by (1 + weight)
+                value.zero_()  # biases
             module._parameters[name] = torch.nn.Parameter(value, requires_grad=False)
     model.to(device)
 
@@ -153,10 +173,12 @@ class TimedExperts(torch.nn.Module):
     graph here as it does at the experts themselves, so the wrapper changes nothing it measures; with graph
     decode (no break) it stands aside, and only the prompt's call is timed."""
 
-    def __init__(self, inner: torch.nn.Module, clock: Clock):
+    def __init__(self, inner: torch.nn.Module, clock: Clock, layer: int, routing: RoutingLog):
         super().__init__()
         self.inner = inner
         self.clock = clock
+        self.layer = layer
+        self.routing = routing  # decode steps' routed ids (graph decode's come from its routes instead)
         self.marks: list[list] = []
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
@@ -166,6 +188,8 @@ class TimedExperts(torch.nn.Module):
 
     @torch.compiler.disable
     def _timed(self, hidden_states, top_k_index, top_k_weights):
+        if hidden_states.shape[0] == 1:
+            self.routing.add(self.layer, top_k_index)
         start = self.clock.mark()
         output = self.inner(hidden_states, top_k_index, top_k_weights)
         self.marks.append([start, self.clock.mark()])
@@ -173,11 +197,19 @@ class TimedExperts(torch.nn.Module):
 
 
 def decode_run(
-    model, config, device, tokens: int, clock: Clock, on_prefill_done=None, compiled: CompiledDecode | None = None
+    model,
+    config,
+    device,
+    tokens: int,
+    clock: Clock,
+    on_prefill_done=None,
+    compiled: CompiledDecode | None = None,
+    on_token=None,
 ) -> dict:
     """Greedy decode of `tokens` tokens after a 16-token prompt, with the experts' device time (`TimedExperts`
     installed) and, in eager mode, each layer's (hooks; a compiled decode has no layer boundaries to time).
-    `on_prefill_done` runs once the prompt's forward is over, before the first decode step."""
+    `on_prefill_done` runs once the prompt's forward is over, before the first decode step; `on_token` after
+    every token."""
     layers = model.model.layers
     timed = [layer.mlp.experts for layer in layers]
     for experts in timed:
@@ -193,6 +225,8 @@ def decode_run(
         def put(self, value):
             clock.sync()
             stamps.append(time.perf_counter())
+            if on_token is not None:
+                on_token()
             if len(stamps) == 2 and on_prefill_done is not None:  # the prompt, then the prefill's token
                 on_prefill_done()
 
@@ -238,6 +272,50 @@ def decode_run(
     }
 
 
+class DecodeWindow:
+    """The cache counters and routes of decode steps only, summed over prompts: `open` once a prompt's forward
+    is over, `close` after its last token. With a replay `schedule`, each prompt's routes are checked against
+    the recording from where the schedule stood when its decode began."""
+
+    def __init__(self, caches: list, routing: RoutingLog, schedule: RouteSchedule | None):
+        self.caches = caches
+        self.routing = routing
+        self.schedule = schedule
+        self.counters = ExpertCacheCounters()
+        self._start = ExpertCacheCounters()
+        self._position = 0
+        self._first_step = 0
+        self._segments: list[tuple[int, int, int]] = []  # (schedule position, first logged step, steps)
+        routing.clear()  # the warm-up's routes out
+
+    def _total(self) -> ExpertCacheCounters:
+        return ExpertCacheCounters.total(cache.stats for cache in self.caches)
+
+    def open(self) -> None:
+        self._start = self._total()
+        self._position = int(self.schedule.position.item()) if self.schedule is not None else 0
+        self._first_step = self.routing.steps(0)
+
+    def close(self) -> None:
+        end = self._total()
+        for name, value in end.counters().items():
+            setattr(self.counters, name, getattr(self.counters, name) + value - getattr(self._start, name))
+        self._segments.append((self._position, self._first_step, self.routing.steps(0) - self._first_step))
+
+    def replay_report(self) -> dict | None:
+        """Whether every decode step routed to exactly the recorded ids (None without a replay)."""
+        if self.schedule is None:
+            return None
+        per_layer = self.routing.per_layer()
+        checked = sum(steps for _, _, steps in self._segments)
+        matched = checked > 0 and all(
+            per_layer[layer][first : first + steps] == self.schedule.expected(position, steps, layer)
+            for position, first, steps in self._segments
+            for layer in range(len(per_layer))
+        )
+        return {"tokens_checked": checked, "matched": matched, "recorded_tokens": self.schedule.tokens}
+
+
 def measure_bandwidth(device: torch.device, nbytes: int, clock: Clock) -> float:
     source = torch.empty(nbytes, dtype=torch.uint8, pin_memory=device.type == "cuda")
     target = torch.empty(nbytes, dtype=torch.uint8, device=device)
@@ -249,6 +327,13 @@ def measure_bandwidth(device: torch.device, nbytes: int, clock: Clock) -> float:
     end = clock.mark()
     clock.sync()
     return 5 * nbytes / clock.seconds(start, end) / 1e9
+
+
+def measure_device_copy(device: torch.device, nbytes: int, clock: Clock) -> float:
+    """GB/s of a device-to-device copy (what graph decode's refills from the gather scratch run at)."""
+    source = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    return nbytes / seconds_per_call(lambda: target.copy_(source), clock, repeats=5) / 1e9
 
 
 def seconds_per_call(run, clock: Clock, repeats: int = 20) -> float:
@@ -307,6 +392,23 @@ VARIANTS = {
 # decode step on the device (`EXPERT_DECODE=graph`: experts from their slots or read from host RAM, no break),
 # with `:norefill` never copying a miss into a slot (the slots keep what the prompt left).
 FLAGS = ("compiled", "nographs", "dequant", "graph", "norefill")
+# `:h2d=<GB/s>` emulates that bus for the one variant (as `--h2d-gbps` does for all): several buses in one process,
+# which compiles once.
+H2D_FLAG = "h2d="
+
+
+def variant_h2d_gbps(flags: list[str], default: float) -> float:
+    """The emulated bus a variant runs under (0: the card's own)."""
+    return next((float(flag.removeprefix(H2D_FLAG)) for flag in flags if flag.startswith(H2D_FLAG)), default)
+
+
+def _known_flag(flag: str) -> bool:
+    if flag.startswith(H2D_FLAG):
+        try:
+            return float(flag.removeprefix(H2D_FLAG)) > 0
+        except ValueError:
+            return False
+    return flag in FLAGS
 
 
 class NoExperts(torch.nn.Module):
@@ -335,8 +437,29 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--budget-gb", type=float, default=16.0)
-    parser.add_argument("--reserve-gb", type=float, default=1.5)
-    parser.add_argument("--tokens", type=int, default=48, help="decode tokens per variant")
+    parser.add_argument(
+        "--card-margin-gb",
+        type=float,
+        default=1.0,
+        help="the budget less this is what the whole process may hold as NVML counts it (16 -> 15 GiB)",
+    )
+    parser.add_argument(
+        "--max-model-len", type=int, default=4096, help="tokens the memory plan holds KV cache and prefill for"
+    )
+    parser.add_argument("--tokens", type=int, default=48, help="decode tokens per prompt")
+    parser.add_argument("--prompts", type=int, default=1, help="prompts per variant; tok/s is their median")
+    parser.add_argument(
+        "--routes", type=Path, default=None, help="replay recorded routing (benchmarks/record_routes.py's .npz)"
+    )
+    parser.add_argument(
+        "--h2d-gbps",
+        type=float,
+        default=0.0,
+        help="emulate a bus of this many GB/s: hold the engine's host-to-device bytes to it (0: the card's own)",
+    )
+    parser.add_argument(
+        "--ttft", default="", help="comma-separated prompt lengths whose time to first token to measure at the end"
+    )
     parser.add_argument("--quant", default="nf4", choices=["nf4", "fp4"])
     parser.add_argument("--naive-layers", type=int, default=4, help="layers timed for the naive baseline")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, to check the script on a CPU")
@@ -346,7 +469,7 @@ def main(argv: list[str] | None = None) -> dict:
         default=",".join(VARIANTS),
         help=f"comma-separated, in order, repeats allowed: {', '.join(VARIANTS)}, no-experts "
         "(experts output zeros: the rest of the model alone); each may add :compiled, "
-        ":nographs, :dequant, :graph, :norefill",
+        ":nographs, :dequant, :graph, :norefill, :h2d=<GB/s> (an emulated bus for that variant)",
     )
     parser.add_argument("--skip-naive", action="store_true")
     parser.add_argument(
@@ -361,7 +484,7 @@ def main(argv: list[str] | None = None) -> dict:
     unknown = [
         name
         for name in args.variants.split(",")
-        if name.split(":")[0] not in known or not set(name.split(":")[1:]) <= set(FLAGS)
+        if name.split(":")[0] not in known or not all(_known_flag(flag) for flag in name.split(":")[1:])
     ]
     if unknown:
         parser.error(f"unknown variants: {', '.join(unknown)}")
@@ -403,15 +526,40 @@ def main(argv: list[str] | None = None) -> dict:
         f"device, experts {len(experts_names) * config.num_experts * layout.row_bytes / _GIB:.1f} GB in host RAM"
     )
 
+    top_k = config.num_experts_per_tok
+    graph_variants = any("graph" in name.split(":")[1:] for name in args.variants.split(","))
+    needs = DeviceMemoryNeeds(
+        kv_cache=static_cache_bytes(config, args.max_model_len, dtype),
+        linear_attention_state=linear_attention_state_bytes(config),
+        prefill_activations=prefill_activation_bytes(config, args.max_model_len, dtype.itemsize),
+        prefill_bytes_per_slot=dequantized_expert_bytes(3 * layout.hidden * layout.intermediate, dtype.itemsize),
+        gather_scratch=GraphDecode.scratch_bytes(len(experts_names), top_k, layout.row_bytes) if graph_variants else 0,
+    )
     plan = plan_memory(
         device_budget_gb=args.budget_gb,
-        reserve_gb=args.reserve_gb,
+        reserve_gb=0,
         host_budget_gb=0,
         resident_bytes=resident_bytes,
         num_layers=len(experts_names),
         experts_per_layer=config.num_experts,
         row_bytes=layout.row_bytes,
-        top_k=config.num_experts_per_tok,
+        top_k=top_k,
+        needs=needs,
+        card_margin_gb=args.card_margin_gb,
+    )
+    print(
+        "# memory plan (GiB): "
+        + ", ".join(f"{name} {value / _GIB:.2f}" for name, value in plan.breakdown.items())
+        + f"; process limit {process_limit_bytes(args.budget_gb, args.card_margin_gb) / _GIB:.2f}"
+    )
+    watch = (
+        MemoryWatch(
+            nvml_reader(device.index or 0),
+            lambda: torch.cuda.max_memory_reserved(device),
+            process_limit_bytes(args.budget_gb, args.card_margin_gb),
+        )
+        if device.type == "cuda"
+        else None
     )
     if args.smoke:  # leave most experts out so the smoke run exercises misses and evictions
         plan = plan_memory(
@@ -426,10 +574,14 @@ def main(argv: list[str] | None = None) -> dict:
             slots_override=config.num_experts // 4,
         )
     model.eval()
+    schedule: RouteSchedule | None = None
+    if args.routes:
+        schedule = install_replay(model, RecordedRoutes.load(args.routes))
+        print(f"# replaying {schedule.tokens} recorded tokens' routing from {args.routes}")
     act_fn = ACT2FN[config.hidden_act]
     bandwidth = measure_bandwidth(device, 256 * 1024 * 1024 if not args.smoke else 8 * 1024 * 1024, clock)
+    d2d_bandwidth = measure_device_copy(device, 256 * 1024 * 1024 if not args.smoke else 8 * 1024 * 1024, clock)
     on_device = host_rows[0][: config.num_experts_per_tok].to(device)
-    top_k = config.num_experts_per_tok
     expert_compute_s = time_decode_mix(
         partial(mix_decode, layout, act_fn, dtype), layout, on_device, dtype, top_k, clock
     )
@@ -440,7 +592,13 @@ def main(argv: list[str] | None = None) -> dict:
         "card": card,
         "device": str(device),
         "budget_gb": args.budget_gb,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "smoke": args.smoke,
+        "memory_plan": {name: value / _GIB for name, value in plan.breakdown.items()},
+        "process_limit_gib": process_limit_bytes(args.budget_gb, args.card_margin_gb) / _GIB,
+        "routes": str(args.routes) if args.routes else None,
+        "h2d_emulated_gbps": args.h2d_gbps or None,
+        "prompts": args.prompts,
         "complete": False,
         "shapes": shapes,
         "quant": args.quant,
@@ -448,6 +606,7 @@ def main(argv: list[str] | None = None) -> dict:
         "slots_per_layer": plan.slots_per_layer,
         "resident_gb": resident_bytes / _GIB,
         "h2d_gb_per_s": bandwidth,
+        "d2d_gb_per_s": d2d_bandwidth,
         "expert_copy_ms": layout.row_bytes / (bandwidth * 1e9) * 1000,
         "expert_compute_ms": expert_compute_s * 1000,
         "non_expert_ms_per_token": None,
@@ -513,8 +672,19 @@ def main(argv: list[str] | None = None) -> dict:
             fused = any(m.uses_fused_kernels for m in model.modules() if isinstance(m, OffloadedExperts))
             label += ", triton" if fused else ""
             label += (", graph decode" + (", no refills" if "norefill" in flags else "")) if "graph" in flags else ""
-        for module_name in experts_names:
-            model.set_submodule(module_name, TimedExperts(model.get_submodule(module_name), clock))
+        routing = RoutingLog(len(experts_names))
+        for layer_index, module_name in enumerate(experts_names):
+            model.set_submodule(
+                module_name, TimedExperts(model.get_submodule(module_name), clock, layer_index, routing)
+            )
+        if layers is not None and layers.graph_decode is not None:
+            layers.graph_decode.on_routes = routing.add_step
+        pacer = None
+        h2d_gbps = variant_h2d_gbps(flags, args.h2d_gbps)
+        if h2d_gbps and caches:  # one layer's experts may go at once; past that the bus's rate holds
+            pacer = Pacer(TokenBucket(h2d_gbps * 1e9, burst_bytes=top_k * layout.row_bytes))
+            caches[0].copier.pacer = pacer
+            label += f", emulated {h2d_gbps:g} GB/s"
         if is_compiled:
             graphs = "nographs" not in flags
             label += ", compiled" if graphs else ", compiled, no graphs"
@@ -526,27 +696,65 @@ def main(argv: list[str] | None = None) -> dict:
             torch._dynamo.utils.counters.clear()  # what the JSON says this variant compiled
         # Warm-up, which also fills the cache and compiles. On an H200 the first variant ran 40% slower than the
         # same one repeated after a 4-token warm-up (4.35 against 7.04 tok/s), so the first gets a longer one.
-        warm_up_started = time.perf_counter()
-        decode_run(model, config, device, 16 if index == 0 or is_compiled else 4, clock, compiled=compiled)
-        warm_up_s = time.perf_counter() - warm_up_started
-        if device.type == "cuda":
+        if device.type == "cuda":  # the peaks cover the warm-up: compiling and recording take memory too
             torch.cuda.reset_peak_memory_stats(device)
+        if watch is not None:
+            watch.nvml_peak = 0
+        sample = watch.sample if watch is not None else None
+        warm_up_started = time.perf_counter()
+        decode_run(
+            model, config, device, 16 if index == 0 or is_compiled else 4, clock, compiled=compiled, on_token=sample
+        )
+        warm_up_s = time.perf_counter() - warm_up_started
 
-        def decode_only():  # the prompt's copies would inflate decode GB/s and hit rate
-            for cache in caches:
-                cache.stats = ExpertCacheCounters()
-
-        run = decode_run(model, config, device, args.tokens, clock, on_prefill_done=decode_only, compiled=compiled)
-        stats = ExpertCacheCounters.total(cache.stats for cache in caches)
+        # Counters and routes of the decode steps only: the prompts' copies would inflate GB/s and hit rate.
+        window = DecodeWindow(caches, routing, schedule)
+        runs = []
+        for _ in range(args.prompts):
+            runs.append(
+                decode_run(
+                    model,
+                    config,
+                    device,
+                    args.tokens,
+                    clock,
+                    on_prefill_done=window.open,
+                    compiled=compiled,
+                    on_token=sample,
+                )
+            )
+            window.close()
+        run = dict(runs[len(runs) // 2])  # the per-layer times: one prompt's, the middle one
+        decode_seconds = sum(r["decode_seconds"] for r in runs)
+        stats = window.counters
         run.update(
             label=label,
+            tok_per_s=statistics.median(r["tok_per_s"] for r in runs),
+            tok_per_s_prompts=[r["tok_per_s"] for r in runs],
+            decode_tokens=sum(r["decode_tokens"] for r in runs),
+            decode_seconds=decode_seconds,
+            expert_ms_per_token=statistics.median(r["expert_ms_per_token"] for r in runs),
             expert_kernel="triton" if fused else "dequantize",
             hit_rate=stats.hit_rate,
             cache=stats.model_dump(),
             miss_split=asdict(split),
             warm_up_s=warm_up_s,
-            copy_gb_per_s=stats.bytes_copied / run["decode_seconds"] / 1e9,
+            copy_gb_per_s=stats.bytes_copied / decode_seconds / 1e9,
+            bus_gb_per_s=stats.bytes_over_bus / decode_seconds / 1e9,
+            bus_bytes_per_token=stats.bytes_over_bus / max(1, sum(r["decode_tokens"] for r in runs)),
             gpu_peak_gb=torch.cuda.max_memory_allocated(device) / _GIB if device.type == "cuda" else None,
+            memory=watch.report() if watch is not None else None,
+            routing=(lambda r: r.as_dict() if r else None)(routing_stats(routing.per_layer(), plan.slots_per_layer)),
+            replay=window.replay_report(),
+            emulated=(
+                {
+                    "h2d_gbps": h2d_gbps,
+                    "achieved_h2d_gb_per_s": stats.bytes_over_bus / decode_seconds / 1e9,
+                    "paced_wait_s": pacer.waited_s,
+                }
+                if pacer is not None
+                else None
+            ),
         )
         report["cpu_expert_ms"] = report["cpu_expert_ms"] or split.cpu_ms
         if is_compiled:  # did every layer compile, and into how many graphs
@@ -557,6 +765,19 @@ def main(argv: list[str] | None = None) -> dict:
                 "frames": dict(counters["frames"]),
             }
         print(f"# {label}: {run['tok_per_s']:.2f} tok/s, hit rate {stats.hit_rate:.1%}, warm-up {warm_up_s:.0f} s")
+        routed = routing_stats(routing.per_layer(), plan.slots_per_layer)
+        if routed:
+            print(f"#   routing: {routed.describe()}")
+        print(
+            f"#   bus: {run['bus_bytes_per_token'] / 2**20:.1f} MiB a token over the bus "
+            f"({run['bus_gb_per_s']:.2f} GB/s), {stats.bytes_copied_on_device / 2**20:.1f} MiB refilled on the device"
+        )
+        if pacer is not None:
+            print(f"#   emulated {h2d_gbps:g} GB/s: achieved {run['emulated']['achieved_h2d_gb_per_s']:.2f} GB/s")
+        if watch is not None:
+            print(f"#   memory: {watch.describe()}")
+        if run["replay"] is not None and not run["replay"]["matched"]:
+            print("#   REPLAY MISMATCH: the routed ids differ from the recorded ones")
         if index == 0 and args.profile:
             _profile_host(model, config, device, args.profile, clock, out.with_suffix(".profile.txt"), compiled)
         return run
@@ -571,9 +792,21 @@ def main(argv: list[str] | None = None) -> dict:
             report["non_expert_ms_per_token"] = measured_dense_ms(report)
         out.write_text(json.dumps(report, indent=2))
 
+    if args.ttft:  # through the last variant's experts (the prompt takes the host path in every variant)
+        report["ttft"] = {"experts": report["variants"][-1]["label"] if report["variants"] else None, "runs": []}
+        for length in (int(n) for n in args.ttft.split(",")):
+            try:
+                ms = prompt_ms(model, config, device, length)
+                report["ttft"]["runs"].append({"prompt_tokens": length, "ms": ms})
+                print(f"# time to first token, {length}-token prompt: {ms:.0f} ms")
+            except Exception as error:  # out of memory at the longest, say: the shorter ones stand
+                traceback.print_exc()
+                report["failed"].append({"variant": f"ttft {length}", "error": repr(error)})
+            out.write_text(json.dumps(report, indent=2))
+
     if args.skip_naive:
         _print_table(report)
-        return report
+        return _check_memory(report)
     naive_layers = min(args.naive_layers, len(experts_names))
     free_experts()  # the naive path needs a whole layer's room
     naive_layer_s = naive_layer_seconds(
@@ -593,6 +826,28 @@ def main(argv: list[str] | None = None) -> dict:
     _print_table(report)
     out.write_text(json.dumps(report, indent=2))
     print(f"# wrote {out}")
+    return _check_memory(report)
+
+
+def prompt_ms(model, config, device, tokens: int) -> float:
+    """Time to first token of a random `tokens`-token prompt: its forward, eager, to the first token's id."""
+    prompt = torch.randint(0, config.vocab_size, (1, tokens), device=device)
+    started = time.perf_counter()
+    with torch.inference_mode():
+        model(prompt, logits_to_keep=1).logits.argmax(-1).tolist()
+    return (time.perf_counter() - started) * 1000
+
+
+def _check_memory(report: dict) -> dict:
+    """Fail loudly where a variant held more device memory, as NVML counts it, than the budget allows."""
+    over = [run for run in report["variants"] if run["memory"] and run["memory"]["over_budget"]]
+    for run in over:
+        print(
+            f"# OVER BUDGET {run['label']}: NVML peak {run['memory']['nvml_peak_gib']:.2f} GiB > "
+            f"{run['memory']['limit_gib']:.2f} GiB (allocator peak {run['memory']['allocator_peak_gib']:.2f} GiB)"
+        )
+    if over:
+        raise OverBudgetError(f"{len(over)} variant(s) over the device memory budget: see above")
     return report
 
 
@@ -622,6 +877,7 @@ def _print_table(report: dict) -> None:
         print(
             f"| {run['label']:<44} | {run['tok_per_s']:>12.2f} | {run['hit_rate']:>8.1%} | {cpu_share:>9.1%} | "
             f"{run['copy_gb_per_s']:>9.2f} | {run['expert_ms_per_token']:>14.1f} |"
+            + (" emulated" if run.get("emulated") else "")
         )
         if run["miss_split"]["cpu_ms"] is not None:
             split = run["miss_split"]

@@ -89,10 +89,13 @@ def main(argv: list[str] | None = None) -> dict:
             return kernels(slots, in_slots)
 
         no_slots = torch.full((pool,), -1, dtype=torch.int32, device=device)  # every expert a miss
+        scratch = torch.empty((k, layout.row_bytes), dtype=torch.uint8, device=device)
 
         def gathered(indices: torch.Tensor | None = None) -> torch.Tensor:
             experts, positions = (next(turn) if indices is None else indices).view(2, k)
-            return fused_mix_decode_table(layout, code, blocks, slots, mapped, experts, no_slots, positions, weights, x)
+            return fused_mix_decode_table(
+                layout, code, blocks, slots, mapped, scratch, experts, no_slots, positions, weights, x
+            )
 
         expected = kernels(host_rows.to(device), sets[1])
         difference = max(

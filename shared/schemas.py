@@ -199,7 +199,15 @@ class ExpertCacheCounters(BaseModel):
     hits: int = 0
     misses: int = 0
     evictions: int = 0
-    bytes_copied: int = Field(0, description="expert rows copied into device slots")
+    bytes_copied: int = Field(0, description="expert rows copied into device slots from host RAM, over the bus")
+    bytes_copied_on_device: int = Field(
+        0,
+        description="expert rows copied into device slots from a decode step's gather scratch (device to device: "
+        "a row that crossed the bus for the step, not sent again)",
+    )
+    bytes_gathered: int = Field(
+        0, description="expert rows a decode step on the device (graph decode) read from host RAM over the bus"
+    )
     prefetched: int = Field(0, description="experts copied in ahead of need")
     prefetch_hits: int = Field(0, description="prefetched experts that a token then used")
     computed_on_host: int = Field(0, description="misses computed on the CPU instead of copied (also misses)")
@@ -209,6 +217,12 @@ class ExpertCacheCounters(BaseModel):
     def hit_rate(self) -> float:
         used = self.hits + self.misses
         return self.hits / used if used else 0.0
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def bytes_over_bus(self) -> int:
+        """Every expert byte that crossed from host RAM to the device: slot fills and the steps' gathers."""
+        return self.bytes_copied + self.bytes_gathered
 
     def counters(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in ExpertCacheCounters.model_fields}

@@ -50,3 +50,25 @@ def test_gpu_benchmark_decodes_compiled_variants(tmp_path):
     assert rest["compiled"] and rest["cache"]["hits"] == rest["cache"]["misses"] == 0 and rest["tok_per_s"] > 0
     assert graph["label"] == "offload lru, graph decode, compiled" and graph["decode_tokens"] == 3
     assert graph["dynamo"]["graph_breaks"] == 0 and graph["cache"]["misses"] > 0  # one graph a step
+
+
+def test_an_emulated_bus_holds_the_engines_host_to_device_bytes_to_its_rate(tmp_path, capsys):
+    """`:h2d=<GB/s>`: the variant's copies are paced; its row and JSON say "emulated", and the bandwidth it
+    achieved, measured in the same run, stays within the rate (plus the one burst the bucket allows)."""
+    rate = 0.5e6  # bytes a second: slower than this CPU's engine moves them unpaced, so the pacing binds
+    report = moe_offload_gpu.main(
+        ["--smoke", "--device", "cpu", "--tokens", "4", "--out", str(tmp_path / "e.json"), "--skip-naive"]
+        + ["--variants", f"lru,lru:h2d={rate / 1e9:g}"]
+    )
+    free, emulated = report["variants"]
+    assert free["emulated"] is None and "emulated" not in free["label"]
+    assert emulated["label"] == "offload lru, emulated 0.0005 GB/s"
+    paced = emulated["emulated"]
+    burst = 4 * report["row_bytes"]  # one layer's top-k rows
+    assert emulated["cache"]["bytes_over_bus"] > burst and paced["paced_wait_s"] > 0
+    achieved = paced["achieved_h2d_gb_per_s"] * 1e9
+    assert free["bus_gb_per_s"] * 1e9 > rate  # unpaced, the engine would go faster
+    assert 0.5 * rate < achieved <= rate + burst / emulated["decode_seconds"]  # held to the rate
+    assert emulated["bus_gb_per_s"] == paced["achieved_h2d_gb_per_s"]
+    table_row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| offload lru, emu"))
+    assert table_row.endswith("emulated")

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from shared.schemas import GenerationParams
+from shared.schemas import ExpertCacheCounters, GenerationParams
 from tests.worker.conftest import RecordingControl
 from tests.worker.moe_offload.conftest import TEST_DEVICE
 from worker.engine.base import InvalidGenerationInput
@@ -177,6 +177,18 @@ def test_graph_decode_keeps_each_step_on_the_device_and_generates_what_eager_dec
     layers = [m for m in graph.inner.model.modules() if isinstance(m, OffloadedExperts)]
     assert layers and all(m.graph_decode is not None for m in layers)
 
+    graph_decode = graph.inner.offloaded.experts.graph_decode
+    between_steps, in_steps, steps = graph_decode.between_steps, ExpertCacheCounters(), []
+
+    def counting_steps() -> None:  # what the decode steps account for, apart from the prompts' host path
+        first = graph.inner.offloaded.experts.cache_stats()
+        steps.append(graph_decode.routes[0, 0].item() >= 0)
+        between_steps()
+        last = graph.inner.offloaded.experts.cache_stats()
+        for name, value in last.counters().items():
+            setattr(in_steps, name, getattr(in_steps, name) + value - getattr(first, name))
+
+    monkeypatch.setattr(graph_decode, "between_steps", counting_steps)
     before = graph.expert_offload_stats()
     for prompt in ("Hello world, tell me a story", "The quick brown fox"):
         outcome, text = _generate(graph, prompt, max_tokens=20)
@@ -184,8 +196,19 @@ def test_graph_decode_keeps_each_step_on_the_device_and_generates_what_eager_dec
     after = graph.expert_offload_stats()
     decoded = after.hits + after.misses - before.hits - before.misses
     assert decoded > 0 and after.misses > before.misses  # counted from the steps' routes
-    assert after.bytes_copied > before.bytes_copied  # misses refilled into slots between steps
-    graph_decode = graph.inner.offloaded.experts.graph_decode
+    # The steps' misses were refilled into slots from their gather scratch, device to device: no slot was
+    # filled over the bus between steps, so the bus carried each miss once (the step's read) where it used to
+    # carry it twice (the step's read and the refill's copy).
+    tokens, row_bytes = sum(steps), layers[0].cache.row_bytes
+    assert tokens > 0 and in_steps.misses > 0 and in_steps.bytes_copied == 0
+    assert 0 < in_steps.bytes_copied_on_device <= in_steps.misses * row_bytes
+    # the torch path (this one, on the CPU) brings every routed expert's host row into the scratch
+    assert in_steps.bytes_gathered == (in_steps.hits + in_steps.misses) * row_bytes
+    bus_per_token, bus_per_token_before = (
+        in_steps.bytes_over_bus / tokens,
+        (in_steps.bytes_over_bus + in_steps.bytes_copied_on_device) / tokens,
+    )
+    assert bus_per_token < bus_per_token_before
     if TEST_DEVICE.type == "cuda":
         torch.cuda.synchronize()  # every refill landed: the next between-steps sends them all
     graph_decode.between_steps()

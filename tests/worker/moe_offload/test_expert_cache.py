@@ -142,6 +142,31 @@ def test_a_device_decode_step_is_counted_refilled_and_reported_as_table_changes(
     assert len(cache.drain_table_changes()) <= 2 * EXPERTS
 
 
+def test_a_device_step_refills_from_its_gather_scratch_on_the_device_not_over_the_bus():
+    """Graph decode gathered the step's missed rows into device memory: the refill copies them from there."""
+    cache = _cache(slots=3)
+    _wait(cache, cache.acquire([0, 1, 2]))
+    cache.track_table()
+    cache.drain_table_changes()
+    before = cache.stats.model_copy()
+    # scratch row i holds the step's i-th expert's row where it had no slot; marked so its source shows
+    scratch = torch.full((3, ROW_BYTES), 200, dtype=torch.uint8, device=TEST_DEVICE)
+    scratch[1], scratch[2] = 205, 207
+    cache.record_gathered(2)
+    refilled, landed = cache.record_step([2, 5, 7], hits=1, refills=2, gathered=scratch)
+    assert refilled == {5, 7} and landed is None  # ordered before anything queued later: no event to wait for
+    assert cache.drain_table_changes() == [(0, -1), (5, 0), (1, -1), (7, 1)]
+    stats = cache.stats
+    assert stats.bytes_copied == before.bytes_copied  # nothing crossed the bus for the slots
+    assert stats.bytes_copied_on_device - before.bytes_copied_on_device == 2 * ROW_BYTES
+    assert stats.bytes_gathered - before.bytes_gathered == 2 * ROW_BYTES  # what the step itself read
+    assert stats.bytes_over_bus - before.bytes_over_bus == 2 * ROW_BYTES  # once per miss, not twice
+    assert (cache.buffer[0].cpu() == 205).all() and (cache.buffer[1].cpu() == 207).all()  # from the scratch
+    acquired = cache.acquire([5, 7, 2])  # the host path finds them in place
+    _wait(cache, acquired)
+    assert sorted(acquired.hit_experts) == [2, 5, 7]
+
+
 def test_under_lfu_a_device_step_copies_in_only_experts_used_more_often_than_their_victim():
     cache = _cache(slots=2, policy="lfu")
     for _ in range(3):  # experts 0 and 1 resident, used three times each

@@ -76,15 +76,21 @@ def test_table_mode_reads_each_expert_from_its_slot_or_else_from_host_memory():
     reference = mix_decode(
         layout, torch.nn.SiLU(), torch.float32, host, torch.cat([experts, positions]), flat_weights, x
     )
+    scratch = torch.zeros(4, layout.row_bytes, dtype=torch.uint8, device=TEST_DEVICE)
     through_torch = mix_decode_table(
-        layout, torch.nn.SiLU(), torch.float32, buffer, host_only, experts, table, positions, flat_weights, x
-    )
-    code = triton_experts.code_table(layout, TEST_DEVICE)
-    through_kernels = triton_experts.fused_mix_decode_table(
-        layout, code, triton_experts.Blocks(), buffer, host_only, experts, table, positions, flat_weights, x
+        layout, torch.nn.SiLU(), torch.float32, buffer, host_only, scratch, experts, table, positions, flat_weights, x
     )
     torch.testing.assert_close(through_torch, reference)
+    # the torch path leaves every routed expert's host row in the scratch, by position
+    torch.testing.assert_close(scratch.cpu(), host_only.cpu()[[2, 7, 6, 0]])
+    scratch.zero_()
+    code = triton_experts.code_table(layout, TEST_DEVICE)
+    through_kernels = triton_experts.fused_mix_decode_table(
+        layout, code, triton_experts.Blocks(), buffer, host_only, scratch, experts, table, positions, flat_weights, x
+    )
     torch.testing.assert_close(through_kernels, reference, rtol=1e-5, atol=1e-5 * reference.abs().max().item())
+    # the kernels gather only the experts without a slot (positions 1 and 3), where the refills will find them
+    assert torch.equal(scratch[[1, 3]].cpu(), host[[7, 0]].cpu()) and not scratch[[0, 2]].any()
 
 
 @torch.inference_mode()

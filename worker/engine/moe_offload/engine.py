@@ -14,6 +14,7 @@ from worker.engine.moe_offload.builder import OffloadedModel, build_offloaded_mo
 from worker.engine.moe_offload.checkpoint import fingerprint, load_config, resolve_checkpoint_dir
 from worker.engine.moe_offload.config import ExpertDecode, ExpertQuant, OffloadConfig
 from worker.engine.moe_offload.converter import ConversionError, convert_checkpoint, is_converted, read_manifest
+from worker.engine.moe_offload.graph_decode import GraphDecode
 from worker.engine.moe_offload.packing import ExpertLayout
 from worker.engine.transformers_engine import TransformersEngine
 from worker.settings import DecodeCompile
@@ -112,6 +113,9 @@ class MoEOffloadEngine(TransformersEngine):
                 kv_bytes / _GIB,
             )
             resident_bytes += kv_bytes
+        top_k = int(getattr(config, "num_experts_per_tok", 1) or 1)
+        if device.type == "cuda" and self._expert_decode() == "graph":  # held beside the slots, for the refills
+            resident_bytes += GraphDecode.scratch_bytes(len(experts), top_k, layout.row_bytes)
         plan = plan_memory(
             device_budget_gb=device_budget,
             reserve_gb=self.offload.gpu_reserve_gb,
@@ -120,7 +124,7 @@ class MoEOffloadEngine(TransformersEngine):
             num_layers=len(experts),
             experts_per_layer=experts[0]["num_experts"],
             row_bytes=layout.row_bytes,
-            top_k=int(getattr(config, "num_experts_per_tok", 1) or 1),
+            top_k=top_k,
             share_host_rows=device.type == "cpu",
             slots_override=self.offload.slots,
         )

@@ -177,11 +177,21 @@ class ExpertCache:
             self.start_copies(result)
         return result
 
-    def record_step(self, experts: list[int], hits: int, refills: int) -> tuple[set[int], Landed]:
+    def record_gathered(self, rows: int) -> None:
+        """A decode step on the device read `rows` expert rows from host RAM over the bus."""
+        self.stats.bytes_gathered += rows * self.row_bytes
+
+    def record_step(
+        self, experts: list[int], hits: int, refills: int, gathered: torch.Tensor | None = None
+    ) -> tuple[set[int], Landed]:
         """A decode step that ran on the device (`graph_decode`) used `experts`, `hits` of them from slots, the
         rest read where they are in host RAM: count them, and start copying up to `refills` of the experts
-        without a slot into slots, the policy's victims' (after the step's reads), for later steps. Returns
-        the experts copied and the event their copies fire (None: landed); nothing waits for it here."""
+        without a slot into slots, the policy's victims' (after the step's reads), for later steps. With
+        `gathered` (the step's gather scratch in device memory, row i holding `experts[i]`'s row wherever the
+        step had no slot for it) a refill is a device-to-device copy from there, queued behind the step, and
+        the row never crosses the bus again; without it, a copy from host RAM on the side stream. Returns the
+        experts copied and the event their copies fire (None: landed, or ordered before anything queued
+        later); nothing waits for it here."""
         self.mark_read()
         self.stats.hits += hits
         self.stats.misses += len(experts) - hits
@@ -205,6 +215,12 @@ class ExpertCache:
         chosen = [expert for _, expert in copies]
         if not chosen:
             return set(), None
+        if gathered is not None:
+            position = {expert: index for index, expert in enumerate(experts)}
+            self.copier.copy_on_device([(self.buffer[slot], gathered[position[expert]]) for slot, expert in copies])
+            self.stats.bytes_copied_on_device += self.row_bytes * len(copies)
+            self.mark_read()  # a later copy into these slots from host RAM waits for these
+            return set(chosen), None
         self._copy_in(copies)
         self._refilled.update(chosen)  # the host path waits for them if it uses them first
         self._ahead_landed = self.copier.record()

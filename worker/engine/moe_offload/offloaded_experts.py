@@ -107,6 +107,7 @@ def mix_decode_table(
     dtype: torch.dtype,
     buffer: torch.Tensor,
     host: torch.Tensor,
+    scratch: torch.Tensor,
     experts: torch.Tensor,
     table: torch.Tensor,
     positions: torch.Tensor,
@@ -115,11 +116,14 @@ def mix_decode_table(
 ) -> torch.Tensor:
     """`mix_decode` for a decode step that never leaves the device: `experts` are expert ids, and each one's
     row is read from its slot in `buffer` where `table` [experts] gives one (-1: none), else from `host`
-    (where it is: page-locked host memory mapped for the device, or the CPU tier's rows). This path reads
-    both for every expert and keeps one; the Triton kernels read only the one they use."""
+    (where it is: page-locked host memory mapped for the device, or the CPU tier's rows), through `scratch`
+    [experts, row_bytes] in device memory, which keeps the rows for the refills after the step. This path
+    brings every expert's host row into `scratch` and keeps, per expert, the slot's or the scratch's; the
+    Triton kernels gather only the rows without a slot."""
     slots = table.index_select(0, experts)
     resident = (slots >= 0).unsqueeze(-1)
-    rows = torch.where(resident, buffer.index_select(0, slots.clamp(min=0)), host.index_select(0, experts))
+    torch.index_select(host, 0, experts, out=scratch)
+    rows = torch.where(resident, buffer.index_select(0, slots.clamp(min=0)), scratch)
     return _mix_rows(layout, act_fn, dtype, rows, flat_weights.index_select(0, positions), x)
 
 

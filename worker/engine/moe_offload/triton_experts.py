@@ -201,6 +201,7 @@ def fused_mix_decode_table(
     blocks: Blocks,
     buffer: torch.Tensor,
     host: torch.Tensor,
+    scratch: torch.Tensor,
     experts: torch.Tensor,
     table: torch.Tensor,
     positions: torch.Tensor,
@@ -209,13 +210,13 @@ def fused_mix_decode_table(
 ) -> torch.Tensor:
     """`offloaded_experts.mix_decode_table` for 4-bit rows: each expert's row read from its slot in `buffer`
     where `table` gives one, else from `host` (page-locked host memory mapped for the device), gathered into
-    device memory by `_gather_kernel` first."""
+    `scratch` (row i for the i-th expert, in device memory; kept for the refills after the step) by
+    `_gather_kernel` first."""
     count = experts.shape[0]
-    gathered = torch.empty((count, layout.row_bytes), dtype=torch.uint8, device=x.device)
     _gather_kernel[(count, triton.cdiv(layout.row_bytes, GATHER_CHUNK))](
-        host, gathered, experts, table, layout.row_bytes, CHUNK=GATHER_CHUNK
+        host, scratch, experts, table, layout.row_bytes, CHUNK=GATHER_CHUNK
     )
-    return _launch(layout, code, blocks, buffer, gathered, experts, table, positions, flat_weights, x)
+    return _launch(layout, code, blocks, buffer, scratch, experts, table, positions, flat_weights, x)
 
 
 def _launch(
