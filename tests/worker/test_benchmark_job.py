@@ -22,7 +22,7 @@ def test_standard_benchmark_reports_the_spec_fields_on_the_real_model(engine):
     client = fakeredis.FakeRedis(decode_responses=True)
     keys = RedisKeys("b")
     client.hset(keys.job("j"), mapping=new_job_fields(JobKind.BENCHMARK, {}))
-    context = JobContext(client, keys, "j", deadline=float("inf"), ttl_s=60, stream_tokens=False)
+    context = JobContext(client, keys, "j", deadline=float("inf"), ttl_s=60, owner="w1", retry_s=1, stream_tokens=False)
     report, finish = benchmark_job.run(engine, BenchmarkRequest(test_type="standard", iterations=2), context)
     assert finish == "stop"
     assert report.iterations == 2 and len(report.test_prompts) == 2
