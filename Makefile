@@ -19,7 +19,7 @@ run: install model
 	scripts/run.sh
 
 test: install model
-	scripts/with_redis.sh $(PY) -m pytest -v
+	scripts/with_redis.sh $(PY) -m pytest -v --durations=20
 
 test-unit: install
 	scripts/with_redis.sh $(PY) -m pytest -v -m "not integration"

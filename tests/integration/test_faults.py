@@ -150,8 +150,12 @@ def test_two_workers_share_the_queue_and_the_survivor_finishes_a_killed_workers_
         owner = _running_with_tokens(stack, job_id)["worker"]
         by_id = {w["worker_id"]: w for w in stack.workers()}
         (survivor,) = set(by_id) - {owner}
-        health = stack.http.get("/health").json()
-        assert {w["id"]: w["current_job"] for w in health["workers"]} == {owner: job_id, survivor: None}
+        expected = {owner: job_id, survivor: None}  # as the next heartbeats publish it
+
+        def current_jobs() -> bool:
+            return {w["id"]: w["current_job"] for w in stack.http.get("/health").json()["workers"]} == expected
+
+        _wait("/health to show which worker runs the job", current_jobs, 10)
 
         os.kill(int(by_id[owner]["pid"]), signal.SIGKILL)
         killed_at = time.monotonic()
