@@ -19,7 +19,7 @@ from redis.asyncio import Redis
 
 from api.errors import APIError, from_job_error
 from api.services.auth import Caller
-from api.services.fleet import FleetReader
+from api.services.fleet import Fleet, FleetReader
 from shared.config import Settings
 from shared.job_record import (
     ADMIT_SCRIPT,
@@ -35,6 +35,7 @@ from shared.schemas import ErrorType, EventType, JobError, JobKind, JobStatus, J
 from shared.task_names import TASK_FOR_KIND
 
 XREAD_BLOCK_MS = 5_000  # re-check the deadline at least this often
+FLEET_REUSE_S = 0.5  # how long admission trusts a read that found a ready worker
 
 
 class WaitTimeout(Exception):
@@ -50,12 +51,25 @@ class JobService:
         self.fleet = FleetReader(client, keys, settings)
         self._cancel_queued = client.register_script(CANCEL_QUEUED_SCRIPT)
         self._admit_script = client.register_script(ADMIT_SCRIPT)
+        self._fleet_seen: tuple[float, Fleet] | None = None
 
     # ------------------------------------------------------------------ submit
 
+    async def _ready_fleet(self) -> Fleet:
+        """The workers, read again unless a read less than FLEET_REUSE_S ago found one ready: two round trips
+        saved on most submissions, at the price of admitting for that long after the last worker went (its
+        job then waits in the queue, as it would within HEARTBEAT_STALE_S anyway). A fleet with no ready worker
+        is always read afresh, so the first request after a model loads is not refused."""
+        now = time.monotonic()
+        if self._fleet_seen is not None and now - self._fleet_seen[0] < FLEET_REUSE_S:
+            return self._fleet_seen[1]
+        fleet = await self.fleet.read()
+        self._fleet_seen = (now, fleet) if fleet.ready else None
+        return fleet
+
     async def _admit(self) -> None:
         """Refuse work no worker can take (503) or that would overflow the queue (429)."""
-        fleet = await self.fleet.read()
+        fleet = await self._ready_fleet()
         if not fleet.ready:
             raise APIError(
                 503,
