@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("nf4_matvec.cpp")
 _NAME = "moe_cpu_int4"
-_FLAGS = ["-O3", "-mavx2", "-mfma", "-std=c++17"]
+_FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-std=c++17"]  # -fopenmp: at::parallel_for is inline OpenMP
 
 
 def host_has_avx2() -> bool:
@@ -37,7 +37,9 @@ def load_nf4_matvec() -> Callable[..., torch.Tensor] | None:
     try:
         from torch.utils import cpp_extension
 
-        cpp_extension.load(_NAME, sources=[str(SOURCE)], extra_cflags=_FLAGS, is_python_module=False)
+        cpp_extension.load(
+            _NAME, sources=[str(SOURCE)], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"], is_python_module=False
+        )
     except Exception:
         log.warning("The 4-bit CPU expert kernel did not build; CPU experts dequantize, then multiply", exc_info=True)
         return None
