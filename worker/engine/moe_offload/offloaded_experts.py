@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from worker.engine.compiled_decode import decode_graph
-from worker.engine.moe_offload.cpu_experts import MissSplit, cpu_expert_forward
+from worker.engine.moe_offload.cpu_experts import MissSplit, cpu_experts_forward
 from worker.engine.moe_offload.expert_cache import Acquired, ExpertCache
 from worker.engine.moe_offload.packing import ExpertLayout, unpack_experts
 
@@ -258,11 +258,8 @@ class OffloadedExperts(nn.Module):
     def _compute_on_cpu(
         self, x: torch.Tensor, weights: list[float], routing: Routing, experts: list[int]
     ) -> torch.Tensor:
-        total = torch.zeros(x.shape, dtype=torch.float32)
-        for expert in experts:
-            weight = sum(weights[position] for position in routing.positions[expert])
-            total += weight * cpu_expert_forward(self.layout, self.cache.host_rows[expert], x, self.act_fn).float()
-        return total
+        expert_weights = [sum(weights[position] for position in routing.positions[expert]) for expert in experts]
+        return cpu_experts_forward(self.layout, self.cache.host_rows, experts, expert_weights, x, self.act_fn)
 
     @staticmethod
     def _device_indices(acquired: Acquired, experts: list[int], routing: Routing, decoding: bool) -> torch.Tensor:
