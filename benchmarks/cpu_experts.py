@@ -67,6 +67,18 @@ def copy_bandwidth_gbps(mib: int = 256, repeats: int = 10) -> list[float]:
     return rates
 
 
+def read_bandwidth_gbps(mib: int = 256, repeats: int = 10) -> list[float]:
+    """A read-only pass (a float32 sum) for context: a matvec only reads, and reads can go faster than copies."""
+    source = torch.ones(mib * _MIB // 4, dtype=torch.float32)
+    source.sum()
+    rates = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        source.sum()
+        rates.append(source.numel() * 4 / (time.perf_counter() - start) / 1e9)
+    return rates
+
+
 def nf4_pool(layout: ExpertLayout, experts: int, distinct: int) -> torch.Tensor:
     """`experts` NF4 rows: `distinct` really quantized random experts, tiled (separate copies in memory)."""
     generator = torch.Generator().manual_seed(0)
@@ -332,10 +344,12 @@ def main(argv: list[str] | None = None) -> dict:
         notes["e. CpuExpertKernel"] = "not available on this host (no AVX2 or no compiler)"
 
     bandwidth: list[float] = []
+    read_bandwidth: list[float] = []
     times: dict[str, list[float]] = {name: [] for name in timers}
     outputs: dict[str, torch.Tensor | None] = {}
     for round_index in range(args.rounds):
         bandwidth += copy_bandwidth_gbps()
+        read_bandwidth += read_bandwidth_gbps()
         for name, (run_round, _) in timers.items():
             if name in notes:
                 continue
@@ -365,6 +379,8 @@ def main(argv: list[str] | None = None) -> dict:
         "torch": torch.__version__,
         "shapes": {"hidden": HIDDEN, "intermediate": INTERMEDIATE, "top_k": TOP_K, "pool": args.pool},
         "copy_bandwidth_gbps": {"median": gbps, "min": min(bandwidth), "max": max(bandwidth)},
+        "read_bandwidth_gbps": {"median": statistics.median(read_bandwidth), "min": min(read_bandwidth)},
+        "load_average_1min": os.getloadavg()[0],
         "candidates": results,
         "not_timed": notes,
     }
@@ -434,7 +450,10 @@ def _row(name: str, stats: dict, expert_bytes: int, gbps: float, cosine: float |
 
 def _print(report: dict) -> None:
     bw = report["copy_bandwidth_gbps"]
-    print(f"\ncopy bandwidth: {bw['median']:.1f} GB/s (min {bw['min']:.1f}, max {bw['max']:.1f})")
+    print(
+        f"\ncopy bandwidth: {bw['median']:.1f} GB/s (min {bw['min']:.1f}, max {bw['max']:.1f}); read only: "
+        f"{report['read_bandwidth_gbps']['median']:.1f} GB/s; load average {report['load_average_1min']:.2f}"
+    )
     print(f"{'candidate':<62} {'ms/expert-token':>15} {'p10-p90':>13} {'MiB/expert':>10} {'share':>6} {'cos':>8}")
     for row in report["candidates"]:
         spread = f"{row['p10_ms']:.3f}-{row['p90_ms']:.3f}"
