@@ -67,6 +67,7 @@ class GenerationParams(BaseModel):
     prompt: str = ""
     messages: list[ChatMessage] | None = None
     max_tokens: int
+    min_tokens: int = Field(0, description="tokens generated before an end-of-sequence token may stop it")
     temperature: float
     apply_chat_template: bool = True
     top_p: float = 1.0

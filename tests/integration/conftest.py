@@ -6,7 +6,14 @@ import pytest
 
 from benchmarks.local_stack import LocalStack
 
-_FAST_HEARTBEAT = {"HEARTBEAT_INTERVAL_S": "0.5", "HEARTBEAT_STALE_S": "3", "TORCH_THREADS": "1"}
+# DECODE_COMPILE=off: the int4 weights stay (CPU_WEIGHTS=auto), but a worker (re)start does not pay the
+# decode step's compile, which fault tests would pay at every restart.
+_FAST_HEARTBEAT = {
+    "HEARTBEAT_INTERVAL_S": "0.5",
+    "HEARTBEAT_STALE_S": "3",
+    "TORCH_THREADS": "1",
+    "DECODE_COMPILE": "off",
+}
 
 
 @pytest.fixture(scope="session")

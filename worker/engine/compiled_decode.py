@@ -14,7 +14,7 @@ import os
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -49,9 +49,22 @@ def configure_compiler(num_layers: int, cache_dir: Path | None) -> None:
     limits.accumulated_recompile_limit = max(limits.accumulated_recompile_limit, 8 * num_layers + 64)
 
 
-def wants_compiled_decode(setting: DecodeCompile, device: str) -> bool:
-    """auto: on CUDA only. On the CPU compiling costs tens of seconds at load for a few percent."""
-    return setting == "on" or (setting == "auto" and device == "cuda")
+#: The CPU's static cache lengths: past about a thousand tokens the attention over the whole cache costs a
+#: compiled step more than compiling saves, so longer requests decode eagerly there.
+CPU_CACHE_LENGTHS = (256, 512, 1024)
+
+
+def wants_compiled_decode(setting: DecodeCompile, device: str, quantized_linears: bool = False) -> bool:
+    """auto: on CUDA, and on the CPU once its linear layers are quantized (float weights' decode is bound by
+    reading them, so there compiling costs tens of seconds at load for a few percent)."""
+    return setting == "on" or (setting == "auto" and (device == "cuda" or quantized_linears))
+
+
+def decode_cache_lengths(device: str, context_length: int) -> list[int]:
+    """The static caches to compile the decode step over: the whole context on a GPU; short ones on the CPU."""
+    if device == "cuda":
+        return [context_length]
+    return sorted({min(length, context_length) for length in CPU_CACHE_LENGTHS})
 
 
 def static_cache_bytes(config: PretrainedConfig, max_len: int, dtype: torch.dtype) -> int:
@@ -92,14 +105,24 @@ def decode_graph(eager: Callable[..., torch.Tensor], compiled: bool) -> Callable
 
 
 class CompiledDecode:
-    """The static cache and compile settings that `generate` needs to run its decode step compiled.
-    `configure_compiler` first."""
+    """The static caches and compile settings that `generate` needs to run its decode step compiled.
+    `configure_compiler` first.
 
-    def __init__(self, model: Any, max_len: int, hooks: DecodeHooks | None = None, cuda_graphs: bool = True):
-        self.max_len = max_len
-        self.cache = StaticCache(config=model.config, max_cache_len=max_len)
-        graphs = cuda_graphs and model.device.type == "cuda"
-        self.config = CompileConfig(fullgraph=False, dynamic=False, mode="reduce-overhead" if graphs else "default")
+    A static cache is read whole at every step, however much of it a request fills. `lengths` may hold
+    several cache lengths: each request takes the shortest that holds it, and the step is compiled once with
+    dynamic shapes for all of them (on the CPU, where the attention over a long cache costs more than
+    compiling saves). One length compiles static shapes (CUDA graphs on a GPU)."""
+
+    def __init__(
+        self, model: Any, lengths: int | Sequence[int], hooks: DecodeHooks | None = None, cuda_graphs: bool = True
+    ):
+        lengths = sorted({lengths} if isinstance(lengths, int) else set(lengths))
+        self.caches = {length: StaticCache(config=model.config, max_cache_len=length) for length in lengths}
+        self.max_len = lengths[-1]
+        graphs = cuda_graphs and model.device.type == "cuda" and len(lengths) == 1
+        self.config = CompileConfig(
+            fullgraph=False, dynamic=len(lengths) > 1, mode="reduce-overhead" if graphs else "default"
+        )
         self.config._compile_all_devices = True  # type: ignore[assignment]  # transformers compiles only on accelerators unless told
         self.hooks: DecodeHooks | None = None
         self.attach(hooks)
@@ -110,12 +133,18 @@ class CompiledDecode:
         if hooks is not None:
             hooks.compile_decode(True)
 
-    def generate_kwargs(self) -> dict:
-        """For one `generate` call: the same cache tensors every time (CUDA graphs replay fixed addresses)."""
+    def fits(self, tokens: int) -> bool:
+        """Whether a request of `tokens` (prompt + new tokens) decodes compiled; a longer one decodes eagerly."""
+        return tokens <= self.max_len
+
+    def generate_kwargs(self, tokens: int = 0) -> dict:
+        """For one `generate` call of up to `tokens`: the same cache tensors every time for a given length
+        (CUDA graphs replay fixed addresses)."""
         if self.config.mode == "reduce-overhead":
             _cuda_graph_trees_on_this_thread()
-        self.cache.reset()
-        kwargs = {"cache": self.cache, "compile_config": self.config}
+        cache = self.caches[min(length for length in self.caches if length >= tokens)]
+        cache.reset()
+        kwargs = {"cache": cache, "compile_config": self.config}
         if self.hooks is not None:
             kwargs["logits_processor"] = LogitsProcessorList([_BetweenSteps(self.hooks)])
         return kwargs
@@ -124,14 +153,14 @@ class CompiledDecode:
         """Compile (and on a GPU record the graphs) now, not during the first request: the first decode step
         compiles, the next ones warm up and record. Returns the seconds it took."""
         started = time.perf_counter()
-        log.info("Compiling the decode step (static cache of %d tokens); this takes a while once", self.max_len)
+        log.info("Compiling the decode step (static caches of %s tokens); this takes a while once", list(self.caches))
         generate(
             prompt,
             attention_mask=torch.ones_like(prompt),
             max_new_tokens=6,
             min_new_tokens=6,
             do_sample=False,
-            **self.generate_kwargs(),
+            **self.generate_kwargs(int(prompt.shape[1]) + 6),
             **kwargs,
         )
         elapsed = time.perf_counter() - started

@@ -34,7 +34,7 @@ def create_engine(model_path: str, settings: EngineSettings, offload: OffloadCon
         return DedicatedThreadEngine(
             MoEOffloadEngine(config=offload, converted_root=settings.model_cache_dir / "offload", **common)
         )
-    return DedicatedThreadEngine(TransformersEngine(**common))
+    return DedicatedThreadEngine(TransformersEngine(**common, cpu_weights=settings.cpu_weights))
 
 
 def should_offload_experts(settings: EngineSettings, offload: OffloadConfig) -> bool:

@@ -14,11 +14,19 @@ from transformers.generation.streamers import BaseStreamer
 
 from shared.schemas import GenerationOutcome, GenerationParams
 from worker.engine.base import Engine, GenerationControl, InvalidGenerationInput
-from worker.engine.compiled_decode import CompiledDecode, DecodeHooks, configure_compiler, wants_compiled_decode
+from worker.engine.compiled_decode import (
+    CompiledDecode,
+    DecodeHooks,
+    configure_compiler,
+    decode_cache_lengths,
+    wants_compiled_decode,
+)
+from worker.engine.cpu_quant.kernels import kernels_available
+from worker.engine.cpu_quant.model import quantize_linears
 from worker.engine.detokenizer import IncrementalDetokenizer
 from worker.engine.request_deadline import RequestDeadlineControl
 from worker.engine.stop_strings import StopStringControl
-from worker.settings import DecodeCompile
+from worker.settings import CpuWeights, DecodeCompile
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +94,7 @@ class TransformersEngine(Engine):
         decode_compile: DecodeCompile = "off",
         max_model_len: int = 0,
         compile_cache_dir: Path | None = None,
+        cpu_weights: CpuWeights = "float",
     ):
         self.model_path = model_path
         self.model_name = model_name
@@ -96,10 +105,12 @@ class TransformersEngine(Engine):
         self.decode_compile = decode_compile
         self.max_model_len = max_model_len
         self.compile_cache_dir = compile_cache_dir
+        self.cpu_weights = cpu_weights
         self.context_length = 0
         self.model: Any = None  # a transformers PreTrainedModel once loaded
         self.tokenizer: Any = None
         self.compiled: CompiledDecode | None = None
+        self.quantized_linears = False
 
     def load(self) -> None:
         started = time.perf_counter()
@@ -118,7 +129,7 @@ class TransformersEngine(Engine):
 
     @property
     def compiles_decode(self) -> bool:
-        return wants_compiled_decode(self.decode_compile, self.device)
+        return wants_compiled_decode(self.decode_compile, self.device, self.quantized_linears)
 
     def _context_length(self, config) -> int:
         """Prompt + generated tokens a request may hold: the model's context, or MAX_MODEL_LEN below it."""
@@ -134,7 +145,7 @@ class TransformersEngine(Engine):
         hooks = self.decode_hooks()
         configure_compiler(self.model.config.get_text_config(decoder=True).num_hidden_layers, self.compile_cache_dir)
         try:
-            compiled = CompiledDecode(self.model, self.context_length, hooks)
+            compiled = CompiledDecode(self.model, decode_cache_lengths(self.device, self.context_length), hooks)
             prompt = torch.full((1, 8), next(iter(self._eos_ids), 0), device=self.device)
             with torch.inference_mode():
                 compiled.warm_up(self.model.generate, prompt, pad_token_id=self._pad_token_id())
@@ -152,7 +163,25 @@ class TransformersEngine(Engine):
 
     def _load_model(self) -> torch.nn.Module:
         model: Any = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=self.torch_dtype)
-        return model.to(self.device).eval()
+        model = model.to(self.device).eval()
+        if self._quantizes_linears():
+            started = time.perf_counter()
+            weight_bytes = quantize_linears(model)
+            self.quantized_linears = True
+            self.dtype = f"int4/{self.dtype}"  # weights / activations
+            elapsed = time.perf_counter() - started
+            log.info("Linear weights packed to 4-bit blocks: %.0f MB in %.1f s", weight_bytes / 1e6, elapsed)
+        return model
+
+    def _quantizes_linears(self) -> bool:
+        """CPU_WEIGHTS on the CPU: int4 wants the kernels (and fails without them), auto takes them if they build."""
+        if self.device != "cpu" or self.cpu_weights == "float":
+            return False
+        if kernels_available():
+            return True
+        if self.cpu_weights == "int4":
+            raise RuntimeError("CPU_WEIGHTS=int4, but the int4 CPU kernels need AVX2 and a C++ compiler")
+        return False
 
     def _eos_token_ids(self) -> set[int]:
         ids = self.model.generation_config.eos_token_id
@@ -214,16 +243,18 @@ class TransformersEngine(Engine):
             torch.cuda.reset_peak_memory_stats()
         # The cache's tensors were made in inference mode: reset them in it too.
         with torch.inference_mode(), self._seeded(params.seed):
-            compiled = self.compiled.generate_kwargs() if self.compiled is not None else {}
+            length, compiled = prompt_tokens + params.max_tokens, self.compiled
+            compiled_kwargs = compiled.generate_kwargs(length) if compiled is not None and compiled.fits(length) else {}
             self.model.generate(
                 input_ids=input_ids.to(self.device),
                 attention_mask=torch.ones_like(input_ids).to(self.device),
                 max_new_tokens=params.max_tokens,
+                min_new_tokens=min(params.min_tokens, params.max_tokens) or None,
                 streamer=streamer,
                 stopping_criteria=StoppingCriteriaList([stopping]),
                 pad_token_id=self._pad_token_id(),
                 **sampling,
-                **compiled,
+                **compiled_kwargs,
             )
         stops.finish()
         tokens = streamer.token_ids

@@ -10,6 +10,7 @@ import bitsandbytes.functional as bnbf
 import pytest
 import torch
 
+from worker.engine.cpu_extension import host_has_avx2
 from worker.engine.moe_offload import cpu_experts
 from worker.engine.moe_offload.cpu_expert_kernel import CODEBOOK_LEVELS, CpuExpertKernel
 from worker.engine.moe_offload.cpu_experts import (
@@ -17,7 +18,6 @@ from worker.engine.moe_offload.cpu_experts import (
     cpu_experts_forward,
     dequantized_expert_forward,
 )
-from worker.engine.moe_offload.int4_extension import host_has_avx2
 from worker.engine.moe_offload.packing import QUANT_BLOCKSIZE, ExpertLayout, pack_expert, section_view
 
 CPU = torch.device("cpu")

@@ -137,7 +137,7 @@ def test_compiled_decode_generates_what_eager_decode_does_and_replays_the_same_g
     assert graphs > 1  # pieces between the experts' graph breaks
     assert any((tmp_path / "compile").rglob("*.py"))  # what inductor built, kept for the next start
 
-    cache = compiled.inner.compiled.cache
+    cache = compiled.inner.compiled.caches[96]
     for prompt in ("Hello world, tell me a story", "The quick brown fox"):
         outcome, text = _generate(compiled, prompt, max_tokens=20)
         assert outcome.tokens_generated > 0 and text == _generate(eager, prompt, max_tokens=20)[1]

@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausal
 
 from tests.worker.moe_offload.conftest import TEST_DEVICE
 from tests.worker.moe_offload.deferred_copies import DeferredCopyStream
+from worker.engine.cpu_extension import host_has_avx2
 from worker.engine.moe_offload import builder
 from worker.engine.moe_offload.budget import MemoryPlan
 from worker.engine.moe_offload.builder import build_offloaded_model
@@ -23,7 +24,6 @@ from worker.engine.moe_offload.config import OffloadConfig
 from worker.engine.moe_offload.converter import convert_checkpoint
 from worker.engine.moe_offload.cpu_expert_kernel import CpuExpertKernel
 from worker.engine.moe_offload.cpu_experts import MissSplit
-from worker.engine.moe_offload.int4_extension import host_has_avx2
 from worker.engine.moe_offload.offloaded_experts import OffloadedExperts
 from worker.engine.moe_offload.packing import ExpertLayout, unpack_experts
 

@@ -1,0 +1,25 @@
+"""Swap a loaded model's linear layers for quantized ones: q4 in the decoder, q8 for the output head."""
+
+import logging
+
+import torch
+from transformers import PreTrainedModel
+
+from worker.engine.cpu_quant.linear import QuantizedLinear
+
+log = logging.getLogger(__name__)
+
+
+def quantize_linears(model: PreTrainedModel) -> int:
+    """Every `nn.Linear` of `model` becomes a `QuantizedLinear`: the output embedding (whose rounding moves
+    every logit) as q8, the rest as q4. Returns the bytes the weights take now."""
+    head = model.get_output_embeddings()
+    total = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, torch.nn.Linear):
+                quantized = QuantizedLinear.from_linear(child, "q8" if child is head else "q4")
+                setattr(parent, name, quantized)
+                total += quantized.packed().nbytes
+    model.config.tie_word_embeddings = False  # the head is its own (quantized) copy now
+    return total
