@@ -128,6 +128,19 @@ def _timed(started: float, arrivals: list[float], ended: float, tokens: int, tex
     }
 
 
+def _simd(variant: str) -> str:
+    """What the variant's kernels were built for: llama.cpp's CPU features, or torch's CPU dispatch level."""
+    if variant == "llama.cpp":
+        import llama_cpp
+
+        return llama_cpp.llama_print_system_info().decode().strip()
+    import torch
+
+    from worker.engine.cpu_quant.kernels import kernels_isa
+
+    return f"torch {torch.backends.cpu.get_cpu_capability()}; int4 kernels {kernels_isa()}"
+
+
 def _serve(variant: str, threads: int, gguf: str, connection) -> None:
     """A variant's process: load, answer (prompt_ids, tokens) requests until told to stop."""
     import torch
@@ -142,7 +155,7 @@ def _serve(variant: str, threads: int, gguf: str, connection) -> None:
     except Exception as error:  # llama-cpp-python missing or failing is a finding, not a crash
         connection.send({"error": f"{type(error).__name__}: {error}"})
         return
-    connection.send({"load_s": time.perf_counter() - started, "rss_mb": _peak_rss_mb()})
+    connection.send({"load_s": time.perf_counter() - started, "rss_mb": _peak_rss_mb(), "simd": _simd(variant)})
     while (request := connection.recv()) is not None:
         result = run(*request)
         result["peak_rss_mb"], result["rss_mb"] = _peak_rss_mb(), _rss_mb()
@@ -195,7 +208,12 @@ def main(argv: list[str] | None = None) -> dict:
         ours, theirs = context.Pipe()
         process = context.Process(target=_serve, args=(name, args.threads, str(gguf), theirs), daemon=True)
         process.start()
-        reply = ours.recv()
+        theirs.close()  # so that a variant's process dying shows here as EOFError, not as a wait forever
+        try:
+            reply = ours.recv()
+        except EOFError:
+            process.join()
+            reply = {"error": f"its process exited with code {process.exitcode} while loading"}
         if "error" in reply:
             notes[name] = reply["error"]
             process.join()
@@ -245,6 +263,7 @@ def _report(args, loads: dict, runs: dict, prefills: dict, notes: dict, long_tok
             }
         variants[name] = {
             "load_s": loads[name]["load_s"],
+            "simd": loads[name].get("simd"),
             "peak_rss_mb": max([loads[name]["rss_mb"]] + [r["peak_rss_mb"] for r in results]),
             "rss_mb": results[-1]["rss_mb"],
             "decode_tok_per_s": _summary(decode),
@@ -299,6 +318,8 @@ def _print(report: dict) -> None:
         )
     for name, value in report["ratios"].items():
         print(f"{name}: {value:.2f}")
+    for name, v in report["variants"].items():
+        print(f"{name} kernels: {v['simd']}")
     for name, why in report["not_run"].items():
         print(f"{name}: not run ({why})")
 

@@ -1,4 +1,4 @@
-"""Builds (once per machine, then cached on disk) and loads the project's AVX2 C++ kernels for the CPU.
+"""Builds (once per machine, then cached on disk) and loads the project's C++ kernels for the CPU (AVX2, AVX-512).
 
 Each source registers its ops under a torch library namespace (`torch.ops.<name>`). It is compiled at first
 use with the host's C++ compiler into torch's extensions folder (`TORCH_EXTENSIONS_DIR`, default
@@ -17,6 +17,8 @@ log = logging.getLogger(__name__)
 
 # -fopenmp: at::parallel_for is inline OpenMP. F16C comes with every AVX2 CPU.
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-std=c++17"]
+AVX512_VNNI_FLAGS = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni")
+_AVX512_VNNI_CPUINFO = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")
 
 
 def host_has_avx2() -> bool:
@@ -27,8 +29,20 @@ def host_has_avx2() -> bool:
 
 
 @cache
-def build_cpu_extension(name: str, source: Path) -> bool:
-    """Build or load `source` as extension `name`, once per process; False where the host or build can't."""
+def host_has_avx512_vnni() -> bool:
+    """AVX-512 with VNNI (Intel since Cascade Lake, AMD since Zen 4), as Linux lists the CPU's flags."""
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
+    return host_has_avx2() and all(flag in flags for flag in _AVX512_VNNI_CPUINFO)
+
+
+@cache
+def build_cpu_extension(name: str, source: Path, extra_flags: tuple[str, ...] = ()) -> bool:
+    """Build or load `source` as extension `name` (a name per set of flags: each is cached apart), once per
+    process; False where the host or build can't."""
     if not host_has_avx2():
         log.info("No AVX2 here: %s is not built", name)
         return False
@@ -37,7 +51,11 @@ def build_cpu_extension(name: str, source: Path) -> bool:
 
         log.info("Loading the CPU kernels %s (built once per machine: about 20 s)", name)
         cpp_extension.load(
-            name, sources=[str(source)], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"], is_python_module=False
+            name,
+            sources=[str(source)],
+            extra_cflags=_FLAGS + list(extra_flags),
+            extra_ldflags=["-fopenmp"],
+            is_python_module=False,
         )
     except Exception:
         log.warning("The CPU kernels %s did not build; the plain torch path stays", name, exc_info=True)

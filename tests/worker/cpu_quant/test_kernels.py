@@ -1,4 +1,4 @@
-"""The AVX2 block kernels against dequantize-then-multiply in plain torch.
+"""The block kernels (each build the host runs: AVX2, AVX-512 VNNI) against dequantize-then-multiply in torch.
 
 Stated tolerance: the kernels quantize each activation block of 32 to int16 (32767 levels over its largest
 magnitude), so against float32 dequantize-then-multiply of the same codes their output differs by at most
@@ -16,6 +16,7 @@ from worker.engine.cpu_quant.linear import KERNEL_MAX_ROWS, QuantizedLinear
 from worker.engine.cpu_quant.packing import pack
 
 pytestmark = pytest.mark.skipif(not (host_has_avx2() and kernels.kernels_available()), reason="needs the AVX2 kernels")
+ISAS = kernels.host_isas()  # each build this host runs: AVX2, and AVX-512 VNNI where it has it
 
 # (rows of x, out_features, in_features): the bundled model's shapes, odd ones, one block, a partial block
 SHAPES = [(1, 576, 576), (1, 1536, 576), (1, 576, 1536), (3, 7, 50), (1, 33, 100), (5, 16, 32), (2, 9, 17)]
@@ -33,26 +34,40 @@ def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-12))
 
 
+def _multiply(isa: str, x: torch.Tensor, packed) -> torch.Tensor:
+    ops = kernels.load_build(isa)
+    if packed.format == "q4":
+        return ops.q4_linear(x, packed.codes, packed.scales, packed.minimums, packed.in_features)
+    return ops.q8_linear(x, packed.codes, packed.scales, packed.in_features)
+
+
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("fmt", ["q4", "q8"])
 @pytest.mark.parametrize(("rows", "out_features", "in_features"), SHAPES)
-def test_the_kernel_equals_dequantize_then_multiply(fmt, rows, out_features, in_features):
+def test_the_kernel_equals_dequantize_then_multiply(isa, fmt, rows, out_features, in_features):
     packed = pack(_weight(out_features, in_features, seed=out_features + in_features), fmt)
     x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(rows))
-    if fmt == "q4":
-        assert packed.minimums is not None
-        y = kernels.q4_linear(x, packed.codes, packed.scales, packed.minimums, in_features)
-    else:
-        y = kernels.q8_linear(x, packed.codes, packed.scales, in_features)
+    y = _multiply(isa, x, packed)
     expected = x @ dequantize(packed).T
     assert y.shape == (rows, out_features)
     assert _relative_error(y, expected) < 1e-4
 
 
+@pytest.mark.skipif(len(ISAS) < 2, reason="the host runs one build only")
+@pytest.mark.parametrize("fmt", ["q4", "q8"])
+def test_the_avx512_build_computes_what_the_avx2_build_does(fmt):
+    """Same integer products, same scales: only the float sums' order differs."""
+    packed = pack(_weight(300, 1000, seed=5), fmt)
+    x = torch.randn(3, 1000, generator=torch.Generator().manual_seed(6))
+    assert _relative_error(_multiply("AVX-512 VNNI", x, packed), _multiply("AVX2", x, packed)) < 1e-6
+
+
 @pytest.mark.parametrize("fmt", ["q4", "q8"])
 @pytest.mark.parametrize(("out_features", "in_features"), [(40, 576), (9, 17), (3, 100)])
-def test_unpacking_in_cpp_equals_the_reference_exactly(fmt, out_features, in_features):
+@pytest.mark.parametrize("isa", ISAS)
+def test_unpacking_in_cpp_equals_the_reference_exactly(isa, fmt, out_features, in_features):
     packed = pack(_weight(out_features, in_features, seed=1), fmt)
-    unpacked = kernels.unpack(packed.codes, packed.scales, packed.minimums, in_features)
+    unpacked = kernels.load_build(isa).unpack(packed.codes, packed.scales, packed.minimums, in_features)
     assert torch.equal(unpacked, dequantize(packed))
 
 

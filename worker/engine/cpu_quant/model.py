@@ -22,4 +22,9 @@ def quantize_linears(model: PreTrainedModel) -> int:
                 setattr(parent, name, quantized)
                 total += quantized.packed().nbytes
     model.config.tie_word_embeddings = False  # the head is its own (quantized) copy now
+    # What stays float (embeddings, norms) may still be views of the checkpoint's memory map, which keeps the
+    # whole file mapped and the pages the packing read resident: own copies let the mapping go.
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            tensor.data = tensor.data.clone()
     return total
