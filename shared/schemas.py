@@ -74,6 +74,11 @@ class GenerationParams(BaseModel):
     stop: list[str] = Field(default_factory=list)
     seed: int | None = None
     deadline: float | None = Field(None, description="epoch seconds after which generation stops (timeout)")
+    stream_tokens: bool = Field(
+        True,
+        description="publish each token as a job event for a streamed response; off when only the outcome is "
+        "awaited, so that nothing wakes the API at every token",
+    )
 
     @model_validator(mode="after")
     def _prompt_or_messages(self) -> "GenerationParams":

@@ -27,6 +27,12 @@ log = logging.getLogger(__name__)
 REDIS_RETRY_INTERVAL_S = 1.0
 
 
+def wants_token_events(params: dict[str, Any]) -> bool:
+    """Whether an inference job's tokens go out as events: only a streamed response reads them. Read from the
+    raw payload before the claim; the payload is validated within the claim, so that a bad one fails its job."""
+    return params.get("stream_tokens", True) is not False
+
+
 class JobContext:
     """A claimed job as its work sees it: the `GenerationControl` handed to the engine (token events out,
     cancel and deadline in), progress, and `finish` with the job's result.

@@ -6,6 +6,7 @@ from shared.celery_app import celery_app
 from shared.schemas import BenchmarkRequest, GenerationParams
 from shared.task_names import BENCHMARK_TASK, INFERENCE_TASK
 from worker import benchmark_job
+from worker.job_runner import wants_token_events
 from worker.metrics import record_inference
 from worker.runtime import get_runtime
 
@@ -13,7 +14,7 @@ from worker.runtime import get_runtime
 @celery_app.task(name=INFERENCE_TASK)
 def run_inference(job_id: str, params: dict[str, Any]) -> dict[str, Any] | None:
     runtime = get_runtime()
-    with runtime.job(job_id) as job:
+    with runtime.job(job_id, stream_tokens=wants_token_events(params)) as job:
         if job is None:
             return None
         outcome = runtime.require_engine().generate(GenerationParams.model_validate(params), job)

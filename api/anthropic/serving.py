@@ -41,6 +41,7 @@ def message_params(body: MessagesRequest, settings: Settings) -> GenerationParam
         top_p=1.0 if body.top_p is None else body.top_p,
         stop=checked_stop(body.stop_sequences, "stop_sequences"),
         deadline=request_deadline(body.timeout, settings),
+        stream_tokens=bool(body.stream),
     )
 
 

@@ -50,6 +50,7 @@ def _sampling(
         "stop": checked_stop(body.stop),
         "seed": body.seed,
         "deadline": request_deadline(body.timeout, settings),
+        "stream_tokens": body.stream,
     }
 
 

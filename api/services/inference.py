@@ -24,6 +24,7 @@ def generation_params(body: InferenceRequest, settings: Settings) -> GenerationP
         top_p=body.top_p,
         stop=checked_stop(body.stop),
         seed=body.seed,
+        stream_tokens=body.stream,
     )
 
 

@@ -16,9 +16,9 @@ from api.main import create_app
 from shared.config import Settings
 from shared.redis_keys import RedisKeys
 from shared.schemas import WorkerState
-from shared.task_names import BENCHMARK_TASK
+from shared.task_names import BENCHMARK_TASK, INFERENCE_TASK
 from worker.heartbeat import Heartbeat
-from worker.job_runner import JobContext, JobRunner
+from worker.job_runner import JobContext, JobRunner, wants_token_events
 
 #: The model id the scripted worker announces.
 SERVED_MODEL = "bundled:SmolLM2-135M-Instruct"
@@ -81,7 +81,8 @@ class InlineCelery:
 
         def run() -> None:
             # The runner re-raises for Celery's sake, after recording the failure.
-            with contextlib.suppress(Exception), self.runner.claimed(job_id) as job:
+            stream_tokens = name == INFERENCE_TASK and wants_token_events(params)
+            with contextlib.suppress(Exception), self.runner.claimed(job_id, stream_tokens) as job:
                 if job is not None:
                     job.finish(*(benchmark_work if name == BENCHMARK_TASK else self.work)(job, params))
 

@@ -3,6 +3,7 @@ import json
 import pytest
 
 from shared.schemas import WorkerState
+from tests.api.conftest import SERVED_MODEL
 from worker.engine.base import InvalidGenerationInput
 
 SPEC_FIELDS = {"text", "tokens_generated", "generation_time", "tokens_per_second", "memory_used_gb"}
@@ -160,3 +161,28 @@ def test_slow_job_answers_202_after_the_sync_timeout(client, heartbeat, celery, 
     response = client.post("/inference", json={"prompt": "x"})
     assert response.status_code == 202
     assert client.get(response.headers["location"]).json()["status"] == "queued"
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/inference", {"prompt": "hello world"}),
+        ("/v1/chat/completions", {"model": SERVED_MODEL, "messages": [{"role": "user", "content": "hello world"}]}),
+        ("/v1/completions", {"model": SERVED_MODEL, "prompt": "hello world"}),
+        ("/v1/messages", {"model": SERVED_MODEL, "max_tokens": 8, "messages": [{"role": "user", "content": "hello"}]}),
+    ],
+)
+def test_only_a_streamed_response_has_its_tokens_published_as_events(
+    client, heartbeat, celery, sync_redis, keys, path, body
+):
+    """A response that waits for the outcome reads only the job's end: token events would wake it for nothing."""
+    for stream in (False, True):
+        celery.sent.clear()
+        with client.stream("POST", path, json=body | {"stream": stream}) as response:
+            assert response.status_code == 200
+            response.read()
+        celery.join()
+        _, (job_id, params) = celery.sent[0]
+        assert params["stream_tokens"] is stream
+        types = [fields["type"] for _, fields in sync_redis.xrange(keys.job_events(job_id))]
+        assert ("token" in types) is stream and types[-1] == "done"
