@@ -9,7 +9,8 @@ down, the routing-weighted sum. Candidates, in this order:
      ahead, not timed: a lower bound)
   c. torchao's CPU int4 (`Int4WeightOnlyConfig`, packing format "opaque") on nn.Linear, where it imports
   d. kt-kernel's CPU MoE operator (`KTMoEWrapper`), where it loads
-  e. this engine's AVX2 kernel (`CpuExpertKernel`), reading the NF4 rows in place
+  e. this engine's kernel (`CpuExpertKernel`), reading the NF4 rows in place: its AVX2 build, and its
+     AVX-512 VNNI build where the host has AVX-512 VNNI
 
 Every candidate reads a pool of experts larger than the last-level cache, a different random top-k each
 token, so none is timed on weights a previous call left in cache. Bandwidth is a STREAM-like copy of
@@ -34,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from worker.engine.moe_offload import int4_extension
 from worker.engine.moe_offload.cpu_expert_kernel import CpuExpertKernel
 from worker.engine.moe_offload.cpu_experts import dequantized_expert_forward
 from worker.engine.moe_offload.packing import ExpertLayout, pack_expert, unpack_experts
@@ -334,13 +336,14 @@ def main(argv: list[str] | None = None) -> dict:
         lambda round_index: _in_child(_kt_kernel_round, args.pool, args.tokens, round_index, args.threads),
         layout.gate_up_numel // 32 * 18 + layout.down_numel // 32 * 18,
     )
-    kernel = CpuExpertKernel.for_layout(layout)
-    if kernel is not None:
-        timers["e. CpuExpertKernel (AVX2, NF4 rows in place)"] = (
-            in_process(_kernel_step(kernel, rows)),
-            layout.row_bytes,
-        )
-    else:
+    for isa in int4_extension.host_isas():  # each build the host runs: AVX2, AVX-512 VNNI
+        matvec = int4_extension.load_nf4_matvec(isa)
+        if matvec is not None and CpuExpertKernel.covers(layout):
+            timers[f"e. CpuExpertKernel ({isa}, NF4 rows in place)"] = (
+                in_process(_kernel_step(CpuExpertKernel(layout, matvec), rows)),
+                layout.row_bytes,
+            )
+    if not any(name.startswith("e.") for name in timers):
         notes["e. CpuExpertKernel"] = "not available on this host (no AVX2 or no compiler)"
 
     bandwidth: list[float] = []

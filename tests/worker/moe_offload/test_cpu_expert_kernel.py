@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from worker.engine.cpu_extension import host_has_avx2
-from worker.engine.moe_offload import cpu_experts
+from worker.engine.moe_offload import cpu_experts, int4_extension
 from worker.engine.moe_offload.cpu_expert_kernel import CODEBOOK_LEVELS, CpuExpertKernel
 from worker.engine.moe_offload.cpu_experts import (
     calibrate_miss_split,
@@ -100,6 +100,21 @@ def test_kernel_is_exact_against_a_float_reference_of_its_rounded_values(hidden,
     got = _kernel(layout).forward(rows, experts, weights, x, SILU)
     want = _rounded_reference(layout, rows, experts, weights, x)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(len(int4_extension.host_isas()) < 2, reason="the host runs one build only")
+@pytest.mark.parametrize("hidden,intermediate", [(128, 64), (192, 320), (2048, 512)])
+def test_the_avx512_build_computes_what_the_avx2_build_does(hidden, intermediate):
+    """Pairs of blocks at once, an odd block left to the AVX2 step: same integers, only the sums' order differs."""
+    layout = ExpertLayout(hidden, intermediate, "nf4")
+    rows = _rows(layout, 4, seed=5)
+    experts, weights = [3, 0, 2], [0.5, 0.3, 0.2]
+    x = torch.randn(1, hidden, generator=torch.Generator().manual_seed(6))
+    outputs = [
+        CpuExpertKernel(layout, int4_extension.load_nf4_matvec(isa)).forward(rows, experts, weights, x, SILU)
+        for isa in ("AVX2", "AVX-512 VNNI")
+    ]
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-6)
 
 
 @needs_avx2

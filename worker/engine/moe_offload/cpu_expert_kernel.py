@@ -1,4 +1,5 @@
-"""One token through k experts on the CPU, read in place from their 4-bit host rows by an AVX2 kernel.
+"""One token through k experts on the CPU, read in place from their 4-bit host rows by an AVX2 (or AVX-512
+VNNI) kernel.
 
 The rows keep bitsandbytes' layout (`packing.py`): nothing is repacked, so the kernel costs no extra RAM
 and no load time, and the 4-bit codes are the ones the GPU path reads. The kernel (`nf4_matvec.cpp`) maps
@@ -29,7 +30,7 @@ def codebook_int16(quant: str) -> torch.Tensor:
 
 
 class CpuExpertKernel:
-    """The AVX2 path for one layout; build it with `for_layout`, which says None where it does not apply."""
+    """The vectorized path for one layout; build it with `for_layout`, which says None where it does not apply."""
 
     def __init__(self, layout: ExpertLayout, matvec: Callable[..., torch.Tensor]):
         self.layout = layout

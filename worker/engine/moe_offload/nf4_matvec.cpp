@@ -1,4 +1,5 @@
-// One token through several experts' 4-bit matrices, read straight from their bitsandbytes rows (AVX2).
+// One token through several experts' 4-bit matrices, read straight from their bitsandbytes rows (AVX2; two
+// blocks at a time with AVX-512 VNNI where the build enables it).
 //
 // A row holds each matrix as packed 4-bit codes (two a byte, the first element in the high nibble) and one
 // float32 absmax per block of 64 codes of the flattened matrix. The 16 codes map to int16 through a lookup
@@ -50,6 +51,27 @@ void quantize_rows(const float* x, int64_t rows, int64_t K, int16_t* codes, floa
   }
 }
 
+#if defined(__AVX512BW__) && defined(__AVX512VNNI__)
+constexpr bool kPairs = true;
+// AVX-512 takes two blocks (b, b + 1) a step: their 16-value quarters of the stored order interleaved,
+// [b 0-15, b+1 0-15, b 16-31, b+1 16-31, ...], to match the 128-bit lanes of one 64-byte load.
+void pair_blocks(const int16_t* stored, int64_t rows, int64_t K, int16_t* paired) {
+  std::copy(stored, stored + rows * K, paired);  // a last unpaired block stays as stored
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t b = 0; b + 1 < K / kBlock; b += 2) {
+      const int16_t* first = stored + r * K + b * kBlock;
+      int16_t* out = paired + r * K + b * kBlock;
+      for (int64_t quarter = 0; quarter < 4; ++quarter) {
+        std::copy(first + quarter * 16, first + quarter * 16 + 16, out + quarter * 32);
+        std::copy(first + kBlock + quarter * 16, first + kBlock + quarter * 16 + 16, out + quarter * 32 + 16);
+      }
+    }
+  }
+}
+#else
+constexpr bool kPairs = false;
+#endif
+
 inline float horizontal_sum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -72,14 +94,56 @@ inline __m256i dot_codes(__m256i index, const Table& table, const int16_t* x) {
   return _mm256_add_epi32(a, b);
 }
 
-// One weight row (K codes from flat element `first`, a multiple of 64) against one quantized activation row.
+#if defined(__AVX512BW__) && defined(__AVX512VNNI__)
+// Two blocks' 64 codes (bytes 0-15 of each lane) times their paired activations: lanes 0-7 of the result sum
+// block b's products, lanes 8-15 block b + 1's.
+inline __m512i dot_codes_pair(__m512i index, __m512i table_low, __m512i table_high, const int16_t* x, __m512i acc) {
+  const __m512i low = _mm512_shuffle_epi8(table_low, index);
+  const __m512i high = _mm512_shuffle_epi8(table_high, index);
+  acc = _mm512_dpwssd_epi32(acc, _mm512_unpacklo_epi8(low, high), _mm512_loadu_si512(x));
+  return _mm512_dpwssd_epi32(acc, _mm512_unpackhi_epi8(low, high), _mm512_loadu_si512(x + 32));
+}
+
+// The blocks of a row two at a time; returns the number of blocks done (a last odd one is left over).
+inline int64_t row_dot_pairs(const uint8_t* bytes, const float* block_absmax, int64_t blocks, const int16_t* paired,
+                             const float* xs, const Table& table, float* sum) {
+  const __m512i low_mask = _mm512_set1_epi8(0x0F);
+  const __m512i table_low = _mm512_broadcast_i64x4(table.low), table_high = _mm512_broadcast_i64x4(table.high);
+  __m512 acc = _mm512_setzero_ps();
+  int64_t b = 0;
+  for (; b + 2 <= blocks; b += 2) {
+    _mm_prefetch(reinterpret_cast<const char*>(bytes + b * kBlock / 2 + kPrefetchBytes), _MM_HINT_T0);
+    const __m512i codes = _mm512_loadu_si512(bytes + b * kBlock / 2);
+    const __m512i evens = _mm512_and_si512(_mm512_srli_epi16(codes, 4), low_mask);
+    const __m512i odds = _mm512_and_si512(codes, low_mask);
+    const int16_t* x = paired + b * kBlock;  // a pair's evens (64 values), then its odds
+    __m512i sums = dot_codes_pair(evens, table_low, table_high, x, _mm512_setzero_si512());
+    sums = dot_codes_pair(odds, table_low, table_high, x + 64, sums);
+    const __m512 scale = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(block_absmax[b] * xs[b]),
+                                              _mm512_set1_ps(block_absmax[b + 1] * xs[b + 1]));
+    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), scale, acc);
+  }
+  *sum = _mm512_reduce_add_ps(acc);
+  return b;
+}
+#endif
+
+// One weight row (K codes from flat element `first`, a multiple of 64) against one quantized activation row
+// (`paired`: the same in AVX-512's pair order, where the build has it).
 inline float row_dot(const uint8_t* packed, const float* absmax, int64_t first, int64_t K, const int16_t* xq,
-                     const float* xs, const Table& table) {
+                     const int16_t* paired, const float* xs, const Table& table) {
   const __m256i low_mask = _mm256_set1_epi8(0x0F);
   __m256 acc = _mm256_setzero_ps();
   const uint8_t* bytes = packed + first / 2;
   const float* block_absmax = absmax + first / kBlock;
-  for (int64_t b = 0; b < K / kBlock; ++b) {
+  int64_t b = 0;
+  float pairs_sum = 0.f;
+#if defined(__AVX512BW__) && defined(__AVX512VNNI__)
+  b = row_dot_pairs(bytes, block_absmax, K / kBlock, paired, xs, table, &pairs_sum);
+#else
+  (void)paired;
+#endif
+  for (; b < K / kBlock; ++b) {
     _mm_prefetch(reinterpret_cast<const char*>(bytes + b * kBlock / 2 + kPrefetchBytes), _MM_HINT_T0);
     const __m256i codes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes + b * kBlock / 2));
     const __m256i evens = _mm256_and_si256(_mm256_srli_epi16(codes, 4), low_mask);
@@ -88,7 +152,7 @@ inline float row_dot(const uint8_t* packed, const float* absmax, int64_t first, 
     const __m256i sums = _mm256_add_epi32(dot_codes(evens, table, x), dot_codes(odds, table, x + 32));
     acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_set1_ps(block_absmax[b] * xs[b]), acc);
   }
-  return horizontal_sum(acc);
+  return pairs_sum + horizontal_sum(acc);
 }
 
 // y[e, n] = sum_k W_e[n, k] * x[e or 0, k] for the experts `ids` of `rows` [experts, row_bytes]; W_e is the
@@ -113,6 +177,11 @@ at::Tensor nf4_matvec(const at::Tensor& x, const at::Tensor& rows, const at::Ten
   std::vector<int16_t> xq(x_rows * K);
   std::vector<float> xs(x_rows * (K / kBlock));
   quantize_rows(x.data_ptr<float>(), x_rows, K, xq.data(), xs.data());
+  std::vector<int16_t> paired;
+#if defined(__AVX512BW__) && defined(__AVX512VNNI__)
+  paired.resize(xq.size());
+  pair_blocks(xq.data(), x_rows, K, paired.data());
+#endif
 
   const int16_t* values = lut.data_ptr<int16_t>();
   alignas(16) uint8_t low_bytes[16], high_bytes[16];
@@ -134,7 +203,8 @@ at::Tensor nf4_matvec(const at::Tensor& x, const at::Tensor& rows, const at::Ten
       const uint8_t* row = base + id[e] * row_bytes;
       const int64_t xr = x_rows == 1 ? 0 : e;
       out[r] = unit * row_dot(row + packed_offset, reinterpret_cast<const float*>(row + absmax_offset), n * K, K,
-                              xq.data() + xr * K, xs.data() + xr * (K / kBlock), table);
+                              xq.data() + xr * K, kPairs ? paired.data() + xr * K : nullptr,
+                              xs.data() + xr * (K / kBlock), table);
     }
   });
   return y;
@@ -142,9 +212,16 @@ at::Tensor nf4_matvec(const at::Tensor& x, const at::Tensor& rows, const at::Ten
 
 }  // namespace
 
-TORCH_LIBRARY(moe_cpu_int4, m) {
+// Each build (AVX2, AVX-512 VNNI) registers its op under a namespace of its own, so both can load at once.
+#ifndef NF4_NAMESPACE
+#define NF4_NAMESPACE moe_cpu_int4
+#endif
+#define NF4_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)  // expands the namespace macro first
+#define NF4_LIBRARY_IMPL(ns, m) TORCH_LIBRARY_IMPL(ns, CPU, m)
+
+NF4_LIBRARY(NF4_NAMESPACE, m) {
   m.def("nf4_matvec(Tensor x, Tensor rows, Tensor ids, Tensor lut, int packed_offset, int absmax_offset, int N, "
         "int K) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(moe_cpu_int4, CPU, m) { m.impl("nf4_matvec", &nf4_matvec); }
+NF4_LIBRARY_IMPL(NF4_NAMESPACE, m) { m.impl("nf4_matvec", &nf4_matvec); }
