@@ -22,7 +22,8 @@ TERMINAL = {"succeeded", "failed", "cancelled"}
 
 
 def _submit(stack: LocalStack, body: dict) -> str:
-    response = stack.http.post("/inference", json=body, headers={"Prefer": "respond-async"})
+    """An async job whose tokens go out as events (`stream`): they show when it is mid-generation."""
+    response = stack.http.post("/inference", json=body | {"stream": True}, headers={"Prefer": "respond-async"})
     assert response.status_code == 202, response.text
     return response.json()["id"]
 

@@ -1,9 +1,9 @@
-"""A linear layer whose weight is held in a block format and multiplied by the AVX2 kernels."""
+"""A linear layer whose weight is held in a block format and multiplied by the CPU kernels."""
 
 import torch
 
 from worker.engine.cpu_quant.kernels import q4_linear, q8_linear, unpack
-from worker.engine.cpu_quant.packing import PackedWeight, pack
+from worker.engine.cpu_quant.packing import PackedWeight, WeightFormat, pack
 
 #: Up to this many rows (tokens) the kernel multiplies; beyond it (a long prompt's prefill) the weight is
 #: unpacked to float for one BLAS matmul, which is faster there.
@@ -29,8 +29,8 @@ class QuantizedLinear(torch.nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
 
     @classmethod
-    def from_linear(cls, linear: torch.nn.Linear, fmt: str) -> "QuantizedLinear":
-        return cls(pack(linear.weight, "q4" if fmt == "q4" else "q8"), linear.bias)
+    def from_linear(cls, linear: torch.nn.Linear, fmt: WeightFormat) -> "QuantizedLinear":
+        return cls(pack(linear.weight, fmt), linear.bias)
 
     def packed(self) -> PackedWeight:
         return PackedWeight(self.format, self.codes, self.scales, self.minimums, self.in_features)

@@ -1,13 +1,12 @@
 """Swap a loaded model's linear layers for quantized ones: q4 in the decoder, q8 for the output head."""
 
-import logging
+import contextlib
+import ctypes
 
 import torch
 from transformers import PreTrainedModel
 
 from worker.engine.cpu_quant.linear import QuantizedLinear
-
-log = logging.getLogger(__name__)
 
 
 def quantize_linears(model: PreTrainedModel) -> int:
@@ -22,9 +21,16 @@ def quantize_linears(model: PreTrainedModel) -> int:
                 setattr(parent, name, quantized)
                 total += quantized.packed().nbytes
     model.config.tie_word_embeddings = False  # the head is its own (quantized) copy now
-    # What stays float (embeddings, norms) may still be views of the checkpoint's memory map, which keeps the
-    # whole file mapped and the pages the packing read resident: own copies let the mapping go.
+    # The parameters left (embeddings, norms) may still be views of the checkpoint's memory map, which keeps
+    # the whole file mapped and the pages the packing read resident: own copies let the mapping go.
     with torch.no_grad():
-        for tensor in [*model.parameters(), *model.buffers()]:
-            tensor.data = tensor.data.clone()
+        for parameter in model.parameters():
+            parameter.data = parameter.data.clone()
+    _return_freed_heap()
     return total
+
+
+def _return_freed_heap() -> None:
+    """glibc keeps the float weights' freed heap pages for reuse; give them back (elsewhere, nothing to do)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
