@@ -8,6 +8,7 @@ use with the host's C++ compiler into torch's extensions folder (`TORCH_EXTENSIO
 
 import logging
 import platform
+import time
 from functools import cache
 from pathlib import Path
 
@@ -17,6 +18,8 @@ log = logging.getLogger(__name__)
 
 # -fopenmp: at::parallel_for is inline OpenMP. F16C comes with every AVX2 CPU.
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-std=c++17"]
+#: A build lock older than this was left by a process that died while building (torch would wait on it forever).
+STALE_LOCK_S = 600
 AVX512_VNNI_FLAGS = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni")
 _AVX512_VNNI_CPUINFO = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")
 
@@ -49,6 +52,7 @@ def build_cpu_extension(name: str, source: Path, extra_flags: tuple[str, ...] = 
     try:
         from torch.utils import cpp_extension
 
+        _remove_stale_lock(Path(cpp_extension._get_build_directory(name, verbose=False)) / "lock")
         log.info("Loading the CPU kernels %s (built once per machine: about 20 s)", name)
         cpp_extension.load(
             name,
@@ -61,3 +65,15 @@ def build_cpu_extension(name: str, source: Path, extra_flags: tuple[str, ...] = 
         log.warning("The CPU kernels %s did not build; the plain torch path stays", name, exc_info=True)
         return False
     return True
+
+
+def _remove_stale_lock(lock: Path) -> None:
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age > STALE_LOCK_S:
+        log.warning("Removing %s, left %.0f s ago by a build that did not finish", lock, age)
+        lock.unlink(missing_ok=True)
+    else:
+        log.info("Another process is building %s; waiting for it", lock.parent.name)

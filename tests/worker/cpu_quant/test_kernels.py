@@ -6,11 +6,14 @@ magnitude), so against float32 dequantize-then-multiply of the same codes their 
 torch reference bit for bit, and packing weights that already sit on the grid gives the same codes back.
 """
 
+import os
+import time
+
 import pytest
 import torch
 
 from tests.worker.cpu_quant.reference import dequantize
-from worker.engine.cpu_extension import host_has_avx2
+from worker.engine.cpu_extension import STALE_LOCK_S, _remove_stale_lock, host_has_avx2
 from worker.engine.cpu_quant import kernels
 from worker.engine.cpu_quant.linear import KERNEL_MAX_ROWS, QuantizedLinear
 from worker.engine.cpu_quant.packing import pack
@@ -110,3 +113,16 @@ def test_a_bfloat16_input_comes_back_in_bfloat16():
     linear = torch.nn.Linear(64, 8, bias=False)
     y = QuantizedLinear.from_linear(linear, "q4")(torch.randn(2, 64, dtype=torch.bfloat16))
     assert y.dtype == torch.bfloat16 and y.shape == (2, 8)
+
+
+def test_a_build_lock_left_by_a_dead_build_is_removed_and_a_fresh_one_kept(tmp_path):
+    """torch waits on its build lock forever: a worker killed mid-build would hang every later start."""
+    stale, fresh = tmp_path / "stale", tmp_path / "fresh"
+    for lock in (stale, fresh):
+        lock.write_text("")
+    old = time.time() - STALE_LOCK_S - 60
+    os.utime(stale, (old, old))
+    _remove_stale_lock(stale)
+    _remove_stale_lock(fresh)
+    _remove_stale_lock(tmp_path / "absent")
+    assert not stale.exists() and fresh.exists()
