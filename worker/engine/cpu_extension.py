@@ -20,7 +20,11 @@ log = logging.getLogger(__name__)
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-std=c++17"]
 #: A build lock older than this was left by a process that died while building (torch would wait on it forever).
 STALE_LOCK_S = 600
-AVX512_VNNI_FLAGS = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni")
+#: instruction set -> the compiler flags beyond the AVX2 ones that a build for it adds
+_ISA_FLAGS: dict[str, tuple[str, ...]] = {
+    "AVX2": (),
+    "AVX-512 VNNI": ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"),
+}
 _AVX512_VNNI_CPUINFO = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")
 
 
@@ -40,6 +44,19 @@ def host_has_avx512_vnni() -> bool:
         return False
     flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
     return host_has_avx2() and all(flag in flags for flag in _AVX512_VNNI_CPUINFO)
+
+
+def host_isas() -> list[str]:
+    """The instruction sets the kernels can be built for on this host, the fastest last."""
+    if not host_has_avx2():
+        return []
+    return ["AVX2", "AVX-512 VNNI"] if host_has_avx512_vnni() else ["AVX2"]
+
+
+def build_for_isa(isa: str, namespace: str, source: Path, namespace_macro: str) -> bool:
+    """Build `source` for `isa` with its ops registered under `namespace` (the source takes it from the
+    `namespace_macro` define), so that the builds of one source for several ISAs load side by side."""
+    return build_cpu_extension(namespace, source, (*_ISA_FLAGS[isa], f"-D{namespace_macro}={namespace}"))
 
 
 @cache

@@ -12,25 +12,15 @@ from typing import Any
 
 import torch
 
-from worker.engine.cpu_extension import AVX512_VNNI_FLAGS, build_cpu_extension, host_has_avx2, host_has_avx512_vnni
+from worker.engine.cpu_extension import build_for_isa, host_isas
 
 SOURCE = Path(__file__).with_name("linear_kernels.cpp")
 BLOCK = 32  # weights per scale (and minimum): both formats, and the activation's quantization block
 
-#: instruction set -> (torch op namespace, extra compiler flags)
-BUILDS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "AVX2": ("cpu_quant_avx2", ()),
-    "AVX-512 VNNI": ("cpu_quant_avx512_vnni", AVX512_VNNI_FLAGS),
-}
+#: instruction set -> the torch op namespace of its build
+NAMESPACES = {"AVX2": "cpu_quant_avx2", "AVX-512 VNNI": "cpu_quant_avx512_vnni"}
 
 _active: Any = None  # the namespace of the build the layers call, once `kernels_available()` said True
-
-
-def host_isas() -> list[str]:
-    """The builds this host can run, the fastest last."""
-    if not host_has_avx2():
-        return []
-    return ["AVX2", "AVX-512 VNNI"] if host_has_avx512_vnni() else ["AVX2"]
 
 
 def kernels_isa() -> str | None:
@@ -42,8 +32,8 @@ def kernels_isa() -> str | None:
 @cache
 def load_build(isa: str) -> Any | None:
     """The ops of one build (`torch.ops.<namespace>`), built or loaded once; None where it cannot build."""
-    namespace, flags = BUILDS[isa]
-    if not build_cpu_extension(namespace, SOURCE, (*flags, f"-DCPU_QUANT_NAMESPACE={namespace}")):
+    namespace = NAMESPACES[isa]
+    if not build_for_isa(isa, namespace, SOURCE, "CPU_QUANT_NAMESPACE"):
         return None
     for name in ("q4_linear", "q8_linear"):
         torch.library.register_fake(f"{namespace}::{name}")(_fake_linear)

@@ -7,21 +7,11 @@ from pathlib import Path
 
 import torch
 
-from worker.engine.cpu_extension import AVX512_VNNI_FLAGS, build_cpu_extension, host_has_avx2, host_has_avx512_vnni
+from worker.engine.cpu_extension import build_for_isa, host_isas
 
 SOURCE = Path(__file__).with_name("nf4_matvec.cpp")
-#: instruction set -> (torch op namespace, extra compiler flags)
-BUILDS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "AVX2": ("moe_cpu_int4", ()),
-    "AVX-512 VNNI": ("moe_cpu_int4_avx512_vnni", AVX512_VNNI_FLAGS),
-}
-
-
-def host_isas() -> list[str]:
-    """The builds this host can run, the fastest last."""
-    if not host_has_avx2():
-        return []
-    return ["AVX2", "AVX-512 VNNI"] if host_has_avx512_vnni() else ["AVX2"]
+#: instruction set -> the torch op namespace of its build
+NAMESPACES = {"AVX2": "moe_cpu_int4", "AVX-512 VNNI": "moe_cpu_int4_avx512_vnni"}
 
 
 @cache
@@ -33,7 +23,7 @@ def load_nf4_matvec(isa: str | None = None) -> Callable[..., torch.Tensor] | Non
         isa = isas[-1]
     if isa not in isas:
         return None
-    namespace, flags = BUILDS[isa]
-    if not build_cpu_extension(namespace, SOURCE, (*flags, f"-DNF4_NAMESPACE={namespace}")):
+    namespace = NAMESPACES[isa]
+    if not build_for_isa(isa, namespace, SOURCE, "NF4_NAMESPACE"):
         return None
     return getattr(torch.ops, namespace).nf4_matvec
