@@ -1,4 +1,8 @@
-"""Dependency aliases the routes declare; the objects themselves live on `app.state` (see main.py)."""
+"""Dependency aliases the routes declare; the objects themselves live on `app.state` (see main.py).
+
+Every dependency is `async def`, even with nothing to await: FastAPI runs a plain `def` dependency on a
+thread of its pool, a thread hop per dependency per request for what is an attribute read.
+"""
 
 from typing import Annotated
 
@@ -11,22 +15,23 @@ from api.services.jobs import JobService
 from shared.config import Settings
 
 
-def _settings(request: Request) -> Settings:
+async def _settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
 
-def _jobs(request: Request) -> JobService:
+async def _jobs(request: Request) -> JobService:
     jobs: JobService = request.app.state.jobs
     return jobs
 
 
-def _generations(request: Request) -> GenerationJobs:
-    return GenerationJobs(_jobs(request), _settings(request))
+async def _generations(request: Request) -> GenerationJobs:
+    return GenerationJobs(request.app.state.jobs, request.app.state.settings)
 
 
-def _fleet(request: Request) -> FleetReader:
-    return _jobs(request).fleet
+async def _fleet(request: Request) -> FleetReader:
+    jobs: JobService = request.app.state.jobs
+    return jobs.fleet
 
 
 CallerDep = Annotated[Caller, Depends(authenticate)]

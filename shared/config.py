@@ -14,7 +14,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_file=".env", extra="ignore", protected_namespaces=())
 
     # --- Redis / Celery ---
-    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Celery's broker and backend, jobs, metrics")
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Celery's broker, jobs, metrics")
     key_prefix: str = Field(
         "moeserve",
         pattern=r"^[A-Za-z0-9_.-]+$",

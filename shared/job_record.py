@@ -56,21 +56,55 @@ return 1
 """
 
 # KEYS[1] = job hash, KEYS[2] = job event stream, KEYS[3] = running-jobs set, KEYS[4] = cancel flag,
-# KEYS[5] = metrics hash, whose count of jobs ended in the written status goes up by one.
-# ARGV = expected owner ('' = any), ttl, terminal event type, its data, job id, then field/value pairs.
+# KEYS[5] = metrics hash, KEYS[6] = recent tokens/s list, KEYS[7..9] = the queue wait, job duration and time to
+# first token histograms (shared/histograms.py).
+# ARGV = expected owner ('' = any), ttl, terminal event type, its data, job id, now (the end's time), the
+# inference's figures as JSON ('' for none; see `worker.metrics.inference_figures`), then field/value pairs.
 # The terminal state is written only over a running job still owned as expected: a worker that lost its
 # job (re-queued and claimed elsewhere while Redis was out of its reach) must not end it a second time.
+# The service's counters move in the same step, so that a job is counted exactly when its end is written, and
+# the worker is free for its next job after one round trip.
 # Returns 1 written, 0 not (finished, expired, or owned by another worker now).
 FINISH_SCRIPT = """
 if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
 if ARGV[1] ~= '' and redis.call('HGET', KEYS[1], 'worker') ~= ARGV[1] then return 0 end
-for i = 6, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+redis.call('HSET', KEYS[1], 'finished_at', ARGV[6])
+for i = 8, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 redis.call('XADD', KEYS[2], '*', 'type', ARGV[3], 'data', ARGV[4])
 redis.call('EXPIRE', KEYS[2], ARGV[2])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('SREM', KEYS[3], ARGV[5])
 redis.call('DEL', KEYS[4])
 redis.call('HINCRBY', KEYS[5], 'jobs_' .. redis.call('HGET', KEYS[1], 'status'), 1)  -- jobs_finished_field
+if ARGV[7] == '' then return 1 end
+local run = cjson.decode(ARGV[7])
+redis.call('HINCRBY', KEYS[5], 'total_inferences', 1)
+redis.call('HINCRBY', KEYS[5], 'total_tokens', run.tokens)
+redis.call('HINCRBYFLOAT', KEYS[5], 'total_generation_time', run.generation_time)
+redis.call('LPUSH', KEYS[6], run.tokens_per_second)
+redis.call('LTRIM', KEYS[6], 0, run.window - 1)
+local recent, sum = redis.call('LRANGE', KEYS[6], 0, -1), 0
+for _, speed in ipairs(recent) do sum = sum + tonumber(speed) end
+redis.call('HSET', KEYS[5], 'avg_tokens_per_second', tostring(sum / #recent), 'last_inference_at', ARGV[6])
+local function observe(key, seconds)
+  seconds = math.max(0, seconds)
+  local field = '+Inf'
+  for _, bound in ipairs(run.buckets) do
+    if seconds <= tonumber(bound) then field = bound; break end
+  end
+  redis.call('HINCRBY', key, field, 1)
+  redis.call('HINCRBYFLOAT', key, 'sum', tostring(seconds))
+  redis.call('HINCRBY', key, 'count', 1)
+end
+local created = tonumber(redis.call('HGET', KEYS[1], 'created_at') or '')
+local started = tonumber(redis.call('HGET', KEYS[1], 'started_at') or '')
+local now = tonumber(ARGV[6])
+if created and started then observe(KEYS[7], started - created) end
+if started then observe(KEYS[8], now - started) end
+if run.first_token_at then
+  redis.call('HSET', KEYS[1], 'first_token_at', run.first_token_at)
+  if created then observe(KEYS[9], tonumber(run.first_token_at) - created) end
+end
 return 1
 """
 
@@ -100,16 +134,19 @@ return 1
 """
 
 
-# KEYS[1] = the Celery queue's list, KEYS[2] = the count of submissions on their way into it. ARGV = the most
-# jobs that may wait, the count's TTL (so that one lost by a crashed API heals). Admits a submission only while
-# waiting plus arriving jobs stay under the bound, counting it as arriving until the API has enqueued it
-# (`SUBMISSION_DONE`): a burst of submissions cannot all read a short queue and overflow it together.
-# Returns {1, depth} admitted, {0, depth} refused.
+# KEYS[1] = the Celery queue's list, KEYS[2] = the count of submissions on their way into it, KEYS[3] = the new
+# job's hash. ARGV = the most jobs that may wait, the count's TTL (so that one lost by a crashed API heals), the
+# job's TTL, then the job's field/value pairs. Admits a submission only while waiting plus arriving jobs stay
+# under the bound, counting it as arriving until the API has enqueued it: a burst of submissions cannot all read
+# a short queue and overflow it together. An admitted job's record is written in the same step (one round trip).
+# Returns {1, depth} admitted, {0, depth} refused (nothing written).
 ADMIT_SCRIPT = """
 local depth = redis.call('LLEN', KEYS[1]) + tonumber(redis.call('GET', KEYS[2]) or '0')
 if depth >= tonumber(ARGV[1]) then return {0, depth} end
 redis.call('INCR', KEYS[2])
 redis.call('EXPIRE', KEYS[2], ARGV[2])
+for i = 4, #ARGV, 2 do redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1]) end
+redis.call('EXPIRE', KEYS[3], ARGV[3])
 return {1, depth}
 """
 ARRIVING_TTL_S = 30

@@ -15,16 +15,21 @@ from typing import Any
 import redis
 
 from shared.config import Settings
+from shared.histograms import JOB_DURATION, QUEUE_WAIT, TIME_TO_FIRST_TOKEN
 from shared.job_record import CLAIM_SCRIPT, FINISH_SCRIPT, SEND_HELD_TOKENS_SCRIPT, cancelled_error
 from shared.redis_keys import RedisKeys
-from shared.schemas import ErrorType, EventType, JobError, JobStatus
+from shared.schemas import ErrorType, EventType, GenerationOutcome, JobError, JobStatus
 from worker.engine.base import InvalidGenerationInput
+from worker.metrics import inference_figures
 from worker.redis_outage import UNREACHABLE, RedisUnreachable, retry_until_reachable
 
 log = logging.getLogger(__name__)
 
 #: While Redis is unreachable, a running job tries it again this often (tokens and cancel checks).
 REDIS_RETRY_INTERVAL_S = 1.0
+#: A job whose tokens are not streamed asks Redis for a cancel at most this often (a streamed job learns it with
+#: each token's write): a round trip per token would cost more than the token on a fast model.
+CANCEL_CHECK_INTERVAL_S = 0.05
 
 
 def wants_token_events(params: dict[str, Any]) -> bool:
@@ -63,6 +68,7 @@ class JobContext:
         self.lost = False  # another worker took the job over while Redis was out of this one's reach
         self.first_token_at: float | None = None  # wall clock, for the time-to-first-token histogram
         self._cancel_seen: bool | None = None  # fresh answer from the last emit, used once
+        self._cancel_checked_at = time.monotonic()  # the claim has just looked
         self._held_back: list[str] = []  # token event data not yet in the stream
         self._unreachable_until = 0.0  # monotonic time before which Redis is not tried again
         self._outage_logged = False
@@ -125,11 +131,14 @@ class JobContext:
         if seen is None:
             if self._redis_resting():
                 return False  # asked again once Redis answers
+            if time.monotonic() - self._cancel_checked_at < CANCEL_CHECK_INTERVAL_S:
+                return False
             try:
                 seen = bool(self.client.exists(self.keys.job_cancel(self.job_id)))
             except UNREACHABLE as error:
                 self._lose_redis(error)
                 return False
+        self._cancel_checked_at = time.monotonic()
         return seen
 
     def stop_reason(self) -> str | None:
@@ -147,14 +156,22 @@ class JobContext:
         except UNREACHABLE as error:
             self._lose_redis(error)  # progress is only informative; the next one replaces it
 
-    def finish(self, result: dict[str, Any], finish_reason: str) -> bool:
+    def finish(self, result: dict[str, Any], finish_reason: str, counted: GenerationOutcome | None = None) -> bool:
         """The job's end: succeeded with `result`, or cancelled (keeping what it made) if that is why it stopped.
-        True when written; see `end`."""
+        `counted`: an inference's outcome, added to the service's counters with the end. True when written; see
+        `end`."""
+        figures = "" if counted is None else inference_figures(counted, self.first_token_at)
         if finish_reason == "cancelled":
-            return self.end(JobStatus.CANCELLED, result=result, error=cancelled_error())
-        return self.end(JobStatus.SUCCEEDED, result=result)
+            return self.end(JobStatus.CANCELLED, result=result, error=cancelled_error(), figures=figures)
+        return self.end(JobStatus.SUCCEEDED, result=result, figures=figures)
 
-    def end(self, status: JobStatus, result: dict[str, Any] | None = None, error: JobError | None = None) -> bool:
+    def end(
+        self,
+        status: JobStatus,
+        result: dict[str, Any] | None = None,
+        error: JobError | None = None,
+        figures: str = "",
+    ) -> bool:
         """Write the held-back tokens, the terminal state and the one terminal event, retried while Redis is
         unreachable. False when not written: the job was taken over by another worker, or Redis did not answer
         within `REDIS_RETRY_S` (the watchdog then re-queues it, see `shared.job_record.is_orphaned`)."""
@@ -168,7 +185,15 @@ class JobContext:
             if self.lost:
                 return False
             return write_terminal_state(
-                self.client, self.keys, self.job_id, self.ttl_s, status, result, error, owner=self.owner
+                self.client,
+                self.keys,
+                self.job_id,
+                self.ttl_s,
+                status,
+                result,
+                error,
+                owner=self.owner,
+                figures=figures,
             )
 
         try:
@@ -189,10 +214,11 @@ def write_terminal_state(
     result: dict[str, Any] | None = None,
     error: JobError | None = None,
     owner: str = "",
+    figures: str = "",
 ) -> bool:
-    """The terminal state and event in one script, over a running job owned by `owner` ('' = any owner).
-    True when written."""
-    fields: dict[str, str] = {"status": status.value, "finished_at": repr(time.time())}
+    """The terminal state and event in one script, over a running job owned by `owner` ('' = any owner), with
+    `figures` (`inference_figures`) added to the service's counters. True when written."""
+    fields: dict[str, str] = {"status": status.value}
     if result is not None:
         fields["result"] = json.dumps(result)
     if error is not None:
@@ -203,9 +229,18 @@ def write_terminal_state(
         else (EventType.DONE.value, json.dumps(result))
     )
     pairs = [item for field in fields.items() for item in field]
+    histograms = [keys.histogram(spec.name) for spec in (QUEUE_WAIT, JOB_DURATION, TIME_TO_FIRST_TOKEN)]
     written = client.register_script(FINISH_SCRIPT)(
-        keys=[keys.job(job_id), keys.job_events(job_id), keys.running_jobs(), keys.job_cancel(job_id), keys.metrics()],
-        args=[owner, ttl_s, event_type, data, job_id, *pairs],
+        keys=[
+            keys.job(job_id),
+            keys.job_events(job_id),
+            keys.running_jobs(),
+            keys.job_cancel(job_id),
+            keys.metrics(),
+            keys.recent_tokens_per_second(),
+            *histograms,
+        ],
+        args=[owner, ttl_s, event_type, data, job_id, repr(time.time()), figures, *pairs],
     )
     return bool(written)
 

@@ -7,7 +7,6 @@ from shared.schemas import BenchmarkRequest, GenerationParams
 from shared.task_names import BENCHMARK_TASK, INFERENCE_TASK
 from worker import benchmark_job
 from worker.job_runner import wants_token_events
-from worker.metrics import record_inference
 from worker.runtime import get_runtime
 
 
@@ -18,9 +17,8 @@ def run_inference(job_id: str, params: dict[str, Any]) -> dict[str, Any] | None:
         if job is None:
             return None
         outcome = runtime.require_engine().generate(GenerationParams.model_validate(params), job)
-        if job.finish(outcome.model_dump(), outcome.finish_reason):  # not when another worker took it over
+        if job.finish(outcome.model_dump(), outcome.finish_reason, counted=outcome):  # not when taken over
             runtime.heartbeat.tokens_per_second = outcome.tokens_per_second
-            record_inference(runtime.client, runtime.keys, job_id, outcome, job.first_token_at)
         return outcome.model_dump()
 
 

@@ -6,7 +6,7 @@ from fastapi.responses import JSONResponse
 from shared.schemas import JobAccepted, JobStatus
 
 
-def wants_async(prefer: str | None = Header(None, description="`respond-async` to get 202 and a job id")) -> bool:
+async def wants_async(prefer: str | None = Header(None, description="`respond-async` to get 202 and a job id")) -> bool:
     """RFC 7240: `Prefer: respond-async` asks for 202 + a job to poll instead of waiting."""
     return prefer is not None and "respond-async" in prefer.lower()
 

@@ -71,8 +71,8 @@ def presented_key(request: Request) -> str | None:
     return request.headers.get("x-api-key") or None
 
 
-def authenticate(request: Request) -> Caller:
-    """The route dependency: the caller, or 401 in the route's dialect."""
+async def authenticate(request: Request) -> Caller:
+    """The route dependency (async: no thread hop, see api/deps.py): the caller, or 401 in the route's dialect."""
     keys: KeyRing = request.app.state.keys
     caller = keys.identify(presented_key(request))
     if caller is None:

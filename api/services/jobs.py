@@ -67,8 +67,9 @@ class JobService:
         self._fleet_seen = (now, fleet) if fleet.ready else None
         return fleet
 
-    async def _admit(self) -> None:
-        """Refuse work no worker can take (503) or that would overflow the queue (429)."""
+    async def _admit(self, job_id: str, fields: dict[str, str]) -> None:
+        """Refuse work no worker can take (503) or that would overflow the queue (429); an admitted job's
+        record is written in the same round trip."""
         fleet = await self._ready_fleet()
         if not fleet.ready:
             raise APIError(
@@ -78,8 +79,10 @@ class JobService:
                 headers={"Retry-After": "5"},
             )
         queue = self.keys.celery_queue(self.settings.queue_name)
+        record = [item for field in fields.items() for item in field]
         admitted, backlog = await self._admit_script(
-            keys=[queue, self.keys.arriving_jobs()], args=[self.settings.max_queue_depth, ARRIVING_TTL_S]
+            keys=[queue, self.keys.arriving_jobs(), self.keys.job(job_id)],
+            args=[self.settings.max_queue_depth, ARRIVING_TTL_S, self.settings.job_ttl_s, *record],
         )
         if not admitted:
             metrics = await self.fleet.metrics()
@@ -94,19 +97,15 @@ class JobService:
             )
 
     async def submit(self, kind: JobKind, params: dict[str, Any], caller: Caller) -> str:
-        await self._admit()
+        job_id = uuid.uuid4().hex
+        await self._admit(job_id, new_job_fields(kind, params, caller.client_id))
         try:
-            return await self._enqueue(kind, params, caller)
+            await self._enqueue(kind, job_id, params)
         finally:  # in the queue now, or failed: no longer arriving
             await self.client.decr(self.keys.arriving_jobs())
+        return job_id
 
-    async def _enqueue(self, kind: JobKind, params: dict[str, Any], caller: Caller) -> str:
-        job_id = uuid.uuid4().hex
-        job_key = self.keys.job(job_id)
-        async with self.client.pipeline() as pipe:
-            pipe.hset(job_key, mapping=new_job_fields(kind, params, caller.client_id))  # type: ignore[arg-type]  # str keys are fine
-            pipe.expire(job_key, self.settings.job_ttl_s)
-            await pipe.execute()
+    async def _enqueue(self, kind: JobKind, job_id: str, params: dict[str, Any]) -> None:
         send = partial(
             self.celery.send_task,
             TASK_FOR_KIND[kind],
@@ -119,14 +118,13 @@ class JobService:
             await anyio.to_thread.run_sync(send)
         except Exception as error:
             await self.client.hset(
-                job_key,
+                self.keys.job(job_id),
                 mapping={
                     "status": JobStatus.FAILED.value,
                     "error": JobError(type=ErrorType.SERVICE_UNAVAILABLE, message=str(error)).model_dump_json(),
                 },
             )
             raise APIError(503, ErrorType.SERVICE_UNAVAILABLE, f"could not enqueue the job: {error}") from error
-        return job_id
 
     # ------------------------------------------------------------------ wait / stream
 

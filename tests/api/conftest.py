@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from api.main import create_app
 from shared.config import Settings
 from shared.redis_keys import RedisKeys
-from shared.schemas import WorkerState
+from shared.schemas import GenerationOutcome, WorkerState
 from shared.task_names import BENCHMARK_TASK, INFERENCE_TASK
 from worker.heartbeat import Heartbeat
 from worker.job_runner import JobContext, JobRunner, wants_token_events
@@ -83,8 +83,13 @@ class InlineCelery:
             # The runner re-raises for Celery's sake, after recording the failure.
             stream_tokens = name == INFERENCE_TASK and wants_token_events(params)
             with contextlib.suppress(Exception), self.runner.claimed(job_id, stream_tokens) as job:
-                if job is not None:
-                    job.finish(*(benchmark_work if name == BENCHMARK_TASK else self.work)(job, params))
+                if job is None:
+                    return
+                if name == BENCHMARK_TASK:
+                    job.finish(*benchmark_work(job, params))
+                    return
+                result, finish_reason = self.work(job, params)
+                job.finish(result, finish_reason, counted=GenerationOutcome.model_validate(result))
 
         thread = threading.Thread(target=run)
         thread.start()

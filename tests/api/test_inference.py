@@ -91,6 +91,7 @@ def test_full_queue_means_429_with_retry_after(client, heartbeat, sync_redis, ke
     assert response.status_code == 429
     assert int(response.headers["retry-after"]) >= 1
     assert response.json()["error"]["type"] == "queue_full_error"
+    assert not list(sync_redis.scan_iter(keys.job("*")))  # a refused job leaves no record behind
 
 
 def test_worker_exception_is_500_with_its_message(client, heartbeat, celery):

@@ -1,9 +1,11 @@
 import fakeredis
 import pytest
 
+from shared.histograms import JOB_DURATION, QUEUE_WAIT, TIME_TO_FIRST_TOKEN
 from shared.job_record import CANCEL_QUEUED_SCRIPT, CLAIM_SCRIPT, FINISH_SCRIPT, is_orphaned, new_job_fields, parse_job
 from shared.redis_keys import RedisKeys
-from shared.schemas import JobKind, JobStatus
+from shared.schemas import GenerationOutcome, JobKind, JobStatus
+from worker.metrics import inference_figures
 
 KEYS = RedisKeys("t")
 
@@ -14,10 +16,10 @@ def _store():
     return client, client.register_script(CLAIM_SCRIPT), client.register_script(CANCEL_QUEUED_SCRIPT)
 
 
-def _claim(claim, worker="w1", max_attempts=2):
+def _claim(claim, worker="w1", max_attempts=2, now="1.0"):
     return claim(
         keys=[KEYS.job("j"), KEYS.running_jobs(), KEYS.job_cancel("j")],
-        args=[worker, "1.0", max_attempts, KEYS.worker_heartbeat_prefix(), "j", KEYS.job_recovery_lock_prefix("j")],
+        args=[worker, now, max_attempts, KEYS.worker_heartbeat_prefix(), "j", KEYS.job_recovery_lock_prefix("j")],
     )
 
 
@@ -120,11 +122,53 @@ def test_a_worker_reclaims_its_own_earlier_attempt():
     assert later == 1 and client.hget(KEYS.job("j"), "attempts") == "2"
 
 
-def _finish(client, owner: str) -> int:
+def _finish(client, owner: str, figures: str = "", now: float = 50.0) -> int:
     return client.register_script(FINISH_SCRIPT)(
-        keys=[KEYS.job("j"), KEYS.job_events("j"), KEYS.running_jobs(), KEYS.job_cancel("j"), KEYS.metrics()],
-        args=[owner, 60, "done", '{"text": "x"}', "j", "status", "succeeded", "result", '{"text": "x"}'],
+        keys=[
+            KEYS.job("j"),
+            KEYS.job_events("j"),
+            KEYS.running_jobs(),
+            KEYS.job_cancel("j"),
+            KEYS.metrics(),
+            KEYS.recent_tokens_per_second(),
+            *(KEYS.histogram(spec.name) for spec in (QUEUE_WAIT, JOB_DURATION, TIME_TO_FIRST_TOKEN)),
+        ],
+        args=[owner, 60, "done", '{"text": "x"}', "j", repr(now), figures, "status", "succeeded", "result", '{"x": 1}'],
     )
+
+
+def test_an_inference_is_counted_with_its_end_and_its_times_read_from_the_record():
+    client, claim, _ = _store()
+    client.hset(KEYS.job("j"), "created_at", "100.0")
+    assert _claim(claim, "w1", now="100.2") == 1  # 0.2 s in the queue
+    client.lpush(KEYS.recent_tokens_per_second(), "4.0")  # an earlier job's speed
+    outcome = GenerationOutcome(
+        text="x",
+        tokens_generated=8,
+        prompt_tokens=2,
+        generation_time=0.5,
+        tokens_per_second=16.0,
+        memory_used_gb=0.1,
+        finish_reason="length",
+    )
+    figures = inference_figures(outcome, first_token_at=100.6)  # first text 0.6 s after submission
+    assert _finish(client, "w1", figures, now=101.0) == 1  # 0.8 s running
+    metrics = client.hgetall(KEYS.metrics())
+    assert metrics["total_inferences"] == "1" and metrics["total_tokens"] == "8" and metrics["jobs_succeeded"] == "1"
+    assert float(metrics["total_generation_time"]) == 0.5 and float(metrics["avg_tokens_per_second"]) == 10.0
+    record = client.hgetall(KEYS.job("j"))
+    assert record["finished_at"] == "101.0" and record["first_token_at"] == "100.6"
+    assert float(metrics["last_inference_at"]) == 101.0
+    for spec, bucket, seconds in (
+        (QUEUE_WAIT, "0.25", 0.2),
+        (JOB_DURATION, "1.0", 0.8),
+        (TIME_TO_FIRST_TOKEN, "1.0", 0.6),
+    ):
+        histogram = client.hgetall(KEYS.histogram(spec.name))
+        assert histogram[bucket] == "1" and histogram["count"] == "1", spec.name
+        assert float(histogram["sum"]) == pytest.approx(seconds), spec.name
+        assert len(histogram) == 3, spec.name  # one bucket, sum, count
+    assert _finish(client, "w1", figures) == 0 and client.hget(KEYS.metrics(), "total_inferences") == "1"
 
 
 def test_the_end_is_written_once_and_only_by_the_owner():

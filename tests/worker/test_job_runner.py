@@ -77,6 +77,20 @@ def test_a_cancel_flag_is_seen_at_the_next_token(client, settings):
     assert _events(client)[-1][0] == "error"
 
 
+def test_an_unstreamed_job_asks_for_a_cancel_once_per_interval_not_per_token(client, settings, monkeypatch):
+    _enqueue(client)
+    asked = []
+    real_exists = client.exists
+    monkeypatch.setattr(client, "exists", lambda *keys: asked.append(keys) or real_exists(*keys))
+    with JobRunner(client, KEYS, settings, "w1").claimed("j", stream_tokens=False) as job:
+        client.set(KEYS.job_cancel("j"), "1")
+        assert [job.stop_reason() for _ in range(5)] == [None] * 5 and asked == []  # the claim looked just now
+        monkeypatch.setattr(job_runner, "CANCEL_CHECK_INTERVAL_S", 0.0)
+        assert job.stop_reason() == "cancelled" and len(asked) == 1
+        job.finish({"text": ""}, "cancelled")
+    assert client.hget(KEYS.job("j"), "status") == "cancelled"
+
+
 def test_a_failing_job_records_the_error_and_reraises_for_celery(client, settings):
     _enqueue(client)
 

@@ -17,7 +17,7 @@ _CORPUS = [
 
 
 def tiny_qwen3_next_config(**overrides) -> Qwen3NextConfig:
-    """MISSION.md's test model: 4 layers (3 Gated DeltaNet + 1 attention), hidden 256, 32 experts, top-4."""
+    """The test model: 4 layers (3 Gated DeltaNet + 1 attention), hidden 256, 32 experts, top-4."""
     values = dict(
         vocab_size=VOCAB_SIZE,
         hidden_size=256,
