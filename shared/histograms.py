@@ -9,7 +9,6 @@ import math
 from dataclasses import dataclass
 
 SUM_FIELD = "sum"
-COUNT_FIELD = "count"
 INF = "+Inf"
 
 
