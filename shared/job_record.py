@@ -134,22 +134,23 @@ return 1
 """
 
 
-# KEYS[1] = the Celery queue's list, KEYS[2] = the count of submissions on their way into it, KEYS[3] = the new
-# job's hash. ARGV = the most jobs that may wait, the count's TTL (so that one lost by a crashed API heals), the
-# job's TTL, then the job's field/value pairs. Admits a submission only while waiting plus arriving jobs stay
-# under the bound, counting it as arriving until the API has enqueued it: a burst of submissions cannot all read
-# a short queue and overflow it together. An admitted job's record is written in the same step (one round trip).
+# KEYS[1] = the Celery queue's list, KEYS[2] = the set of jobs admitted and not yet in it, KEYS[3] = the new
+# job's hash. ARGV = the most jobs that may wait, now, the job's id, its TTL, then its field/value pairs.
+# Admits a submission only while waiting plus arriving jobs stay under the bound, counting it as arriving until
+# the API has enqueued it: a burst of submissions cannot all read a short queue and overflow it together. An
+# admitted job's record is written in the same step (one round trip).
 # Returns {1, depth} admitted, {0, depth} refused (nothing written).
 ADMIT_SCRIPT = """
-local depth = redis.call('LLEN', KEYS[1]) + tonumber(redis.call('GET', KEYS[2]) or '0')
+local depth = redis.call('LLEN', KEYS[1]) + redis.call('ZCARD', KEYS[2])
 if depth >= tonumber(ARGV[1]) then return {0, depth} end
-redis.call('INCR', KEYS[2])
-redis.call('EXPIRE', KEYS[2], ARGV[2])
-for i = 4, #ARGV, 2 do redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1]) end
-redis.call('EXPIRE', KEYS[3], ARGV[3])
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
+for i = 5, #ARGV, 2 do redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1]) end
+redis.call('EXPIRE', KEYS[3], ARGV[4])
 return {1, depth}
 """
-ARRIVING_TTL_S = 30
+#: How long an admitted job may take to reach the Celery queue before a worker sends it itself (its API
+#: process died in between).
+ARRIVING_GRACE_S = 30
 
 
 def jobs_finished_field(status: JobStatus) -> str:

@@ -23,9 +23,11 @@ class RedisKeys:
     def job_cancel(self, job_id: str) -> str:
         return f"{self.prefix}:job:{job_id}:cancel"
 
-    # Submissions admitted by the API and not yet in the Celery queue (ADMIT_SCRIPT). TTL: ARRIVING_TTL_S.
+    # Sorted set of the jobs admitted by the API and not yet in the Celery queue (ADMIT_SCRIPT), scored by
+    # admission time. No TTL: the API removes each once sent; a worker sends those an API left behind when it
+    # died (older than ARRIVING_GRACE_S, worker/recovery.py).
     def arriving_jobs(self) -> str:
-        return f"{self.prefix}:jobs:arriving"
+        return f"{self.prefix}:jobs:admitted"
 
     # Set of job ids currently running, for recovering jobs whose worker died. No TTL (members pruned).
     def running_jobs(self) -> str:

@@ -10,9 +10,10 @@ script counts attempts, so a job that keeps killing its worker fails instead of 
 
 import json
 import logging
+import time
 
 from shared.celery_app import celery_app
-from shared.job_record import is_orphaned
+from shared.job_record import ARRIVING_GRACE_S, is_orphaned
 from shared.schemas import JobKind, JobStatus
 from shared.task_names import TASK_FOR_KIND
 
@@ -45,3 +46,26 @@ def recover_orphaned_jobs(runtime, send_task=celery_app.send_task) -> list[str]:
         log.warning("re-enqueued job %s: its worker %s %s (attempt %d)", job_id, owner, why, attempts)
         recovered.append(job_id)
     return recovered
+
+
+def send_jobs_left_unsent(runtime, send_task=celery_app.send_task) -> list[str]:
+    """Jobs an API process admitted (their record written) but died before putting in the queue: still
+    `queued` and admitted more than ARRIVING_GRACE_S ago. Removing one from the admitted set decides which
+    worker sends it; a slow API that sends it too makes a duplicate message, which the claim skips."""
+    client, keys, settings = runtime.client, runtime.keys, runtime.settings
+    sent = []
+    for job_id in client.zrangebyscore(keys.arriving_jobs(), "-inf", time.time() - ARRIVING_GRACE_S):
+        if not client.zrem(keys.arriving_jobs(), job_id):
+            continue  # another worker's
+        record = client.hgetall(keys.job(job_id))
+        if record.get("status") != JobStatus.QUEUED.value:
+            continue  # cancelled or expired meanwhile
+        send_task(
+            TASK_FOR_KIND[JobKind(record["kind"])],
+            args=[job_id, json.loads(record["params"])],
+            task_id=job_id,
+            queue=settings.queue_name,
+        )
+        log.warning("sent job %s: the API process that admitted it stopped before sending it", job_id)
+        sent.append(job_id)
+    return sent

@@ -23,7 +23,6 @@ from api.services.fleet import Fleet, FleetReader
 from shared.config import Settings
 from shared.job_record import (
     ADMIT_SCRIPT,
-    ARRIVING_TTL_S,
     CANCEL_QUEUED_SCRIPT,
     cancelled_error,
     jobs_finished_field,
@@ -82,7 +81,7 @@ class JobService:
         record = [item for field in fields.items() for item in field]
         admitted, backlog = await self._admit_script(
             keys=[queue, self.keys.arriving_jobs(), self.keys.job(job_id)],
-            args=[self.settings.max_queue_depth, ARRIVING_TTL_S, self.settings.job_ttl_s, *record],
+            args=[self.settings.max_queue_depth, repr(time.time()), job_id, self.settings.job_ttl_s, *record],
         )
         if not admitted:
             metrics = await self.fleet.metrics()
@@ -102,7 +101,7 @@ class JobService:
         try:
             await self._enqueue(kind, job_id, params)
         finally:  # in the queue now, or failed: no longer arriving
-            await self.client.decr(self.keys.arriving_jobs())
+            await self.client.zrem(self.keys.arriving_jobs(), job_id)
         return job_id
 
     async def _enqueue(self, kind: JobKind, job_id: str, params: dict[str, Any]) -> None:

@@ -9,13 +9,14 @@ from worker.engine.base import InvalidGenerationInput
 SPEC_FIELDS = {"text", "tokens_generated", "generation_time", "tokens_per_second", "memory_used_gb"}
 
 
-def test_inference_waits_and_returns_exactly_the_spec_fields(client, heartbeat):
+def test_inference_waits_and_returns_exactly_the_spec_fields(client, heartbeat, sync_redis, keys):
     response = client.post("/inference", json={"prompt": "hello world"})
     assert response.status_code == 200
     body = response.json()
     assert set(body) == SPEC_FIELDS
     assert body["text"] == "echo: hello world"
     assert body["tokens_generated"] == 3
+    assert sync_redis.zcard(keys.arriving_jobs()) == 0  # sent: no longer counted as on its way
 
 
 def test_inference_applies_defaults_from_settings(client, heartbeat, celery, settings):

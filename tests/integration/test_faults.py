@@ -1,5 +1,5 @@
 """Real faults on real processes: a worker SIGKILLed under the supervisor, Redis killed and restarted
-mid-job, and two workers sharing a queue with one killed mid-job.
+mid-job, two workers sharing a queue with one killed mid-job, and a job its API admitted but never sent.
 
 Each test logs what it measured (pytest -o log_cli=true shows it)."""
 
@@ -12,6 +12,9 @@ import uuid
 import pytest
 
 from benchmarks.local_stack import LocalStack, RedisServer
+from shared.job_record import ADMIT_SCRIPT, ARRIVING_GRACE_S, new_job_fields
+from shared.redis_keys import RedisKeys
+from shared.schemas import GenerationParams, JobKind
 from tests.integration.conftest import _FAST_HEARTBEAT
 
 pytestmark = pytest.mark.integration
@@ -171,3 +174,19 @@ def test_two_workers_share_the_queue_and_the_survivor_finishes_a_killed_workers_
         assert [w["worker_id"] for w in stack.workers()] == [survivor]
     finally:
         stack.close()
+
+
+def test_a_job_admitted_by_an_api_that_died_before_sending_it_is_sent_by_a_worker(stack):
+    """The API's first step, done here as it does it (the admission script writes the record and counts the job
+    as arriving), dated back past the grace; then nothing, as from an API process killed before `send_task`."""
+    keys = RedisKeys(stack.prefix)
+    job_id = f"stranded-{uuid.uuid4().hex[:8]}"
+    fields = new_job_fields(JobKind.INFERENCE, GenerationParams(prompt="Hi", max_tokens=2, temperature=0.0).model_dump())
+    admitted, _ = stack.redis.register_script(ADMIT_SCRIPT)(
+        keys=[keys.celery_queue(stack.prefix), keys.arriving_jobs(), keys.job(job_id)],
+        args=[64, repr(time.time() - ARRIVING_GRACE_S - 1), job_id, 600, *(x for pair in fields.items() for x in pair)],
+    )
+    assert admitted == 1
+    record = _ended(stack, job_id, timeout_s=60)  # the worker's next heartbeat sends it
+    assert record["status"] == "succeeded" and record["attempts"] == "1"
+    assert stack.terminal_events(job_id) == 1 and stack.redis.zscore(keys.arriving_jobs(), job_id) is None

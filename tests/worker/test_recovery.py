@@ -1,3 +1,4 @@
+import time
 import types
 
 import fakeredis
@@ -8,7 +9,7 @@ from shared.redis_keys import RedisKeys
 from shared.schemas import JobKind
 from worker.heartbeat import Heartbeat
 from worker.job_runner import Claim, JobRunner
-from worker.recovery import recover_orphaned_jobs
+from worker.recovery import recover_orphaned_jobs, send_jobs_left_unsent
 
 KEYS = RedisKeys("t")
 
@@ -65,3 +66,23 @@ def test_a_job_whose_live_owner_moved_on_is_reenqueued_and_again_if_a_retry_foun
     owner.beat()
     assert recover_orphaned_jobs(runtime, send_task) == ["j"]
     assert sent == ["j.retry1", "j.retry1"]
+
+
+def test_jobs_an_api_admitted_but_never_sent_are_sent_once_after_the_grace():
+    client = fakeredis.FakeRedis(decode_responses=True)
+    settings = Settings(key_prefix="t", _env_file=None)
+    admitted_at = {"stranded": time.time() - 60, "cancelled": time.time() - 60, "in-flight": time.time()}
+    for job_id, at in admitted_at.items():
+        client.hset(KEYS.job(job_id), mapping=new_job_fields(JobKind.INFERENCE, {"prompt": job_id}))
+        client.zadd(KEYS.arriving_jobs(), {job_id: at})
+    client.hset(KEYS.job("cancelled"), "status", "cancelled")
+    sent = []
+    runtime = types.SimpleNamespace(client=client, keys=KEYS, settings=settings, worker_id="w1")
+
+    def send_task(name, args, task_id, queue):
+        sent.append((name, args, task_id, queue))
+
+    assert send_jobs_left_unsent(runtime, send_task) == ["stranded"]
+    assert send_jobs_left_unsent(runtime, send_task) == []  # a second pass, or another worker
+    assert sent == [("moeserve.inference", ["stranded", {"prompt": "stranded"}], "stranded", settings.queue_name)]
+    assert client.zrange(KEYS.arriving_jobs(), 0, -1) == ["in-flight"]  # still within its API's grace
