@@ -181,7 +181,8 @@ def test_a_job_admitted_by_an_api_that_died_before_sending_it_is_sent_by_a_worke
     as arriving), dated back past the grace; then nothing, as from an API process killed before `send_task`."""
     keys = RedisKeys(stack.prefix)
     job_id = f"stranded-{uuid.uuid4().hex[:8]}"
-    fields = new_job_fields(JobKind.INFERENCE, GenerationParams(prompt="Hi", max_tokens=2, temperature=0.0).model_dump())
+    params = GenerationParams(prompt="Hi", max_tokens=2, temperature=0.0)
+    fields = new_job_fields(JobKind.INFERENCE, params.model_dump())
     admitted, _ = stack.redis.register_script(ADMIT_SCRIPT)(
         keys=[keys.celery_queue(stack.prefix), keys.arriving_jobs(), keys.job(job_id)],
         args=[64, repr(time.time() - ARRIVING_GRACE_S - 1), job_id, 600, *(x for pair in fields.items() for x in pair)],
