@@ -20,6 +20,16 @@ from shared.task_names import TASK_FOR_KIND
 log = logging.getLogger(__name__)
 
 
+def _send_from_record(send_task, job_id: str, record: dict[str, str], task_id: str, queue: str) -> None:
+    """The job's task, sent again with what its record holds."""
+    send_task(
+        TASK_FOR_KIND[JobKind(record["kind"])],
+        args=[job_id, json.loads(record["params"])],
+        task_id=task_id,
+        queue=queue,
+    )
+
+
 def recover_orphaned_jobs(runtime, send_task=celery_app.send_task) -> list[str]:
     client, keys, settings = runtime.client, runtime.keys, runtime.settings
     recovered = []
@@ -35,13 +45,7 @@ def recover_orphaned_jobs(runtime, send_task=celery_app.send_task) -> list[str]:
         attempts = int(record.get("attempts", 0))
         if not client.set(keys.job_recovery_lock(job_id, attempts), runtime.worker_id, nx=True, ex=settings.job_ttl_s):
             continue
-        kind = JobKind(record["kind"])
-        send_task(
-            TASK_FOR_KIND[kind],
-            args=[job_id, json.loads(record["params"])],
-            task_id=f"{job_id}.retry{attempts}",
-            queue=settings.queue_name,
-        )
+        _send_from_record(send_task, job_id, record, f"{job_id}.retry{attempts}", settings.queue_name)
         why = "is alive but no longer on it" if heartbeat else "died"
         log.warning("re-enqueued job %s: its worker %s %s (attempt %d)", job_id, owner, why, attempts)
         recovered.append(job_id)
@@ -60,12 +64,7 @@ def send_jobs_left_unsent(runtime, send_task=celery_app.send_task) -> list[str]:
         record = client.hgetall(keys.job(job_id))
         if record.get("status") != JobStatus.QUEUED.value:
             continue  # cancelled or expired meanwhile
-        send_task(
-            TASK_FOR_KIND[JobKind(record["kind"])],
-            args=[job_id, json.loads(record["params"])],
-            task_id=job_id,
-            queue=settings.queue_name,
-        )
+        _send_from_record(send_task, job_id, record, job_id, settings.queue_name)
         log.warning("sent job %s: the API process that admitted it stopped before sending it", job_id)
         sent.append(job_id)
     return sent

@@ -17,9 +17,10 @@ def run_inference(job_id: str, params: dict[str, Any]) -> dict[str, Any] | None:
         if job is None:
             return None
         outcome = runtime.require_engine().generate(GenerationParams.model_validate(params), job)
-        if job.finish(outcome.model_dump(), outcome.finish_reason, counted=outcome):  # not when taken over
+        result = outcome.model_dump()
+        if job.finish(result, outcome.finish_reason, counted=outcome):  # not when taken over
             runtime.heartbeat.tokens_per_second = outcome.tokens_per_second
-        return outcome.model_dump()
+        return result
 
 
 @celery_app.task(name=BENCHMARK_TASK)
