@@ -6,6 +6,8 @@
 #   bash benchmarks/gpu_check.sh bench   # ~7 min: the benchmarks
 #   bash benchmarks/gpu_check.sh         # both, time boxes cut
 #   bash benchmarks/gpu_check.sh bus     # ~8 min, on its own: a 16 GB card's bus, emulated
+#   bash benchmarks/gpu_check.sh llama   # ~4 min, on its own: llama.cpp, the peer (.llama/ from
+#                                        # benchmarks/llama_cpp_cuda_build.sh, gguf in .whl/)
 # Part quick:
 #   0. benchmarks/zero_copy_probe.py: the expert kernels reading rows from GPU memory, from mapped host memory,
 #      and after copying them in (what a decode step without graph breaks stands on);
@@ -25,6 +27,10 @@
 #      to fit the box; BUS_TOKENS=256 where the box allows); time to first token for 512, 2k and 8k-token
 #      prompts; routing statistics; bytes over the bus and refilled on the device;
 #   5. the cost model's prediction beside each of step 4's variants.
+# Part llama (on its own; step 6):
+#   6. llama.cpp's llama-bench on a synthetic Qwen3-Next GGUF of the real shapes (written in RAM first, under a
+#      minute), each --n-cpu-moe in its own process with NVML watching it; the fastest within 15 GiB, and its
+#      prompt times for 512, 2k and 8k tokens.
 # Each benchmark's JSON is rewritten after every variant, so a run cut off keeps what it measured.
 # Output goes to $OUT when set, else benchmarks/results/gpu-check/.
 set -uo pipefail
@@ -37,8 +43,10 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD TORCH_LOGS=${TORCH_LOGS:-perf_hints}
 if [ -d .whl ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
         || exit 1
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/fla-site \
-        .whl/fla/*.whl || exit 1
+    if [ -d .whl/fla ]; then  # absent from a .whl/ made for part llama alone (gguf is all it needs)
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/fla-site \
+            .whl/fla/*.whl || exit 1
+    fi
     export PYTHONPATH=/tmp/site:$PWD
 fi
 bench() {  # benchmark arguments...
@@ -69,7 +77,12 @@ print('torch', torch.__version__, 'cuda', torch.version.cuda, '| transformers', 
         python3 -m benchmarks.moe_cost_model --measured "$OUT/moe_offload_gpu-bus.json" \
             ${ZERO_COPY_SHARE:+--zero-copy-share "$ZERO_COPY_SHARE"}
     fi
-    if [ "$PART" != bench ] && [ "$PART" != bus ]; then
+    if [ "$PART" = llama ]; then
+        echo "## 6. llama.cpp, experts of the first N layers in host RAM, the best N within 15 GiB"
+        timeout "${LLAMA_TIMEOUT_S:-330}" python3 -m benchmarks.llama_cpp_gpu --n-cpu-moe "${LLAMA_N_CPU_MOE:-40,36,34,32}" \
+            --tokens "${LLAMA_TOKENS:-128}" --repetitions "${LLAMA_REPETITIONS:-3}" --out "$OUT/llama_cpp_gpu.json"
+    fi
+    if [ "$PART" != bench ] && [ "$PART" != bus ] && [ "$PART" != llama ]; then
         echo "## 0. zero-copy probe"
         timeout "${PROBE_TIMEOUT_S:-35}" python3 -m benchmarks.zero_copy_probe --out "$OUT/zero_copy_probe.json"
         echo "## 1. CUDA correctness (tiny Qwen3-Next)"
@@ -78,7 +91,7 @@ print('torch', torch.__version__, 'cuda', torch.version.cuda, '| transformers', 
             tests/worker/moe_offload/test_engine.py \
             ${TESTS-tests/worker/moe_offload/test_triton_experts.py tests/worker/moe_offload/test_expert_cache.py}
     fi
-    if [ "$PART" != quick ] && [ "$PART" != bus ]; then
+    if [ "$PART" != quick ] && [ "$PART" != bus ] && [ "$PART" != llama ]; then
         echo "## 2. real shapes, 16 GB cap, flash-linear-attention kernels for Gated DeltaNet"
         PYTHONPATH=/tmp/fla-site:$PYTHONPATH python3 -c "import fla; print('fla', fla.__version__)"
         PYTHONPATH=/tmp/fla-site:$PYTHONPATH BENCH_TIMEOUT_S=${FLA_TIMEOUT_S:-250} bench --skip-naive \

@@ -12,8 +12,9 @@ specs=()
 # transformers: this checkout's, newer than the image's 5.17 (static cache and compile paths differ); regex: its
 # floor is above the image's. fla/ (flash-linear-attention: Triton kernels for Gated DeltaNet) goes on the path
 # only for the benchmark run that measures it, since transformers picks it up at import.
+# gguf: benchmarks/llama_cpp_gpu.py writes its synthetic GGUF there.
 for name in bitsandbytes pydantic pydantic-core pydantic-settings python-dotenv typing-inspection annotated-types redis \
-        transformers regex; do
+        transformers regex gguf; do
     specs+=("$name==$("$PY" -m pip show "$name" | sed -n 's/^Version: //p')")
 done
 "$PY" -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

@@ -36,6 +36,7 @@ from transformers import Qwen3NextConfig
 from transformers.activations import ACT2FN
 from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextRMSNorm, Qwen3NextRMSNormGated
 
+from benchmarks.model_shapes import REAL_SHAPES, SMOKE_SHAPES
 from benchmarks.moe_cost_model import measured_dense_ms
 from benchmarks.nvml_memory import MemoryWatch, OverBudgetError, nvml_reader
 from benchmarks.route_file import RecordedRoutes
@@ -63,47 +64,6 @@ from worker.engine.moe_offload.pinning import pin_in_place
 
 RESULTS = Path(__file__).parent / "results"
 _GIB = 1024**3
-
-REAL_SHAPES = dict(
-    vocab_size=151_936,
-    hidden_size=2048,
-    intermediate_size=5120,
-    num_hidden_layers=48,
-    num_attention_heads=16,
-    num_key_value_heads=2,
-    head_dim=256,
-    partial_rotary_factor=0.25,
-    linear_num_value_heads=32,
-    linear_num_key_heads=16,
-    linear_key_head_dim=128,
-    linear_value_head_dim=128,
-    linear_conv_kernel_dim=4,
-    num_experts=512,
-    num_experts_per_tok=10,
-    moe_intermediate_size=512,
-    shared_expert_intermediate_size=512,
-    full_attention_interval=4,
-    norm_topk_prob=True,
-    tie_word_embeddings=False,
-    max_position_embeddings=4096,
-)
-SMOKE_SHAPES = dict(
-    REAL_SHAPES,
-    vocab_size=1000,
-    hidden_size=256,
-    intermediate_size=512,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    head_dim=64,
-    linear_num_value_heads=4,
-    linear_num_key_heads=2,
-    linear_key_head_dim=32,
-    linear_value_head_dim=32,
-    num_experts=32,
-    num_experts_per_tok=4,
-    moe_intermediate_size=128,
-    shared_expert_intermediate_size=128,
-)
 
 
 class Clock:

@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.moe_offload_gpu import REAL_SHAPES, RESULTS, SMOKE_SHAPES, Clock, seconds_per_call, synthetic_host_rows
+from benchmarks.model_shapes import REAL_SHAPES, SMOKE_SHAPES
+from benchmarks.moe_offload_gpu import RESULTS, Clock, seconds_per_call, synthetic_host_rows
 from worker.engine.moe_offload.packing import ExpertLayout
 from worker.engine.moe_offload.pinning import mapped_device_view
 from worker.engine.moe_offload.triton_experts import Blocks, code_table, fused_mix_decode, fused_mix_decode_table, tune

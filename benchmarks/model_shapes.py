@@ -1,0 +1,43 @@
+"""Qwen3-Next-80B-A3B's shapes (its config.json, as transformers' Qwen3NextConfig takes them), and tiny ones with
+the same structure, for the benchmarks that build synthetic models of it."""
+
+REAL_SHAPES = dict(
+    vocab_size=151_936,
+    hidden_size=2048,
+    intermediate_size=5120,
+    num_hidden_layers=48,
+    num_attention_heads=16,
+    num_key_value_heads=2,
+    head_dim=256,
+    partial_rotary_factor=0.25,
+    linear_num_value_heads=32,
+    linear_num_key_heads=16,
+    linear_key_head_dim=128,
+    linear_value_head_dim=128,
+    linear_conv_kernel_dim=4,
+    num_experts=512,
+    num_experts_per_tok=10,
+    moe_intermediate_size=512,
+    shared_expert_intermediate_size=512,
+    full_attention_interval=4,
+    norm_topk_prob=True,
+    tie_word_embeddings=False,
+    max_position_embeddings=4096,
+)
+SMOKE_SHAPES = dict(
+    REAL_SHAPES,
+    vocab_size=1000,
+    hidden_size=256,
+    intermediate_size=512,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    head_dim=64,
+    linear_num_value_heads=4,
+    linear_num_key_heads=2,
+    linear_key_head_dim=32,
+    linear_value_head_dim=32,
+    num_experts=32,
+    num_experts_per_tok=4,
+    moe_intermediate_size=128,
+    shared_expert_intermediate_size=128,
+)
