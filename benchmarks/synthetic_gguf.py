@@ -28,7 +28,7 @@ _SCALES = {
     GGMLQuantizationType.Q6_K: [(208, 2.0**-12)],  # d, after ql, qh and the int8 scales
     GGMLQuantizationType.Q8_0: [(0, 2.0**-10)],
 }
-_POOL_BYTES = 64 << 20
+_SHIFT_BYTES = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -153,27 +153,39 @@ def add_metadata(writer: GGUFWriter, shapes: dict, layers: int) -> None:
     writer.add_eos_token_id(2)
 
 
-def tensor_data(spec: TensorSpec, pool: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    if spec.kind is None:
-        if spec.fill == "ones":
-            values = np.ones(spec.elements, np.float32)
-        elif spec.fill == "negative":
-            values = -np.exp(rng.standard_normal(spec.elements, dtype=np.float32))
-        else:
-            values = rng.standard_normal(spec.elements, dtype=np.float32) * np.float32(0.02)
-        return values.reshape(spec.dims[::-1])
-    start = int(rng.integers(0, _POOL_BYTES))
-    raw = np.resize(np.roll(pool, -start), spec.nbytes)  # random bytes; a pattern repeating every 64 MB
-    block_bytes = GGML_QUANT_SIZES[spec.kind][1]
-    blocks = raw.reshape(-1, block_bytes)
-    for offset, scale in _SCALES[spec.kind]:
-        blocks[:, offset : offset + 2] = np.frombuffer(np.float16(scale).tobytes(), np.uint8)
-    return raw
+class RandomBlocks:
+    """Random blocks of one quantized type, their scales set, enough for the largest tensor of that type plus a
+    shift: each tensor is a view starting at a random block, so no tensor costs a copy or fresh random bytes,
+    and writing the 80B model's file runs at the speed of the disk (or of memory, in /dev/shm)."""
+
+    def __init__(self, kind: GGMLQuantizationType, largest_bytes: int, rng: np.random.Generator):
+        self.block_bytes = GGML_QUANT_SIZES[kind][1]
+        self.shift_blocks = _SHIFT_BYTES // self.block_bytes
+        blocks = rng.integers(
+            0, 256, (largest_bytes // self.block_bytes + self.shift_blocks, self.block_bytes), np.uint8
+        )
+        for offset, scale in _SCALES[kind]:
+            blocks[:, offset : offset + 2] = np.frombuffer(np.float16(scale).tobytes(), np.uint8)
+        self.flat = blocks.reshape(-1)
+
+    def view(self, nbytes: int, rng: np.random.Generator) -> np.ndarray:
+        start = int(rng.integers(0, self.shift_blocks)) * self.block_bytes
+        return self.flat[start : start + nbytes]
+
+
+def float_data(spec: TensorSpec, rng: np.random.Generator) -> np.ndarray:
+    if spec.fill == "ones":
+        values = np.ones(spec.elements, np.float32)
+    elif spec.fill == "negative":
+        values = -np.exp(rng.standard_normal(spec.elements, dtype=np.float32))
+    else:
+        values = rng.standard_normal(spec.elements, dtype=np.float32) * np.float32(0.02)
+    return values.reshape(spec.dims[::-1])
 
 
 def write_synthetic_gguf(path: Path, shapes: dict, layers: int | None = None, seed: int = 0) -> int:
-    """Write the file; returns its size in bytes. Tensors are written one at a time, so memory stays at the
-    largest one (a layer's 512 experts of one matrix, about 0.3 GB) whatever the model's size."""
+    """Write the file; returns its size in bytes. Memory stays at about the largest tensor of each block type
+    (a layer's 512 experts of one matrix, 0.3 GB) plus a shift, whatever the model's size."""
     layers = layers or shapes["num_hidden_layers"]
     specs = list(tensor_specs(shapes, layers))
     writer = GGUFWriter(path, ARCH)
@@ -189,9 +201,13 @@ def write_synthetic_gguf(path: Path, shapes: dict, layers: int | None = None, se
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
     rng = np.random.default_rng(seed)
-    pool = rng.integers(0, 256, _POOL_BYTES, dtype=np.uint8)
+    sources = {
+        kind: RandomBlocks(kind, max(spec.nbytes for spec in specs if spec.kind == kind), rng)
+        for kind in {spec.kind for spec in specs if spec.kind is not None}
+    }
     for spec in specs:
-        writer.write_tensor_data(tensor_data(spec, pool, rng))
+        data = float_data(spec, rng) if spec.kind is None else sources[spec.kind].view(spec.nbytes, rng)
+        writer.write_tensor_data(data)
     writer.close()
     return path.stat().st_size
 
