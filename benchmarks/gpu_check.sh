@@ -6,8 +6,8 @@
 #   bash benchmarks/gpu_check.sh bench   # ~7 min: the benchmarks
 #   bash benchmarks/gpu_check.sh         # both, time boxes cut
 #   bash benchmarks/gpu_check.sh bus     # ~8 min, on its own: a 16 GB card's bus, emulated
-#   bash benchmarks/gpu_check.sh llama   # ~4 min, on its own: llama.cpp, the peer (.llama/ from
-#                                        # benchmarks/llama_cpp_cuda_build.sh, gguf in .whl/)
+#   bash benchmarks/gpu_check.sh llama   # ~4 min, on its own: llama.cpp, the peer (.llama/ or .llama.tar.xz
+#                                        # from benchmarks/llama_cpp_cuda_build.sh, gguf in .whl/)
 # Part quick:
 #   0. benchmarks/zero_copy_probe.py: the expert kernels reading rows from GPU memory, from mapped host memory,
 #      and after copying them in (what a decode step without graph breaks stands on);
@@ -79,8 +79,10 @@ print('torch', torch.__version__, 'cuda', torch.version.cuda, '| transformers', 
     fi
     if [ "$PART" = llama ]; then
         echo "## 6. llama.cpp, experts of the first N layers in host RAM, the best N within 15 GiB"
+        [ ! -x .llama/llama-bench ] && [ -f .llama.tar.xz ] && mkdir -p .llama && tar xJf .llama.tar.xz -C .llama
         timeout "${LLAMA_TIMEOUT_S:-330}" python3 -m benchmarks.llama_cpp_gpu --n-cpu-moe "${LLAMA_N_CPU_MOE:-40,36,34,32}" \
-            --tokens "${LLAMA_TOKENS:-128}" --repetitions "${LLAMA_REPETITIONS:-3}" --out "$OUT/llama_cpp_gpu.json"
+            --tokens "${LLAMA_TOKENS:-128}" --repetitions "${LLAMA_REPETITIONS:-3}" --out "$OUT/llama_cpp_gpu.json" \
+            ${LLAMA_ARGS:-}
     fi
     if [ "$PART" != bench ] && [ "$PART" != bus ] && [ "$PART" != llama ]; then
         echo "## 0. zero-copy probe"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Fill .whl/ (ignored by git) with the wheels an offline GPU machine lacks, at the versions of this checkout's
 # venv, for its Python 3.12. Run once per checkout, before taking .whl/ to that machine for gpu_check.sh.
+# `gpu_wheels.sh llama`: only what gpu_check.sh's part llama needs (gguf), small beside .llama.tar.xz.
 # Such a machine is expected to have torch (CUDA), transformers, accelerate, safetensors, tokenizers, psutil,
 # nvidia-ml-py and pytest; the offload engine and its tests also import these:
 set -euo pipefail
@@ -13,13 +14,15 @@ specs=()
 # floor is above the image's. fla/ (flash-linear-attention: Triton kernels for Gated DeltaNet) goes on the path
 # only for the benchmark run that measures it, since transformers picks it up at import.
 # gguf: benchmarks/llama_cpp_gpu.py writes its synthetic GGUF there.
-for name in bitsandbytes pydantic pydantic-core pydantic-settings python-dotenv typing-inspection annotated-types redis \
-        transformers regex gguf; do
+names=(bitsandbytes pydantic pydantic-core pydantic-settings python-dotenv typing-inspection annotated-types redis
+    transformers regex gguf)
+[ "${1:-}" = llama ] && names=(gguf)
+for name in "${names[@]}"; do
     specs+=("$name==$("$PY" -m pip show "$name" | sed -n 's/^Version: //p')")
 done
 "$PY" -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 --platform any -d .whl "${specs[@]}"
-"$PY" -m pip download --quiet --no-deps --only-binary=:all: -d .whl/fla flash-linear-attention==0.6.0 fla-core==0.6.0 \
-    einops
-du -sh .whl && ls .whl .whl/fla
+[ "${1:-}" = llama ] || "$PY" -m pip download --quiet --no-deps --only-binary=:all: -d .whl/fla \
+    flash-linear-attention==0.6.0 fla-core==0.6.0 einops
+du -sh .whl && ls -R .whl

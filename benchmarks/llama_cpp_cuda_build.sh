@@ -2,7 +2,7 @@
 # Build llama.cpp's llama-bench with CUDA on a machine without a GPU (or network on the GPU machine), for
 # benchmarks/llama_cpp_gpu.py: the CUDA compiler and libraries come from NVIDIA's pip wheels, the source is the
 # llama.cpp that the pinned llama-cpp-python release vendors (the same one `cpu_decode.py` measures on CPU).
-# Output: .llama/ (ignored by git): llama-bench and its shared libraries. It runs where libcudart.so.13 and
+# Output: .llama/ (ignored by git): llama-bench and its shared libraries, and .llama.tar.xz, the same packed. It runs where libcudart.so.13 and
 # libcublas.so.13 are on LD_LIBRARY_PATH (a CUDA 13 PyTorch install has them); without a GPU it runs on CPU.
 #   bash benchmarks/llama_cpp_cuda_build.sh        # CUDA_ARCHS=90 (H100/H200); e.g. "89;120" for RTX 40/50 cards
 set -euo pipefail
@@ -31,16 +31,33 @@ fi
 # No CUDA driver library to link against here: GGML_CUDA_NO_VMM (the memory pool without virtual memory).
 # FLASH_ATTENTION=OFF by default: its kernel instances would take most of the build's hours on two cores; decode
 # at short context hardly uses it (results record which build ran).
-# CPU code for any x86-64 with AVX-512 (the native build can pick instructions a VM lists but cannot run).
-cmake -S "$WORK/src" -B "$WORK/build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
-    -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="${CUDA_ARCHS:-90}" -DCMAKE_CUDA_COMPILER="$toolkit/bin/nvcc" \
-    -DCUDAToolkit_ROOT="$toolkit" -DGGML_CUDA_NO_VMM=ON -DGGML_CUDA_NCCL=OFF \
-    -DGGML_CUDA_FA="${FLASH_ATTENTION:-OFF}" \
-    -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX512=ON \
-    -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON \
-    -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF
+# The CPU backend twice: for any x86-64 with AVX2 (what runs here, wherever that is), and with AVX-512 in
+# .llama/avx512/, which llama_cpp_gpu.py puts first where the CPU has it. Not the native build: it can pick
+# instructions a VM lists but cannot run, and the GPU machine's CPU is not this one.
+avx512=(-DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON)
+configure() {  # AVX-512 flags ON or OFF
+    cmake -S "$WORK/src" -B "$WORK/build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+        -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="${CUDA_ARCHS:-90}" -DCMAKE_CUDA_COMPILER="$toolkit/bin/nvcc" \
+        -DCUDAToolkit_ROOT="$toolkit" -DGGML_CUDA_NO_VMM=ON -DGGML_CUDA_NCCL=OFF \
+        -DGGML_CUDA_FA="${FLASH_ATTENTION:-OFF}" \
+        -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON "${avx512[@]/=ON/=$1}" \
+        -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
+        -DCMAKE_EXE_LINKER_FLAGS="-Wl,-rpath-link,$toolkit/lib"  # cuBLAS, which libggml-cuda needs, for the link
+}
+configure OFF
 cmake --build "$WORK/build" --target llama-bench -j "$(nproc)"
-rm -rf .llama && mkdir .llama
+rm -rf .llama && mkdir -p .llama/avx512
 cp -a "$WORK"/build/bin/llama-bench "$WORK"/build/bin/*.so* .llama/
-grep -qx '/.llama/' .git/info/exclude 2>/dev/null || echo '/.llama/' >> .git/info/exclude
-du -sh .llama && ls .llama
+configure ON  # rebuilds the CPU backend alone
+cmake --build "$WORK/build" --target ggml-cpu -j "$(nproc)"
+cp -a "$WORK"/build/bin/libggml-cpu.so* .llama/avx512/
+strip --strip-unneeded .llama/llama-bench .llama/*.so.* .llama/avx512/*.so.*
+echo "llama.cpp of llama-cpp-python $LLAMA_CPP_PYTHON; CUDA $CUDA, archs ${CUDA_ARCHS:-90}, flash attention ${FLASH_ATTENTION:-OFF}" \
+    > .llama/BUILD
+# The same, packed for a machine the folder would be too large to copy to (about 30 MB against 57):
+# gpu_check.sh unpacks it into .llama/ where that is missing.
+tar cJf .llama.tar.xz -C .llama .
+for ignored in /.llama/ /.llama.tar.xz; do
+    grep -qx "$ignored" .git/info/exclude 2>/dev/null || echo "$ignored" >> .git/info/exclude
+done
+du -sh .llama .llama.tar.xz

@@ -63,10 +63,26 @@ def default_gguf_path(name: str, room_bytes: int) -> Path:
     raise SystemExit(f"no room for the {room_bytes / 1e9:.0f} GB GGUF in /dev/shm or /tmp: pass --gguf, or --layers")
 
 
+# What the AVX-512 build of llama.cpp's CPU backend was compiled for (/proc/cpuinfo's names).
+AVX512_FLAGS = {"avx512f", "avx512cd", "avx512vl", "avx512dq", "avx512bw", "avx512vbmi", "avx512_vnni"}
+
+
+def cpu_backend(binary_dir: Path, cpu_flags: set[str]) -> Path:
+    """The folder of the CPU backend to load: the AVX-512 build where this CPU has all it uses, else AVX2's."""
+    avx512 = binary_dir / "avx512"
+    return avx512 if avx512.is_dir() and cpu_flags >= AVX512_FLAGS else binary_dir
+
+
+def cpu_flags() -> set[str]:
+    cpuinfo = Path("/proc/cpuinfo")
+    text = cpuinfo.read_text() if cpuinfo.exists() else ""
+    return next((set(line.split(":", 1)[1].split()) for line in text.splitlines() if line.startswith("flags")), set())
+
+
 def library_path(binary_dir: Path) -> str:
-    """LD_LIBRARY_PATH for llama-bench: its own libraries, then CUDA 13's runtime and cuBLAS from NVIDIA's pip
-    wheels (a CUDA PyTorch install has them) or a system toolkit."""
-    dirs = [binary_dir]
+    """LD_LIBRARY_PATH for llama-bench: its CPU backend for this CPU, its own libraries, then CUDA 13's runtime
+    and cuBLAS from NVIDIA's pip wheels (a CUDA PyTorch install has them) or a system toolkit."""
+    dirs = [cpu_backend(binary_dir, cpu_flags()), binary_dir]
     try:
         import nvidia  # namespace package of NVIDIA's wheels
 
@@ -177,6 +193,10 @@ def main() -> None:
         "repetitions": args.repetitions,
         "budget_gib": args.budget_gib,
         "build": {},
+        "built_from": (args.binary.parent / "BUILD").read_text().strip()
+        if (args.binary.parent / "BUILD").exists()
+        else "",
+        "cpu_backend": "avx512" if cpu_backend(args.binary.parent, cpu_flags()).name == "avx512" else "avx2",
         "decode": [],
         "failed": [],
         "best": None,

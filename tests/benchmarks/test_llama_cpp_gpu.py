@@ -1,6 +1,6 @@
 """Choosing llama.cpp's best configuration for a card: the fastest `--n-cpu-moe` whose process fits the budget."""
 
-from benchmarks.llama_cpp_gpu import best_within_budget, decode_row, prompt_rows
+from benchmarks.llama_cpp_gpu import AVX512_FLAGS, best_within_budget, cpu_backend, decode_row, prompt_rows
 
 GIB = 1024**3
 
@@ -27,3 +27,12 @@ def test_prompt_time_is_its_size_over_the_median_speed():
     )
 
     assert [(row.prompt_tokens, row.seconds) for row in rows] == [(2048, 2.0), (512, 1.0)]
+
+
+def test_the_avx512_cpu_backend_only_where_the_cpu_has_every_extension_it_was_built_for(tmp_path):
+    (tmp_path / "avx512").mkdir()
+    everything = set(AVX512_FLAGS) | {"avx2", "fma"}
+
+    assert cpu_backend(tmp_path, everything) == tmp_path / "avx512"
+    assert cpu_backend(tmp_path, everything - {"avx512_vnni"}) == tmp_path  # e.g. Skylake-SP
+    assert cpu_backend(tmp_path, {"avx2", "fma", "f16c"}) == tmp_path
