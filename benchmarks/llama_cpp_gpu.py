@@ -10,8 +10,8 @@ budget is llama.cpp's best configuration for that card. For it, the prompt-proce
 
     python -m benchmarks.llama_cpp_gpu [--n-cpu-moe 40,36,34,32] [--tokens 128] [--repetitions 3]
 
-The bus is the card's own: llama.cpp's decode reads the host-RAM experts on the CPU, not over the bus; its prompt
-processing does copy them (the rows print the bus it ran on).
+The bus is the card's own (`gpu_check.sh` logs its PCIe generation and width): llama.cpp's decode computes the
+host-RAM experts on the CPU, not over the bus, while its prompt processing copies them over it.
 """
 
 import argparse
