@@ -7,7 +7,8 @@
 #   bash benchmarks/gpu_check.sh         # both, time boxes cut
 #   bash benchmarks/gpu_check.sh bus     # ~8 min, on its own: a 16 GB card's bus, emulated
 #   bash benchmarks/gpu_check.sh llama   # ~4 min, on its own: llama.cpp, the peer (.llama/ or .llama.tar.xz
-#                                        # from benchmarks/llama_cpp_cuda_build.sh, gguf in .whl/)
+#                                        # from benchmarks/llama_cpp_cuda_build.sh; .whl-llama/ from
+#                                        # benchmarks/gpu_wheels.sh llama)
 # Part quick:
 #   0. benchmarks/zero_copy_probe.py: the expert kernels reading rows from GPU memory, from mapped host memory,
 #      and after copying them in (what a decode step without graph breaks stands on);
@@ -40,12 +41,14 @@ mkdir -p "$OUT"
 # perf_hints: why a compiled graph was not CUDA-graphed (a layer left eager past dynamo's recompile limit is
 # warned about anyway; the benchmark's JSON counts graphs, breaks and frames)
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD TORCH_LOGS=${TORCH_LOGS:-perf_hints}
-if [ -d .whl ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        || exit 1
-    if [ -d .whl/fla ]; then  # absent from a .whl/ made for part llama alone (gguf is all it needs)
+WHEELS=.whl
+[ "$PART" = llama ] && [ -d .whl-llama ] && WHEELS=.whl-llama  # gpu_wheels.sh llama: gguf alone
+if [ -d "$WHEELS" ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        "$WHEELS"/*.whl || exit 1
+    if [ -d "$WHEELS/fla" ]; then
         python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/fla-site \
-            .whl/fla/*.whl || exit 1
+            "$WHEELS"/fla/*.whl || exit 1
     fi
     export PYTHONPATH=/tmp/site:$PWD
 fi

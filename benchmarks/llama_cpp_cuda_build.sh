@@ -29,7 +29,7 @@ if [ ! -d "$WORK/src" ]; then
     mv "$WORK/llama_cpp_python-$LLAMA_CPP_PYTHON/vendor/llama.cpp" "$WORK/src"
 fi
 # No CUDA driver library to link against here: GGML_CUDA_NO_VMM (the memory pool without virtual memory).
-# FLASH_ATTENTION=OFF by default: its kernel instances would take most of the build's hours on two cores; decode
+# FLASH_ATTENTION=OFF by default: its kernel instances add roughly 20 minutes on two cores; decode
 # at short context hardly uses it (results record which build ran).
 # The CPU backend twice: for any x86-64 with AVX2 (what runs here, wherever that is), and with AVX-512 in
 # .llama/avx512/, which llama_cpp_gpu.py puts first where the CPU has it. Not the native build: it can pick
