@@ -24,11 +24,12 @@ Q4_K, Q6_K, Q8_0, F32 = GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q6_K, GG
 # Where each block type keeps its float16 scale(s), and the values written there: small enough that activations
 # stay finite through the layers.
 _SCALES = {
-    GGMLQuantizationType.Q4_K: [(0, 2.0**-10), (2, 2.0**-11)],  # d, dmin
-    GGMLQuantizationType.Q6_K: [(208, 2.0**-12)],  # d, after ql, qh and the int8 scales
-    GGMLQuantizationType.Q8_0: [(0, 2.0**-10)],
+    Q4_K: [(0, 2.0**-10), (2, 2.0**-11)],  # d, dmin
+    Q6_K: [(208, 2.0**-12)],  # d, after ql, qh and the int8 scales
+    Q8_0: [(0, 2.0**-10)],
 }
 _SHIFT_BYTES = 16 << 20
+CONTEXT_LENGTH = 262_144  # the released model's (llama.cpp warns of prompts past what a GGUF declares)
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ class TensorSpec:
 
 def quantized(preferred: GGMLQuantizationType, row: int) -> GGMLQuantizationType | None:
     """The preferred block type where rows split into its blocks, else Q8_0 (tiny test shapes), else float32."""
-    for kind in (preferred, GGMLQuantizationType.Q8_0):
+    for kind in (preferred, Q8_0):
         if row % GGML_QUANT_SIZES[kind][0] == 0:
             return kind
     return None
@@ -123,7 +124,7 @@ def add_metadata(writer: GGUFWriter, shapes: dict, layers: int) -> None:
     writer.add_file_type(LlamaFileType.MOSTLY_Q4_K_M)
     writer.add_quantization_version(2)
     writer.add_block_count(layers)
-    writer.add_context_length(shapes["max_position_embeddings"])
+    writer.add_context_length(CONTEXT_LENGTH)
     writer.add_embedding_length(shapes["hidden_size"])
     writer.add_feed_forward_length(shapes["intermediate_size"])
     writer.add_head_count(shapes["num_attention_heads"])
