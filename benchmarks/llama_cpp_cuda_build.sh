@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Build llama.cpp's llama-bench with CUDA on a machine without a GPU (or network on the GPU machine), for
+# Build llama.cpp's llama-bench with CUDA on a machine without a GPU (the GPU machine may have no network), for
 # benchmarks/llama_cpp_gpu.py: the CUDA compiler and libraries come from NVIDIA's pip wheels, the source is the
-# llama.cpp that the pinned llama-cpp-python release vendors (the same one `cpu_decode.py` measures on CPU).
-# Output: .llama/ (ignored by git): llama-bench and its shared libraries, and .llama.tar.xz, the same packed. It runs where libcudart.so.13 and
-# libcublas.so.13 are on LD_LIBRARY_PATH (a CUDA 13 PyTorch install has them); without a GPU it runs on CPU.
+# llama.cpp that a llama-cpp-python release vendors (LLAMA_CPP_PYTHON: 0.3.36, what cpu_decode.py ran).
+# Output, ignored by git: .llama/ (llama-bench and its shared libraries) and .llama.tar.xz (the same, packed).
+# It runs where libcudart.so.13 and libcublas.so.13 are on LD_LIBRARY_PATH (a CUDA 13 PyTorch install has
+# them); without a GPU it runs on the CPU.
 #   bash benchmarks/llama_cpp_cuda_build.sh        # CUDA_ARCHS=90 (H100/H200); e.g. "89;120" for RTX 40/50 cards
 set -euo pipefail
 cd "$(dirname "$0")/.."
