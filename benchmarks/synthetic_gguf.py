@@ -63,6 +63,7 @@ def tensor_specs(shapes: dict, layers: int) -> Iterator[TensorSpec]:
     embd, vocab = shapes["hidden_size"], shapes["vocab_size"]
     key_dim = shapes["linear_key_head_dim"] * shapes["linear_num_key_heads"]
     value_dim = shapes["linear_value_head_dim"] * shapes["linear_num_value_heads"]
+    conv_dim = key_dim * 2 + value_dim  # the DeltaNet's q, k and v, convolved together
     v_heads, head_dim = shapes["linear_num_value_heads"], shapes["head_dim"]
     q_dim, kv_dim = head_dim * shapes["num_attention_heads"], head_dim * shapes["num_key_value_heads"]
     experts, ff_exp, ff_shared = (
@@ -82,11 +83,9 @@ def tensor_specs(shapes: dict, layers: int) -> Iterator[TensorSpec]:
         yield TensorSpec(blk + "attn_norm.weight", (embd,), F32, "ones")
         yield TensorSpec(blk + "post_attention_norm.weight", (embd,), F32, "ones")
         if is_recurrent(layer, shapes["full_attention_interval"]):  # Gated DeltaNet
-            yield weight(blk + "attn_qkv.weight", embd, key_dim * 2 + value_dim)
+            yield weight(blk + "attn_qkv.weight", embd, conv_dim)
             yield weight(blk + "attn_gate.weight", embd, value_dim)
-            yield TensorSpec(
-                blk + "ssm_conv1d.weight", (shapes["linear_conv_kernel_dim"], key_dim * 2 + value_dim), F32
-            )
+            yield TensorSpec(blk + "ssm_conv1d.weight", (shapes["linear_conv_kernel_dim"], conv_dim), F32)
             yield TensorSpec(blk + "ssm_dt.bias", (v_heads,), F32)
             yield TensorSpec(blk + "ssm_a", (v_heads,), F32, "negative")
             yield weight(blk + "ssm_ba.weight", embd, 2 * v_heads)

@@ -7,7 +7,9 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen3NextConfig, Qwen3NextForCausalLM
 
-VOCAB_SIZE = 1000
+from benchmarks.model_shapes import SMOKE_SHAPES
+
+VOCAB_SIZE = SMOKE_SHAPES["vocab_size"]
 _CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
     "Mixture-of-experts models route each token to a few experts out of many.",
@@ -17,29 +19,9 @@ _CORPUS = [
 
 
 def tiny_qwen3_next_config(**overrides) -> Qwen3NextConfig:
-    """The test model: 4 layers (3 Gated DeltaNet + 1 attention), hidden 256, 32 experts, top-4."""
-    values = dict(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=64,
-        linear_num_value_heads=4,
-        linear_num_key_heads=2,
-        linear_key_head_dim=32,
-        linear_value_head_dim=32,
-        num_experts=32,
-        num_experts_per_tok=4,
-        moe_intermediate_size=128,
-        shared_expert_intermediate_size=128,
-        tie_word_embeddings=False,
-        max_position_embeddings=512,
-        eos_token_id=0,
-        bos_token_id=0,
-        pad_token_id=0,
-    )
+    """The test model: the benchmarks' smoke shapes (4 layers: 3 Gated DeltaNet + 1 attention, hidden 256,
+    32 experts, top-4), a 512-token context, token id 0 for the special tokens."""
+    values = dict(SMOKE_SHAPES, max_position_embeddings=512, eos_token_id=0, bos_token_id=0, pad_token_id=0)
     values.update(overrides)
     return Qwen3NextConfig(**values)
 
