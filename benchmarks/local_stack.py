@@ -88,9 +88,10 @@ class LocalStack:
         self.processes: list[subprocess.Popen] = []
         self.health_while_loading: list[tuple[int, dict]] = []
 
-    def _spawn(self, name: str, command: list[str]) -> subprocess.Popen:
+    def _spawn(self, name: str, command: list[str], **settings: str) -> subprocess.Popen:
         log = (self.log_dir / f"{name}.log").open("w")
-        process = subprocess.Popen(command, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        env = self.env | settings
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         self.processes.append(process)
         return process
 
@@ -148,7 +149,8 @@ class LocalStack:
     def token_events(self, job_id: str) -> int:
         return sum(fields["type"] == "token" for _, fields in self.redis.xrange(f"{self.prefix}:job:{job_id}:events"))
 
-    def start_worker(self, name: str = "worker") -> subprocess.Popen:
+    def start_worker(self, name: str = "worker", **settings: str) -> subprocess.Popen:
+        """`celery worker` on this stack's queue; `settings` override the stack's for this worker alone."""
         return self._spawn(
             name,
             [
@@ -168,6 +170,7 @@ class LocalStack:
                 "--loglevel",
                 "info",
             ],
+            **settings,
         )
 
     def wait_healthy(self, timeout_s: float = 180) -> None:

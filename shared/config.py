@@ -57,8 +57,8 @@ class Settings(BaseSettings):
     redis_retry_s: float = Field(
         600.0,
         gt=0,
-        description="how long a worker retries a job's claim or end while Redis is unreachable; "
-        "past it the job is left to the watchdog, which re-queues it",
+        description="how long a worker retries a job's claim or end while Redis is unreachable (past it the job "
+        "is left to the watchdog, which re-queues it), and its first heartbeat at start (past it, it exits)",
     )
 
     # --- health ---

@@ -17,6 +17,7 @@ from shared.config import Settings
 from shared.redis_keys import RedisKeys
 from shared.schemas import WorkerHeartbeat, WorkerState
 from worker.engine.base import Engine
+from worker.redis_outage import retry_until_reachable
 from worker.system_stats import GpuProbe, host_memory
 
 log = logging.getLogger(__name__)
@@ -96,7 +97,9 @@ class Heartbeat:
             self._stop.wait(self.settings.heartbeat_interval_s)
 
     def start(self) -> None:
-        self.beat()
+        """The first beat, waiting up to REDIS_RETRY_S for Redis (a worker may start before it, or while it
+        loads its data), then the thread; `RedisUnreachable` if Redis never answered."""
+        retry_until_reachable(self.beat, "worker start: first heartbeat", self.settings.redis_retry_s)
         self._thread.start()
 
     def stop(self) -> None:

@@ -1,5 +1,6 @@
 """Real faults on real processes: a worker SIGKILLed under the supervisor, Redis killed and restarted
-mid-job, two workers sharing a queue with one killed mid-job, and a job its API admitted but never sent.
+mid-job, two workers sharing a queue with one killed mid-job, a job its API admitted but never sent, a
+worker started before its Redis (or with none), and a worker whose model does not load beside a healthy one.
 
 Each test logs what it measured (pytest -o log_cli=true shows it)."""
 
@@ -191,3 +192,56 @@ def test_a_job_admitted_by_an_api_that_died_before_sending_it_is_sent_by_a_worke
     record = _ended(stack, job_id, timeout_s=60)  # the worker's next heartbeat sends it
     assert record["status"] == "succeeded" and record["attempts"] == "1"
     assert stack.terminal_events(job_id) == 1 and stack.redis.zscore(keys.arriving_jobs(), job_id) is None
+
+
+def test_a_worker_started_before_its_redis_waits_for_it_then_serves(bundled_model_path, tmp_path):
+    server = RedisServer(tmp_path / "redis")  # not started yet
+    stack = LocalStack(f"it-late-{uuid.uuid4().hex[:8]}", tmp_path, REDIS_URL=server.url, **_FAST_HEARTBEAT)
+    try:
+        stack.start_api()
+        worker = stack.start_worker()
+        log = tmp_path / "worker.log"
+        _wait(
+            "the worker to find Redis unreachable", lambda: "first heartbeat: Redis is unreachable" in log.read_text()
+        )
+        server.start()
+        stack.wait_healthy()
+        response = stack.http.post("/inference", json={"prompt": "Hi", "max_tokens": 3})
+        assert response.status_code == 200 and response.json()["tokens_generated"] > 0
+        assert worker.poll() is None
+    finally:
+        if server.process is None:
+            server.start()  # for close() to clean up
+        stack.close()
+        server.kill()
+
+
+def test_a_worker_whose_redis_never_answers_exits_for_its_supervisor_to_restart(tmp_path):
+    unreachable = RedisServer(tmp_path / "redis")  # never started: nothing listens on its port
+    stack = LocalStack(f"it-nored-{uuid.uuid4().hex[:8]}", tmp_path, REDIS_URL=unreachable.url, REDIS_RETRY_S="2")
+    worker = stack.start_worker()
+    assert worker.wait(timeout=60) == 1
+    assert "Redis never answered within REDIS_RETRY_S; the worker exits" in (tmp_path / "worker.log").read_text()
+
+
+def test_a_worker_whose_model_fails_to_load_takes_no_jobs_from_a_healthy_one(bundled_model_path, tmp_path):
+    stack = LocalStack(f"it-broken-{uuid.uuid4().hex[:8]}", tmp_path, **_FAST_HEARTBEAT)
+    try:
+        stack.start_api()
+        stack.start_worker("broken", MODEL_ID=str(tmp_path / "no-such-model"))
+        (broken,) = _wait(
+            "the broken worker's heartbeat", lambda: [w for w in stack.workers() if w["state"] == "failed"]
+        )
+        refused = stack.http.post("/inference", json={"prompt": "Hi"})
+        assert refused.status_code == 503 and "could not load the model" in refused.json()["error"]["message"]
+
+        stack.start_worker("healthy")
+        stack.wait_healthy()
+        jobs = [_submit(stack, {"prompt": f"Count to {n}.", "max_tokens": 4}) for n in range(4)]
+        ended = [_ended(stack, job_id) for job_id in jobs]
+
+        assert {job["status"] for job in ended} == {"succeeded"}
+        assert broken["worker_id"] not in {job["worker"] for job in ended}
+        assert "this worker takes no jobs" in (tmp_path / "broken.log").read_text()
+    finally:
+        stack.close()
