@@ -220,7 +220,11 @@ def test_a_worker_whose_redis_never_answers_exits_for_its_supervisor_to_restart(
     unreachable = RedisServer(tmp_path / "redis")  # never started: nothing listens on its port
     stack = LocalStack(f"it-nored-{uuid.uuid4().hex[:8]}", tmp_path, REDIS_URL=unreachable.url, REDIS_RETRY_S="2")
     worker = stack.start_worker()
-    assert worker.wait(timeout=60) == 1
+    try:
+        assert worker.wait(timeout=60) == 1
+    finally:
+        if worker.poll() is None:  # no Redis to clean: close() would fail
+            stack.stop(worker)
     assert "Redis never answered within REDIS_RETRY_S; the worker exits" in (tmp_path / "worker.log").read_text()
 
 
