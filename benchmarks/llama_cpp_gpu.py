@@ -23,13 +23,15 @@ import statistics
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Set
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from benchmarks.model_shapes import REAL_SHAPES, SMOKE_SHAPES
 from benchmarks.nvml_memory import nvml_reader
 from benchmarks.synthetic_gguf import gguf_bytes, write_synthetic_gguf
+from worker.engine.cpu_extension import host_cpu_flags
+from worker.system_stats import GpuProbe
 
 ROOT = Path(__file__).resolve().parents[1]
 BUILD_FIELDS = ("build_commit", "backends", "gpu_info", "cpu_info", "flash_attn", "n_threads")
@@ -67,22 +69,16 @@ def default_gguf_path(name: str, room_bytes: int) -> Path:
 AVX512_FLAGS = {"avx512f", "avx512cd", "avx512vl", "avx512dq", "avx512bw", "avx512vbmi", "avx512_vnni"}
 
 
-def cpu_backend(binary_dir: Path, cpu_flags: set[str]) -> Path:
+def cpu_backend(binary_dir: Path, cpu_flags: Set[str]) -> Path:
     """The folder of the CPU backend to load: the AVX-512 build where this CPU has all it uses, else AVX2's."""
     avx512 = binary_dir / "avx512"
     return avx512 if avx512.is_dir() and cpu_flags >= AVX512_FLAGS else binary_dir
 
 
-def cpu_flags() -> set[str]:
-    cpuinfo = Path("/proc/cpuinfo")
-    text = cpuinfo.read_text() if cpuinfo.exists() else ""
-    return next((set(line.split(":", 1)[1].split()) for line in text.splitlines() if line.startswith("flags")), set())
-
-
 def library_path(binary_dir: Path) -> str:
     """LD_LIBRARY_PATH for llama-bench: its CPU backend for this CPU, its own libraries, then CUDA 13's runtime
     and cuBLAS from NVIDIA's pip wheels (a CUDA PyTorch install has them) or a system toolkit."""
-    dirs = [cpu_backend(binary_dir, cpu_flags()), binary_dir]
+    dirs = [cpu_backend(binary_dir, host_cpu_flags()), binary_dir]
     try:
         import nvidia  # namespace package of NVIDIA's wheels
 
@@ -166,6 +162,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
+    gpu = None if args.cpu else GpuProbe().read()
+    if gpu is None and not args.cpu:
+        raise SystemExit("NVML sees no GPU here: pass --cpu to check the script at tiny shapes on the CPU")
+    card = gpu.name if gpu else "cpu"
     shapes = SMOKE_SHAPES if args.cpu else REAL_SHAPES
     layers = args.layers or shapes["num_hidden_layers"]
     if args.gguf is None:
@@ -176,7 +176,6 @@ def main() -> None:
         size = write_synthetic_gguf(args.gguf, shapes, layers)
         print(f"# wrote {args.gguf}: {size / 1e9:.1f} GB in {time.perf_counter() - started:.0f} s")
     read_memory = None if args.cpu else (lambda pid: nvml_reader(0, pid))
-    card = "cpu" if args.cpu else _card_name()
     print(
         f"# llama.cpp on {card}; {args.gguf} ({args.gguf.stat().st_size / 1e9:.1f} GB); budget {args.budget_gib:g} GiB"
     )
@@ -196,7 +195,7 @@ def main() -> None:
         "built_from": (args.binary.parent / "BUILD").read_text().strip()
         if (args.binary.parent / "BUILD").exists()
         else "",
-        "cpu_backend": "avx512" if cpu_backend(args.binary.parent, cpu_flags()).name == "avx512" else "avx2",
+        "cpu_backend": "avx512" if cpu_backend(args.binary.parent, host_cpu_flags()).name == "avx512" else "avx2",
         "decode": [],
         "failed": [],
         "best": None,
@@ -245,14 +244,6 @@ def main() -> None:
 def write_report(out: Path, report: dict) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
-
-
-def _card_name() -> str:
-    import pynvml
-
-    pynvml.nvmlInit()
-    name = pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(0))
-    return name.decode() if isinstance(name, bytes) else name
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader
 
 from benchmarks.model_shapes import REAL_SHAPES, SMOKE_SHAPES
-from benchmarks.synthetic_gguf import tensor_specs, write_synthetic_gguf
+from benchmarks.synthetic_gguf import gguf_bytes, tensor_specs, write_synthetic_gguf
 
 # What llama.cpp's convert_hf_to_gguf.py wrote for tests/worker/moe_offload/tiny_moe.py's model (see "_source").
 REFERENCE = json.loads((Path(__file__).parent / "qwen3next_gguf_reference.json").read_text())
@@ -48,7 +48,7 @@ def test_real_shapes_experts_are_4_5_bits_and_most_of_the_file():
     specs = list(tensor_specs(REAL_SHAPES, REAL_SHAPES["num_hidden_layers"]))
     experts = [spec for spec in specs if "_exps." in spec.name]
     expert_bits = 8 * sum(spec.nbytes for spec in experts) / sum(spec.elements for spec in experts)
-    total = sum(spec.nbytes for spec in specs)
+    total = gguf_bytes(REAL_SHAPES, REAL_SHAPES["num_hidden_layers"])
 
     assert {spec.kind for spec in experts} == {GGMLQuantizationType.Q4_K}
     assert expert_bits == 4.5

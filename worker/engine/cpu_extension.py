@@ -36,14 +36,22 @@ def host_has_avx2() -> bool:
 
 
 @cache
-def host_has_avx512_vnni() -> bool:
-    """AVX-512 with VNNI (Intel since Cascade Lake, AMD since Zen 4), as Linux lists the CPU's flags."""
+def host_cpu_flags() -> frozenset[str]:
+    """The CPU's flags as Linux lists them in /proc/cpuinfo (none where it cannot be read)."""
     try:
         cpuinfo = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
-    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
-    return host_has_avx2() and all(flag in flags for flag in _AVX512_VNNI_CPUINFO)
+        return frozenset()
+    return next(
+        (frozenset(line.split(":", 1)[1].split()) for line in cpuinfo.splitlines() if line.startswith("flags")),
+        frozenset(),
+    )
+
+
+@cache
+def host_has_avx512_vnni() -> bool:
+    """AVX-512 with VNNI (Intel since Cascade Lake, AMD since Zen 4), as Linux lists the CPU's flags."""
+    return host_has_avx2() and host_cpu_flags() >= frozenset(_AVX512_VNNI_CPUINFO)
 
 
 def host_isas() -> list[str]:
