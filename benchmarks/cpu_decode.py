@@ -23,6 +23,7 @@ import resource
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -68,13 +69,9 @@ def _engine_runner(weights: str, compile_decode: str) -> tuple[Callable[[list[in
     from worker.settings import get_engine_settings
 
     settings = get_engine_settings()
+    config = settings.engine_config(resolve_model_path(settings))
     engine = TransformersEngine(
-        resolve_model_path(settings),
-        settings.model_id,
-        device="cpu",
-        cpu_weights=weights,  # type: ignore[arg-type]
-        decode_compile=compile_decode,  # type: ignore[arg-type]
-        compile_cache_dir=settings.compile_dir,
+        replace(config, device="cpu", cpu_weights=weights, decode_compile=compile_decode)  # type: ignore[arg-type]
     )
     engine.load()
     tokenizer = engine.tokenizer

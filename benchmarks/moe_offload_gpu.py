@@ -618,7 +618,6 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             label, policy, prefetch, misses = VARIANTS[base]
             offload = OffloadConfig(
-                _env_file=None,
                 cache_policy=policy,
                 prefetch=prefetch,
                 misses=misses,

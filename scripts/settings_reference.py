@@ -19,8 +19,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from shared.config import Settings  # noqa: E402
-from worker.engine.moe_offload.config import OffloadConfig  # noqa: E402
-from worker.settings import EngineSettings  # noqa: E402
+from worker.settings import EngineSettings, OffloadSettings  # noqa: E402
 
 #: (heading, who reads it, class), in the order the reference lists them.
 SECTIONS: tuple[tuple[str, str, type[BaseSettings]], ...] = (
@@ -28,8 +27,8 @@ SECTIONS: tuple[tuple[str, str, type[BaseSettings]], ...] = (
     ("Model and engine", "the worker (`worker/settings.py`, `EngineSettings`)", EngineSettings),
     (
         "MoE expert offload",
-        "the worker's offload engine (`worker/engine/moe_offload/config.py`, `OffloadConfig`)",
-        OffloadConfig,
+        "the worker's offload engine (`worker/settings.py`, `OffloadSettings`, read into the engine's `OffloadConfig`)",
+        OffloadSettings,
     ),
 )
 DOC = ROOT / "docs" / "configuration.md"

@@ -16,14 +16,14 @@ import redis
 from shared.config import Settings, get_settings
 from shared.redis_keys import RedisKeys
 from shared.schemas import GenerationParams, WorkerState
-from worker.engine import Engine, create_engine
+from worker.engine import Engine
 from worker.engine.base import SilentControl
-from worker.engine.moe_offload.config import OffloadConfig
+from worker.engine_factory import create_engine
 from worker.heartbeat import Heartbeat
 from worker.job_runner import JobContext, JobRunner
 from worker.model_store import resolve_model_path
 from worker.redis_outage import connect
-from worker.settings import get_engine_settings
+from worker.settings import OffloadSettings, get_engine_settings
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ def start_runtime() -> WorkerRuntime:
 def build_engine() -> Engine:
     """The engine the environment's settings ask for, its model fetched or converted if needed; not loaded."""
     settings = get_engine_settings()
-    return create_engine(resolve_model_path(settings), settings, OffloadConfig())
+    return create_engine(resolve_model_path(settings), settings, OffloadSettings())
 
 
 def warm_up(engine: Engine) -> None:

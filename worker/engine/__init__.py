@@ -1,6 +1,7 @@
-"""Engines: one class per way of running a model, all behind `Engine` (load, generate, stats)."""
+"""Engines: one class per way of running a model, all behind `Engine` (load, generate, stats), each configured
+by an `EngineConfig` it is handed. The engine is a library: it imports nothing of the worker."""
 
 from worker.engine.base import Engine, GenerationControl, InvalidGenerationInput
-from worker.engine.factory import create_engine
+from worker.engine.config import EngineConfig
 
-__all__ = ["Engine", "GenerationControl", "InvalidGenerationInput", "create_engine"]
+__all__ = ["Engine", "EngineConfig", "GenerationControl", "InvalidGenerationInput"]

@@ -22,7 +22,7 @@ import torch
 from torch._dynamo.mutation_guard import GenerationTracker
 from transformers import CompileConfig, LogitsProcessor, LogitsProcessorList, PretrainedConfig, StaticCache
 
-from worker.settings import DecodeCompile
+from worker.engine.config import DecodeCompile
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,6 @@ import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import psutil
@@ -21,12 +20,12 @@ from worker.engine.compiled_decode import (
     decode_cache_lengths,
     wants_compiled_decode,
 )
+from worker.engine.config import EngineConfig
 from worker.engine.cpu_quant.kernels import kernels_available
 from worker.engine.cpu_quant.model import quantize_linears
 from worker.engine.detokenizer import IncrementalDetokenizer
 from worker.engine.request_deadline import RequestDeadlineControl
 from worker.engine.stop_strings import StopStringControl
-from worker.settings import CpuWeights, DecodeCompile
 
 log = logging.getLogger(__name__)
 
@@ -84,28 +83,14 @@ class _ControlStopping(StoppingCriteria):
 
 
 class TransformersEngine(Engine):
-    def __init__(
-        self,
-        model_path: str,
-        model_name: str,
-        device: str = "auto",
-        dtype: str = "auto",
-        apply_chat_template: bool = True,
-        decode_compile: DecodeCompile = "off",
-        max_model_len: int = 0,
-        compile_cache_dir: Path | None = None,
-        cpu_weights: CpuWeights = "float",
-    ):
-        self.model_path = model_path
-        self.model_name = model_name
-        self.device = pick_device(device)
-        self.torch_dtype = pick_dtype(dtype, self.device)
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.model_name = config.model_name
+        self.device = pick_device(config.device)
+        self.torch_dtype = pick_dtype(config.dtype, self.device)
         self.dtype = str(self.torch_dtype).removeprefix("torch.")
-        self.use_chat_template = apply_chat_template
-        self.decode_compile = decode_compile
-        self.max_model_len = max_model_len
-        self.compile_cache_dir = compile_cache_dir
-        self.cpu_weights = cpu_weights
+        self.use_chat_template = config.apply_chat_template
+        self.weights_path = config.model_path  # where `load` reads from; an engine that converts points it there
         self.context_length = 0
         self.model: Any = None  # a transformers PreTrainedModel once loaded
         self.tokenizer: Any = None
@@ -114,7 +99,7 @@ class TransformersEngine(Engine):
 
     def load(self) -> None:
         started = time.perf_counter()
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.weights_path)
         self.model = self._load_model()
         self.context_length = self._context_length(self.model.config)
         self._eos_ids = self._eos_token_ids()
@@ -129,21 +114,23 @@ class TransformersEngine(Engine):
 
     @property
     def compiles_decode(self) -> bool:
-        return wants_compiled_decode(self.decode_compile, self.device, self.quantized_linears)
+        return wants_compiled_decode(self.config.decode_compile, self.device, self.quantized_linears)
 
-    def _context_length(self, config) -> int:
-        """Prompt + generated tokens a request may hold: the model's context, or MAX_MODEL_LEN below it."""
-        model_context = int(getattr(config.get_text_config(decoder=True), "max_position_embeddings", 0) or 2048)
-        return min(model_context, self.max_model_len) if self.max_model_len else model_context
+    def _context_length(self, model_config) -> int:
+        """Prompt + generated tokens a request may hold: the model's context, or `max_model_len` below it."""
+        model_context = int(getattr(model_config.get_text_config(decoder=True), "max_position_embeddings", 0) or 2048)
+        return min(model_context, self.config.max_model_len) if self.config.max_model_len else model_context
 
     def decode_hooks(self) -> DecodeHooks | None:
         """What runs between the compiled decode's graphs; a plain model has nothing there."""
         return None
 
     def _compile_decode(self) -> CompiledDecode | None:
-        """DECODE_COMPILE=on fails loudly; auto falls back to eager decode with a warning."""
+        """`decode_compile` on fails loudly; auto falls back to eager decode with a warning."""
         hooks = self.decode_hooks()
-        configure_compiler(self.model.config.get_text_config(decoder=True).num_hidden_layers, self.compile_cache_dir)
+        configure_compiler(
+            self.model.config.get_text_config(decoder=True).num_hidden_layers, self.config.compile_cache_dir
+        )
         try:
             compiled = CompiledDecode(self.model, decode_cache_lengths(self.device, self.context_length), hooks)
             prompt = torch.full((1, 8), next(iter(self._eos_ids), 0), device=self.device)
@@ -151,7 +138,7 @@ class TransformersEngine(Engine):
                 compiled.warm_up(self.model.generate, prompt, pad_token_id=self._pad_token_id())
             return compiled
         except Exception:
-            if self.decode_compile == "on":
+            if self.config.decode_compile == "on":
                 raise
             log.warning("Compiling the decode step failed; decoding eagerly", exc_info=True)
             if hooks is not None:
@@ -162,7 +149,7 @@ class TransformersEngine(Engine):
         return self.tokenizer.pad_token_id or next(iter(self._eos_ids), None)
 
     def _load_model(self) -> torch.nn.Module:
-        model: Any = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=self.torch_dtype)
+        model: Any = AutoModelForCausalLM.from_pretrained(self.weights_path, dtype=self.torch_dtype)
         model = model.to(self.device).eval()
         if self._quantizes_linears():
             started = time.perf_counter()
@@ -174,12 +161,12 @@ class TransformersEngine(Engine):
         return model
 
     def _quantizes_linears(self) -> bool:
-        """CPU_WEIGHTS on the CPU: int4 wants the kernels (and fails without them), auto takes them if they build."""
-        if self.device != "cpu" or self.cpu_weights == "float":
+        """`cpu_weights` on the CPU: int4 wants the kernels (and fails without them), auto takes them if they build."""
+        if self.device != "cpu" or self.config.cpu_weights == "float":
             return False
         if kernels_available():
             return True
-        if self.cpu_weights == "int4":
+        if self.config.cpu_weights == "int4":
             raise RuntimeError("CPU_WEIGHTS=int4, but the int4 CPU kernels need AVX2 and a C++ compiler")
         return False
 

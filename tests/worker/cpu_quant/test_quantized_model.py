@@ -10,6 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from worker.engine.compiled_decode import CompiledDecode, configure_compiler, decode_cache_lengths
+from worker.engine.config import EngineConfig
 from worker.engine.cpu_extension import host_has_avx2
 from worker.engine.cpu_quant import kernels
 from worker.engine.cpu_quant.linear import QuantizedLinear
@@ -172,12 +173,12 @@ def test_cpu_weights_chooses_the_int4_path_where_the_kernels_build(
     bundled_model_path, monkeypatch, setting, built, expected
 ):
     monkeypatch.setattr("worker.engine.transformers_engine.kernels_available", lambda: built)
-    engine = TransformersEngine(bundled_model_path, model_name="bundled", device="cpu", cpu_weights=setting)
+    engine = TransformersEngine(EngineConfig(bundled_model_path, "bundled", device="cpu", cpu_weights=setting))
     assert engine._quantizes_linears() is expected
 
 
 def test_cpu_weights_int4_without_the_kernels_fails_at_load_with_the_reason(bundled_model_path, monkeypatch):
     monkeypatch.setattr("worker.engine.transformers_engine.kernels_available", lambda: False)
-    engine = TransformersEngine(bundled_model_path, model_name="bundled", device="cpu", cpu_weights="int4")
+    engine = TransformersEngine(EngineConfig(bundled_model_path, "bundled", device="cpu", cpu_weights="int4"))
     with pytest.raises(RuntimeError, match="AVX2 and a C\\+\\+ compiler"):
         engine.load()

@@ -9,14 +9,16 @@ import pytest
 from shared.schemas import ExpertCacheCounters, GenerationParams
 from tests.worker.conftest import RecordingControl
 from tests.worker.moe_offload.conftest import TEST_DEVICE
+from tests.worker.moe_offload.tiny_moe import float_reference
 from worker.engine.base import InvalidGenerationInput
-from worker.engine.factory import create_engine
+from worker.engine.config import EngineConfig
 from worker.engine.moe_offload.budget import MemoryBudgetError
 from worker.engine.moe_offload.config import OffloadConfig
 from worker.engine.moe_offload.converter import is_converted
 from worker.engine.moe_offload.engine import MoEOffloadEngine, converted_folder
 from worker.engine.moe_offload.offloaded_experts import OffloadedExperts
 from worker.engine.transformers_engine import TransformersEngine
+from worker.engine_factory import create_engine
 from worker.settings import EngineSettings
 
 Setup = tuple[EngineSettings, OffloadConfig]
@@ -28,7 +30,7 @@ def _settings(checkpoint, tmp_path, **overrides) -> Setup:
     values.update(overrides)
     engine = {key: value for key, value in values.items() if key in EngineSettings.model_fields}
     offload = {key: value for key, value in values.items() if key not in engine}
-    return EngineSettings(_env_file=None, **engine), OffloadConfig(_env_file=None, **offload)
+    return EngineSettings(_env_file=None, **engine), OffloadConfig(**offload)
 
 
 def _create(setup: Setup, **updates):
@@ -36,6 +38,10 @@ def _create(setup: Setup, **updates):
     engine = engine.model_copy(update={k: v for k, v in updates.items() if k in EngineSettings.model_fields})
     offload = offload.model_copy(update={k: v for k, v in updates.items() if k in OffloadConfig.model_fields})
     return create_engine(engine.model_id, engine, offload)
+
+
+def _tiny(folder, **overrides) -> EngineConfig:
+    return EngineConfig(str(folder), "tiny", device="cpu", dtype="float32", **overrides)
 
 
 def _generate(engine, prompt="Hello world, tell me a story", max_tokens=16):
@@ -51,7 +57,7 @@ def test_offload_engine_converts_once_and_generates_what_the_plain_engine_does(t
     engine.load()
     assert is_converted(converted_folder(tmp_path / "offload", str(tiny_checkpoint), "bf16"))
 
-    plain = TransformersEngine(str(tiny_checkpoint), "plain", device="cpu", dtype="float32", apply_chat_template=False)
+    plain = TransformersEngine(float_reference(tiny_checkpoint))
     plain.load()
     # bf16 rows against float32 experts: tiny differences, the same greedy tokens on this prompt
     outcome, text = _generate(engine)
@@ -74,17 +80,15 @@ def test_offload_engine_converts_once_and_generates_what_the_plain_engine_does(t
 
 
 def test_host_budget_smaller_than_the_experts_is_refused_clearly(tiny_checkpoint, converted, tmp_path):
-    config = OffloadConfig(_env_file=None, quant="nf4", host_memory_gb=0.0001)
-    engine = MoEOffloadEngine(str(converted("nf4")), "tiny", config, tmp_path, device="cpu", dtype="float32")
+    config = OffloadConfig(quant="nf4", host_memory_gb=0.0001)
+    engine = MoEOffloadEngine(_tiny(converted("nf4")), config, tmp_path)
     with pytest.raises(MemoryBudgetError, match="host RAM"):
         engine.load()
 
 
 def test_graph_decode_without_a_compiled_decode_says_so_and_decodes_through_the_host(converted, tmp_path, caplog):
-    config = OffloadConfig(_env_file=None, quant="nf4", slots=6, decode="graph")
-    engine = MoEOffloadEngine(
-        str(converted("nf4")), "tiny", config, tmp_path, device="cpu", dtype="float32", decode_compile="off"
-    )
+    config = OffloadConfig(quant="nf4", slots=6, decode="graph")
+    engine = MoEOffloadEngine(_tiny(converted("nf4"), decode_compile="off"), config, tmp_path)
     with caplog.at_level(logging.WARNING, logger="worker.engine.moe_offload.engine"):
         engine.load()
     assert "EXPERT_DECODE=graph takes effect in a compiled decode only" in caplog.text

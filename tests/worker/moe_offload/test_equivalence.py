@@ -46,7 +46,7 @@ def _layout(offloaded) -> ExpertLayout:
 
 
 def _offloaded(folder, slots: int, prefetch: bool = True, policy: str = "lru", misses: str = "copy"):
-    config = OffloadConfig(_env_file=None, cache_policy=policy, prefetch=prefetch, misses=misses, decode="host")
+    config = OffloadConfig(cache_policy=policy, prefetch=prefetch, misses=misses, decode="host")
     return build_offloaded_model(folder, TEST_DEVICE, torch.float32, MemoryPlan(slots), config)
 
 

@@ -102,7 +102,7 @@ def test_offloaded_model_decodes_the_same_through_the_kernels(converted):
             TEST_DEVICE,
             torch.float32,
             MemoryPlan(6),
-            OffloadConfig(_env_file=None, misses="copy", kernel=kernel, decode="host"),
+            OffloadConfig(misses="copy", kernel=kernel, decode="host"),
         ).model
         for kernel in ("triton", "torch")
     }

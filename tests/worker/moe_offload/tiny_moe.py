@@ -8,6 +8,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen3NextConfig, Qwen3NextForCausalLM
 
 from benchmarks.model_shapes import SMOKE_SHAPES
+from worker.engine.config import EngineConfig
 
 VOCAB_SIZE = SMOKE_SHAPES["vocab_size"]
 _CORPUS = [
@@ -44,3 +45,16 @@ def build_tiny_qwen3_next(folder: Path, seed: int = 0, max_shard_size: str = "30
     model.save_pretrained(folder, max_shard_size=max_shard_size)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def float_reference(folder: Path) -> EngineConfig:
+    """The plain engine's config for the tiny model as the reference: float32 weights, eager, plain text."""
+    return EngineConfig(
+        str(folder),
+        "plain",
+        device="cpu",
+        dtype="float32",
+        decode_compile="off",
+        cpu_weights="float",
+        apply_chat_template=False,
+    )

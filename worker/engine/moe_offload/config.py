@@ -1,13 +1,13 @@
-"""Every setting of the MoE offload engine, in one class that is built once and handed down whole.
+"""Every knob of the MoE offload engine, in one class that is built once and handed down whole.
 
-The expert knobs read `EXPERT_*` variables; the mode and the memory budgets keep their own names (`OFFLOAD`,
-`GPU_MEMORY_GB`, ...) because they describe the machine rather than the experts.
+The engine reads no environment; the worker's `OffloadSettings` reads this class's fields from `EXPERT_*`
+variables, and the mode and the memory budgets by their own names (`OFFLOAD`, `GPU_MEMORY_GB`, ...: each a
+validation alias equal to the field's name) because they describe the machine rather than the experts.
 """
 
 from typing import Literal
 
-from pydantic import Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, Field, model_validator
 
 OffloadMode = Literal["auto", "none", "experts"]
 ExpertQuant = Literal["nf4", "fp4", "bf16"]
@@ -17,10 +17,7 @@ ExpertKernel = Literal["auto", "triton", "torch"]
 ExpertDecode = Literal["auto", "host", "graph"]
 
 
-class OffloadConfig(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="EXPERT_", env_file=".env", extra="ignore")
-
-    # A validation alias equal to the field's name reads the variable without the prefix (matched case-blind).
+class OffloadConfig(BaseModel):
     offload: OffloadMode = Field(
         "auto",
         validation_alias="offload",

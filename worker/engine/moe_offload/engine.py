@@ -9,6 +9,7 @@ import torch
 
 from shared.schemas import ExpertOffloadStats
 from worker.engine.compiled_decode import DecodeHooks, static_cache_bytes
+from worker.engine.config import EngineConfig
 from worker.engine.moe_offload.budget import plan_memory
 from worker.engine.moe_offload.builder import OffloadedModel, build_offloaded_model
 from worker.engine.moe_offload.checkpoint import fingerprint, load_config, resolve_checkpoint_dir
@@ -17,7 +18,6 @@ from worker.engine.moe_offload.converter import ConversionError, convert_checkpo
 from worker.engine.moe_offload.graph_decode import GraphDecode
 from worker.engine.moe_offload.packing import ExpertLayout
 from worker.engine.transformers_engine import TransformersEngine
-from worker.settings import DecodeCompile
 
 log = logging.getLogger(__name__)
 
@@ -29,34 +29,22 @@ def converted_folder(root: Path, model_id: str, quant: ExpertQuant) -> Path:
 
 
 class MoEOffloadEngine(TransformersEngine):
-    def __init__(
-        self,
-        model_path: str,
-        model_name: str,
-        config: OffloadConfig,
-        converted_root: Path,
-        device: str = "auto",
-        dtype: str = "auto",
-        apply_chat_template: bool = True,
-        decode_compile: DecodeCompile = "off",
-        max_model_len: int = 0,
-        compile_cache_dir: Path | None = None,
-    ):
-        super().__init__(
-            model_path, model_name, device, dtype, apply_chat_template, decode_compile, max_model_len, compile_cache_dir
-        )
-        self.offload = config
+    def __init__(self, config: EngineConfig, offload: OffloadConfig, converted_root: Path):
+        """`converted_root`: where a checkpoint is converted (one folder per model and quantization)."""
+        super().__init__(config)
+        self.offload = offload
         self.converted_root = converted_root
         self.offloaded: OffloadedModel | None = None
 
     def load(self) -> None:
-        folder = Path(self.model_path).expanduser()
-        if not is_converted(folder):  # MODEL_ID may name an already converted folder
-            folder = converted_folder(self.converted_root, self.model_path, self.offload.quant)
+        source = self.config.model_path
+        folder = Path(source).expanduser()
+        if not is_converted(folder):  # the model path may name an already converted folder
+            folder = converted_folder(self.converted_root, source, self.offload.quant)
             if self._needs_conversion(folder):
-                checkpoint_dir = resolve_checkpoint_dir(self.model_path)
+                checkpoint_dir = resolve_checkpoint_dir(source)
                 convert_checkpoint(checkpoint_dir, folder, self.offload.quant, self.offload.host_memory_gb)
-        self.model_path = str(folder)  # tokenizer and config load from the converted folder
+        self.weights_path = str(folder)  # tokenizer and config load from the converted folder
         super().load()
 
     def decode_hooks(self) -> DecodeHooks | None:
@@ -72,7 +60,7 @@ class MoEOffloadEngine(TransformersEngine):
             log.warning(
                 "EXPERT_DECODE=graph takes effect in a compiled decode only (DECODE_COMPILE is %s on %s): "
                 "decode runs the experts through the host",
-                self.decode_compile,
+                self.config.decode_compile,
                 self.device,
             )
         return "host"
@@ -87,14 +75,14 @@ class MoEOffloadEngine(TransformersEngine):
         except ConversionError as error:
             log.warning("%s; converting again", error)
             return True
-        source = Path(self.model_path).expanduser()
+        source = Path(self.config.model_path).expanduser()
         if source.is_dir() and manifest.get("source_fingerprint") != fingerprint(source):
             log.warning("%s changed since it was converted into %s; converting again", source, folder)
             return True
         return False
 
     def _load_model(self) -> torch.nn.Module:
-        folder = Path(self.model_path)
+        folder = Path(self.weights_path)
         manifest = read_manifest(folder)
         experts = manifest["experts"]
         layout = ExpertLayout.from_json(experts[0]["layout"])

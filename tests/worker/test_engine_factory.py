@@ -3,10 +3,10 @@
 import pytest
 
 from tests.worker.moe_offload.tiny_moe import build_tiny_qwen3_next
-from worker.engine.factory import create_engine, should_offload_experts
 from worker.engine.moe_offload.config import OffloadConfig
 from worker.engine.moe_offload.engine import MoEOffloadEngine
 from worker.engine.transformers_engine import TransformersEngine
+from worker.engine_factory import create_engine, should_offload_experts
 from worker.settings import EngineSettings
 
 
@@ -17,7 +17,7 @@ def tiny_moe(tmp_path_factory) -> EngineSettings:
 
 
 def _offload(**values) -> OffloadConfig:
-    return OffloadConfig(_env_file=None, **values)
+    return OffloadConfig(**values)
 
 
 def test_auto_offloads_a_moe_only_when_it_does_not_fit(tiny_moe):
@@ -30,7 +30,7 @@ def test_auto_offloads_a_moe_only_when_it_does_not_fit(tiny_moe):
 def test_the_engine_gets_the_model_path_it_is_handed_and_its_settings(tiny_moe, tmp_path):
     plain = create_engine("/models/somewhere", tiny_moe, _offload(offload="none"))
     assert isinstance(plain.inner, TransformersEngine) and not isinstance(plain.inner, MoEOffloadEngine)
-    assert plain.inner.model_path == "/models/somewhere" and plain.model_name == tiny_moe.model_id
+    assert plain.inner.config.model_path == "/models/somewhere" and plain.model_name == tiny_moe.model_id
     assert plain.device == "cpu"
     offloaded = create_engine(tiny_moe.model_id, tiny_moe, _offload(offload="experts", slots=3))
     assert isinstance(offloaded.inner, MoEOffloadEngine)

@@ -1,7 +1,6 @@
-"""Pick and build the engine the settings ask for."""
+"""Which engine the worker's settings ask for, configured from them; the engines themselves know no settings."""
 
 import logging
-from typing import Any
 
 import psutil
 
@@ -19,22 +18,12 @@ def create_engine(model_path: str, settings: EngineSettings, offload: OffloadCon
     """The engine for the model at `model_path` (a folder or a Hugging Face id), not yet loaded."""
     from worker.engine.transformers_engine import TransformersEngine
 
-    common: dict[str, Any] = dict(
-        model_path=model_path,
-        model_name=settings.model_id,
-        device=settings.device,
-        dtype=settings.model_dtype,
-        decode_compile=settings.decode_compile,
-        max_model_len=settings.max_model_len,
-        compile_cache_dir=settings.compile_dir,
-    )
+    config = settings.engine_config(model_path)
     if should_offload_experts(settings, offload):
         from worker.engine.moe_offload.engine import MoEOffloadEngine
 
-        return DedicatedThreadEngine(
-            MoEOffloadEngine(config=offload, converted_root=settings.model_cache_dir / "offload", **common)
-        )
-    return DedicatedThreadEngine(TransformersEngine(**common, cpu_weights=settings.cpu_weights))
+        return DedicatedThreadEngine(MoEOffloadEngine(config, offload, settings.converted_dir))
+    return DedicatedThreadEngine(TransformersEngine(config))
 
 
 def should_offload_experts(settings: EngineSettings, offload: OffloadConfig) -> bool:
