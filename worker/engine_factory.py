@@ -2,8 +2,6 @@
 
 import logging
 
-import psutil
-
 from worker.engine.base import Engine
 from worker.engine.dedicated_thread import DedicatedThreadEngine
 from worker.engine.moe_offload.config import OffloadConfig
@@ -27,8 +25,9 @@ def create_engine(model_path: str, settings: EngineSettings, offload: OffloadCon
 
 
 def should_offload_experts(settings: EngineSettings, offload: OffloadConfig) -> bool:
-    """OFFLOAD=auto: offload when the model is a fused-experts MoE whose 16-bit weights exceed the device
-    budget (GPU_MEMORY_GB on a GPU, host RAM on the CPU, where 4-bit experts are what makes it fit)."""
+    """OFFLOAD=auto, for a fused-experts MoE: on a GPU, when its 16-bit weights exceed GPU_MEMORY_GB; on the
+    CPU always, where the offload engine's CPU tier (every expert 4-bit in RAM, computed in place) is what
+    runs a MoE fast, whatever its size. Its host budget is checked when it loads."""
     if offload.offload != "auto":
         return offload.offload == "experts"
     if settings.is_bundled_model:
@@ -41,10 +40,9 @@ def should_offload_experts(settings: EngineSettings, offload: OffloadConfig) -> 
     skeleton = build_skeleton(load_config(settings.model_id))
     if not find_fused_experts(skeleton):
         return False
+    if pick_device(settings.device) != "cuda":
+        return True
     size_bytes = sum(p.numel() for p in skeleton.parameters()) * 2
-    if pick_device(settings.device) == "cuda":
-        budget = offload.gpu_memory_gb * _GIB or torch.cuda.get_device_properties(0).total_memory
-    else:
-        budget = offload.host_memory_gb * _GIB or psutil.virtual_memory().available
+    budget = offload.gpu_memory_gb * _GIB or torch.cuda.get_device_properties(0).total_memory
     log.info("%s: %.1f GB in 16-bit against a %.1f GB budget", settings.model_id, size_bytes / _GIB, budget / _GIB)
     return size_bytes > budget

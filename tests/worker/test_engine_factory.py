@@ -20,9 +20,9 @@ def _offload(**values) -> OffloadConfig:
     return OffloadConfig(**values)
 
 
-def test_auto_offloads_a_moe_only_when_it_does_not_fit(tiny_moe):
+def test_auto_serves_a_moe_on_the_cpu_through_the_offload_engines_cpu_tier_whatever_its_size(tiny_moe):
     assert should_offload_experts(tiny_moe, _offload(offload="auto", host_memory_gb=0.001))
-    assert not should_offload_experts(tiny_moe, _offload(offload="auto", host_memory_gb=8))
+    assert should_offload_experts(tiny_moe, _offload(offload="auto", host_memory_gb=8))
     assert not should_offload_experts(tiny_moe, _offload(offload="none", host_memory_gb=0.001))
     assert not should_offload_experts(EngineSettings(_env_file=None), _offload(offload="auto"))  # bundled, dense
 

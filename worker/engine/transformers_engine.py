@@ -151,14 +151,19 @@ class TransformersEngine(Engine):
     def _load_model(self) -> torch.nn.Module:
         model: Any = AutoModelForCausalLM.from_pretrained(self.weights_path, dtype=self.torch_dtype)
         model = model.to(self.device).eval()
-        if self._quantizes_linears():
-            started = time.perf_counter()
-            weight_bytes = quantize_linears(model)
-            self.quantized_linears = True
-            self.dtype = f"int4/{self.dtype}"  # weights / activations
-            elapsed = time.perf_counter() - started
-            log.info("Linear weights packed to 4-bit blocks: %.0f MB in %.1f s", weight_bytes / 1e6, elapsed)
+        self._quantize_cpu_linears(model)
         return model
+
+    def _quantize_cpu_linears(self, model: Any) -> None:
+        """The linear layers onto the CPU's int4 kernels, where `cpu_weights` asks for them."""
+        if not self._quantizes_linears():
+            return
+        started = time.perf_counter()
+        weight_bytes = quantize_linears(model)
+        self.quantized_linears = True
+        self.dtype = f"int4/{self.dtype}"  # weights / activations
+        elapsed = time.perf_counter() - started
+        log.info("Linear weights packed to 4-bit blocks: %.0f MB in %.1f s", weight_bytes / 1e6, elapsed)
 
     def _quantizes_linears(self) -> bool:
         """`cpu_weights` on the CPU: int4 wants the kernels (and fails without them), auto takes them if they build."""

@@ -172,3 +172,22 @@ def test_hybrid_sends_misses_to_the_cpu_when_it_is_faster(monkeypatch, copy_ms, 
     split = calibrate_miss_split("hybrid", layout, _rows(layout, 8), CPU, torch.float32, SILU)
     assert split.cpu_share == pytest.approx(copy_ms / (copy_ms + cpu_ms))
     assert split.cpu_count(misses) == on_cpu
+
+
+@needs_avx2
+@pytest.mark.parametrize("tokens", [1, 2, 7])
+def test_routed_tokens_grouped_by_expert_match_dequantize_then_multiply(tokens):
+    """A prompt's tokens through their own top-k experts in one call (each expert's tokens together, nothing
+    dequantized): per token, the weighted sum of its experts as dequantize-then-multiply gives it."""
+    layout = ExpertLayout(256, 128, "nf4")
+    rows = _rows(layout, 6)
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(tokens, layout.hidden, generator=generator)
+    top_k_index = torch.stack([torch.randperm(6, generator=generator)[:3] for _ in range(tokens)])
+    top_k_weights = torch.rand(tokens, 3, generator=generator)
+    got = _kernel(layout).forward_routed(rows, top_k_index, top_k_weights, x, SILU)
+    assert got.shape == (tokens, layout.hidden) and got.dtype == torch.float32
+    for t in range(tokens):
+        want = _dequantized_mix(layout, rows, top_k_index[t].tolist(), top_k_weights[t].tolist(), x[t : t + 1])
+        relative = (got[t] - want[0]).norm() / want.norm()
+        assert relative <= 5e-3, f"token {t}: relative error {relative:.2e}"

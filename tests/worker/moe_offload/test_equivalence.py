@@ -4,7 +4,8 @@
   and the same greedy tokens.
 - nf4 rows against the reference whose experts are the same rows dequantized: likewise.
 - nf4 rows whose misses are computed on the CPU by the AVX2 kernel (`cpu_expert_kernel`, 12-bit integer
-  products): the same greedy tokens; decode logits within 2e-3 (measured 5.5e-4).
+  products), or all of them where the CPU tier holds every expert in place: the same greedy tokens; logits
+  within 2e-3 (measured 5.5e-4 for decode, 7.6e-4 over a prompt).
 - nf4 rows against the untouched float32 reference: 4-bit error only. Stated tolerance: cosine
   similarity of the logits >= 0.97 (measured 0.981-0.988 on this random model, whose weights are
   the worst case for 4-bit: no outliers to spend the scale on, near-flat logits).
@@ -66,9 +67,13 @@ def test_offloaded_model_matches_transformers_with_the_same_expert_weights(
 ):
     offloaded = _offloaded(converted(quant), slots, prefetch)
     reference = _reference(tiny_checkpoint, experts_from=offloaded)
+    # nf4 with every expert in place on the CPU: the 4-bit kernel's 12-bit products (see the module docstring)
+    in_place = any(m.in_place_kernel is not None for m in offloaded.model.modules() if isinstance(m, OffloadedExperts))
+    tolerance = 2e-3 if in_place else 1e-4
     for seed in range(2):
         prompt = _prompt(seed=seed)
-        torch.testing.assert_close(offloaded.model(prompt).logits, reference(prompt).logits, rtol=1e-4, atol=1e-4)
+        logits = offloaded.model(prompt).logits
+        torch.testing.assert_close(logits, reference(prompt).logits, rtol=tolerance, atol=tolerance)
         assert torch.equal(_greedy(offloaded.model, prompt), _greedy(reference, prompt))
     stats = offloaded.experts.cache_stats()
     if slots == 32:

@@ -21,8 +21,8 @@ class OffloadConfig(BaseModel):
     offload: OffloadMode = Field(
         "auto",
         validation_alias="offload",
-        description="experts: offload the routed experts of a MoE; none: never; auto: when a fused-experts MoE's "
-        "16-bit weights exceed the device budget",
+        description="experts: offload the routed experts of a MoE; none: never; auto: a fused-experts MoE on the "
+        "CPU (every expert 4-bit in RAM), or on a GPU when its 16-bit weights exceed GPU_MEMORY_GB",
     )
     gpu_memory_gb: float = Field(
         16.0,

@@ -59,11 +59,35 @@ class CpuExpertKernel:
     ) -> torch.Tensor:
         """x [1, hidden] through the `experts` of `rows` [experts, row_bytes] (uint8, on the CPU), each output
         times its routing weight, summed: [1, hidden] float32."""
-        layout = self.layout
         ids = torch.tensor(list(experts), dtype=torch.long)
-        token = x.reshape(1, layout.hidden).to(torch.float32).contiguous()
-        gate_up = self._matvec(token, rows, ids, self._lut, *self._gate_up, 2 * layout.intermediate, layout.hidden)
+        outputs = self._experts(rows, ids, x.reshape(1, self.layout.hidden), act_fn)
+        return torch.tensor(list(weights), dtype=torch.float32).unsqueeze(0) @ outputs
+
+    def forward_routed(
+        self, rows: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, x: torch.Tensor, act_fn
+    ) -> torch.Tensor:
+        """Tokens `x` [T, hidden] through their routed experts (`top_k_index` [T, k] into `rows`), weighted by
+        `top_k_weights` and summed per token: [T, hidden] float32. One token: one activation row for its k
+        experts, and no read back to the host, so a compiled decode step traces straight through. More (a
+        prompt): one activation row per (token, expert) pair, sorted by expert, so that an expert's matrix rows
+        are read from RAM once and from the cache for its other tokens; nothing is dequantized, nothing padded."""
+        tokens = x.shape[0]
+        if tokens == 1:
+            outputs = self._experts(rows, top_k_index.reshape(-1).to(torch.long), x, act_fn)
+            return top_k_weights.reshape(1, -1).to(torch.float32) @ outputs
+        flat_experts = top_k_index.reshape(-1)
+        order = torch.argsort(flat_experts, stable=True)
+        token_of = order // top_k_index.shape[1]
+        outputs = self._experts(rows, flat_experts[order].to(torch.long), x.index_select(0, token_of), act_fn)
+        weights = top_k_weights.reshape(-1).index_select(0, order).to(torch.float32).unsqueeze(-1)
+        return torch.zeros((tokens, self.layout.hidden), dtype=torch.float32).index_add_(0, token_of, outputs * weights)
+
+    def _experts(self, rows: torch.Tensor, ids: torch.Tensor, inputs: torch.Tensor, act_fn) -> torch.Tensor:
+        """`inputs` [1 or n, hidden] through experts `ids` [n] (the one input through each, or one each), not
+        weighted: [n, hidden] float32. Two kernel calls: gate/up, then down."""
+        layout = self.layout
+        inputs = inputs.to(torch.float32).contiguous()
+        gate_up = self._matvec(inputs, rows, ids, self._lut, *self._gate_up, 2 * layout.intermediate, layout.hidden)
         gate, up = gate_up.chunk(2, dim=-1)
         hidden = (act_fn(gate) * up).contiguous()
-        down = self._matvec(hidden, rows, ids, self._lut, *self._down, layout.hidden, layout.intermediate)
-        return torch.tensor(list(weights), dtype=torch.float32).unsqueeze(0) @ down
+        return self._matvec(hidden, rows, ids, self._lut, *self._down, layout.hidden, layout.intermediate)

@@ -15,6 +15,7 @@ from worker.engine.moe_offload.builder import OffloadedModel, build_offloaded_mo
 from worker.engine.moe_offload.checkpoint import fingerprint, load_config, resolve_checkpoint_dir
 from worker.engine.moe_offload.config import ExpertDecode, ExpertQuant, OffloadConfig
 from worker.engine.moe_offload.converter import ConversionError, convert_checkpoint, is_converted, read_manifest
+from worker.engine.moe_offload.delta_rule import install_fused_delta_rule
 from worker.engine.moe_offload.graph_decode import GraphDecode
 from worker.engine.moe_offload.packing import ExpertLayout
 from worker.engine.transformers_engine import TransformersEngine
@@ -46,6 +47,15 @@ class MoEOffloadEngine(TransformersEngine):
                 convert_checkpoint(checkpoint_dir, folder, self.offload.quant, self.offload.host_memory_gb)
         self.weights_path = str(folder)  # tokenizer and config load from the converted folder
         super().load()
+
+    @property
+    def compiles_decode(self) -> bool:
+        """On the CPU decode compiles only when `decode_compile` is on: there the step's time is the kernels'
+        (experts, int4 projections, the fused DeltaNet step), and compiling every layer costs minutes at load for
+        no per-layer gain that `benchmarks/cpu_moe.py` (its ours-compiled variant) could measure."""
+        if self.device == "cpu":
+            return self.config.decode_compile == "on"
+        return super().compiles_decode
 
     def decode_hooks(self) -> DecodeHooks | None:
         return self.offloaded.experts if self.offloaded is not None else None
@@ -118,6 +128,9 @@ class MoEOffloadEngine(TransformersEngine):
         )
         offload = self.offload.model_copy(update={"decode": self._expert_decode()})
         self.offloaded = build_offloaded_model(folder, device, self.torch_dtype, plan, offload)
+        if device.type == "cpu":
+            self._quantize_cpu_linears(self.offloaded.model)  # the dense layers; the experts are 4-bit already
+            install_fused_delta_rule()
         return self.offloaded.model
 
     def _cap_gpu_memory(self) -> float:

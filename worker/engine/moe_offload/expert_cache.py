@@ -140,6 +140,15 @@ class ExpertCache:
     def holds(self, expert: int) -> bool:
         return expert in self._slot_of
 
+    @property
+    def rows_in_place(self) -> bool:
+        """Every expert's slot is its host row (the CPU tier with room for all): nothing is ever copied."""
+        return self.buffer is self.host_rows
+
+    def record_read_in_place(self, count: int) -> None:
+        """`count` experts were computed from their rows in place (hits: no copy was needed)."""
+        self.stats.hits += count
+
     def record_computed_on_host(self, count: int) -> None:
         """`count` misses were computed where their rows are, not copied into slots."""
         self.stats.misses += count

@@ -1,5 +1,6 @@
 """The 4-bit expert matvec of `nf4_matvec.cpp`, built at first use: for AVX-512 VNNI where the host has it
-(`torch.ops.moe_cpu_int4_avx512_vnni.nf4_matvec`), else for AVX2 (`torch.ops.moe_cpu_int4.nf4_matvec`)."""
+(`torch.ops.moe_cpu_int4_avx512_vnni.nf4_matvec`), else for AVX2 (`torch.ops.moe_cpu_int4.nf4_matvec`). The op
+has a fake implementation too, so that `torch.compile` traces a decode step through it as one opaque call."""
 
 from collections.abc import Callable
 from functools import cache
@@ -26,4 +27,10 @@ def load_nf4_matvec(isa: str | None = None) -> Callable[..., torch.Tensor] | Non
     namespace = NAMESPACES[isa]
     if not build_for_isa(isa, namespace, SOURCE, "NF4_NAMESPACE"):
         return None
+    torch.library.register_fake(f"{namespace}::nf4_matvec")(_fake_nf4_matvec)
     return getattr(torch.ops, namespace).nf4_matvec
+
+
+def _fake_nf4_matvec(x: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor, lut: torch.Tensor, *rest) -> torch.Tensor:
+    n = rest[2]  # packed_offset, absmax_offset, N, K
+    return x.new_empty(ids.shape[0], n)

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from worker.engine.compiled_decode import decode_graph
+from worker.engine.moe_offload.cpu_expert_kernel import CpuExpertKernel
 from worker.engine.moe_offload.cpu_experts import MissSplit, cpu_experts_forward
 from worker.engine.moe_offload.expert_cache import Acquired, ExpertCache
 from worker.engine.moe_offload.packing import ExpertLayout, unpack_experts
@@ -173,6 +174,9 @@ class OffloadedExperts(nn.Module):
         self._mix_eager = kernels.from_slots
         self._mix_decode = self._mix_eager
         self.mix_table = kernels.by_table
+        # The CPU tier holding every expert in place: each token's experts go straight through the 4-bit
+        # kernel over their rows (no slots to manage, nothing dequantized).
+        self.in_place_kernel = CpuExpertKernel.for_layout(layout) if cache.rows_in_place else None
 
     @property
     def decode_compiled(self) -> bool:
@@ -188,9 +192,26 @@ class OffloadedExperts(nn.Module):
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
+        if self.in_place_kernel is not None:
+            return self._forward_in_place(self.in_place_kernel, hidden_states, top_k_index, top_k_weights)
         if self.graph_decode is not None and hidden_states.shape[0] == 1 and torch.compiler.is_compiling():
             return self.graph_decode.forward(self, hidden_states, top_k_index, top_k_weights)
         return self._forward_on_host(hidden_states, top_k_index, top_k_weights)
+
+    def _forward_in_place(
+        self,
+        kernel: CpuExpertKernel,
+        hidden_states: torch.Tensor,
+        top_k_index: torch.Tensor,
+        top_k_weights: torch.Tensor,
+    ) -> torch.Tensor:
+        """Every routed expert from its row where it is: nothing to decide on the host, so a compiled decode
+        traces through (its steps go uncounted: the counters are the host's, updated where it runs eagerly)."""
+        if not torch.compiler.is_compiling():
+            self.cache.record_read_in_place(top_k_index.numel())
+        x = hidden_states.to(self.compute_dtype)
+        routed = kernel.forward_routed(self.cache.host_rows, top_k_index, top_k_weights, x, self.act_fn)
+        return routed.to(hidden_states.dtype)
 
     # Host decisions (which experts to copy) need the routing on the host: a compiled decode without
     # `graph_decode` breaks its graph here and runs this eagerly between the graph before and the graph after.
