@@ -20,7 +20,7 @@ export API_HOST API_PORT QUEUE_NAME FLOWER_PORT FLOWER_AUTOSTART=true
 if [ "$FLOWER_PORT" = 0 ]; then FLOWER_AUTOSTART=false FLOWER_PORT=5555; fi
 
 echo ">> API on http://$API_HOST:$API_PORT (503 until a worker has loaded the model)"
-if [ "$FLOWER_AUTOSTART" = true ]; then echo ">> Flower on http://$API_HOST:$FLOWER_PORT"; fi
+if [ "$FLOWER_AUTOSTART" = true ]; then echo ">> Flower on http://127.0.0.1:$FLOWER_PORT (this machine only)"; fi
 echo ">> $WORKERS worker(s); supervisord restarts whatever dies; Ctrl-C stops everything"
 # Not exec: once supervisord has stopped its programs, the EXIT trap stops the Redis started above.
 "$VENV_BIN/supervisord" -c scripts/supervisord.conf

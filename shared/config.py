@@ -87,7 +87,10 @@ class Settings(BaseSettings):
     api_host: str = Field("127.0.0.1", description="address `make run` binds the API to")
     api_port: int = Field(8000, ge=1, le=65535, description="port `make run` serves the API on")
     flower_port: int = Field(
-        5555, ge=0, le=65535, description="port `make run` serves Flower on (at API_HOST); 0 = no Flower"
+        5555,
+        ge=0,
+        le=65535,
+        description="port `make run` serves Flower on (at 127.0.0.1 only: it shows every job); 0 = no Flower",
     )
 
     @field_validator("served_model_aliases", "api_keys", "admin_api_keys", mode="before")
