@@ -1,4 +1,7 @@
-"""Celery tasks: each claims its job, runs it on the engine and records how it ended."""
+"""Celery tasks: each claims its job, runs it on the engine and records how it ended.
+
+What a task returns is what Celery logs ("Task ... succeeded in ...: <value>") and Flower shows: a summary
+without the completion's text, which stays in the job's record for its own client."""
 
 from typing import Any
 
@@ -9,6 +12,9 @@ from worker import benchmark_job
 from worker.job_runner import wants_token_events
 from worker.runtime import get_runtime
 
+#: The outcome's fields a task returns: counts and times, no text.
+SUMMARY_FIELDS = {"tokens_generated", "prompt_tokens", "generation_time", "tokens_per_second", "finish_reason"}
+
 
 @celery_app.task(name=INFERENCE_TASK)
 def run_inference(job_id: str, params: dict[str, Any]) -> dict[str, Any] | None:
@@ -17,10 +23,9 @@ def run_inference(job_id: str, params: dict[str, Any]) -> dict[str, Any] | None:
         if job is None:
             return None
         outcome = runtime.require_engine().generate(GenerationParams.model_validate(params), job)
-        result = outcome.model_dump()
-        if job.finish(result, outcome.finish_reason, counted=outcome):  # not when taken over
+        if job.finish(outcome.model_dump(), outcome.finish_reason, counted=outcome):  # not when taken over
             runtime.heartbeat.tokens_per_second = outcome.tokens_per_second
-        return result
+        return outcome.model_dump(include=SUMMARY_FIELDS)
 
 
 @celery_app.task(name=BENCHMARK_TASK)

@@ -53,6 +53,21 @@ def test_inference_generates_real_text_with_the_spec_fields(stack):
     assert any(word.strip(".,") in {"light", "sunlight", "scattering", "blue", "sky", "atmosphere"} for word in words)
 
 
+def test_the_worker_logs_no_completion_text(stack):
+    """Celery logs what a task returns ("Task ... succeeded in ...: <value>"): a summary, not the answer."""
+    response = stack.http.post("/inference", json={"prompt": "Name three colours.", "max_tokens": 24, "temperature": 0})
+    assert response.status_code == 200, response.text
+    text = response.json()["text"].strip()
+    assert len(text) >= 10
+    log = stack.log_dir / "worker.log"
+    deadline = time.monotonic() + 10  # Celery writes its line once the task has returned
+    while "succeeded in" not in log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    written = log.read_text()
+    assert "succeeded in" in written and "'finish_reason'" in written
+    assert text not in written and "'text'" not in written
+
+
 def test_greedy_decoding_is_deterministic_through_the_queue(stack):
     body = {"prompt": "List three fruits.", "max_tokens": 16, "temperature": 0}
     first, second = (stack.http.post("/inference", json=body).json()["text"] for _ in range(2))
