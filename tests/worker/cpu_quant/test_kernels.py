@@ -12,13 +12,14 @@ import time
 import pytest
 import torch
 
+from tests.worker.cpu_quant.conftest import needs_avx2
 from tests.worker.cpu_quant.reference import dequantize
-from worker.engine.cpu_extension import STALE_LOCK_S, _remove_stale_lock, host_has_avx2, host_isas
+from worker.engine.cpu_extension import STALE_LOCK_S, _remove_stale_lock, host_isas
 from worker.engine.cpu_quant import kernels
 from worker.engine.cpu_quant.linear import KERNEL_MAX_ROWS, QuantizedLinear
 from worker.engine.cpu_quant.packing import pack
 
-pytestmark = pytest.mark.skipif(not (host_has_avx2() and kernels.kernels_available()), reason="needs the AVX2 kernels")
+pytestmark = [needs_avx2, pytest.mark.usefixtures("built_kernels")]
 ISAS = host_isas()  # each build this host runs: AVX2, and AVX-512 VNNI where it has it
 
 # (rows of x, out_features, in_features): the bundled model's shapes, odd ones, one block, a partial block

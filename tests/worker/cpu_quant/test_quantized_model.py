@@ -9,17 +9,18 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, LlamaConfig, LlamaForCausalLM
 
+from tests.worker.cpu_quant.conftest import needs_avx2
 from worker.engine.compiled_decode import CompiledDecode, configure_compiler, decode_cache_lengths
 from worker.engine.config import EngineConfig
-from worker.engine.cpu_extension import host_has_avx2
-from worker.engine.cpu_quant import kernels
 from worker.engine.cpu_quant.linear import QuantizedLinear
 from worker.engine.cpu_quant.model import quantize_linears
 from worker.engine.transformers_engine import TransformersEngine
 
-needs_kernels = pytest.mark.skipif(
-    not (host_has_avx2() and kernels.kernels_available()), reason="needs the AVX2 kernels"
-)
+
+def needs_kernels(test):
+    """Skipped only without AVX2; with it, the kernels must build (`built_kernels` fails the test otherwise)."""
+    return needs_avx2(pytest.mark.usefixtures("built_kernels")(test))
+
 
 PROMPTS = [
     "What is the capital of France?",
