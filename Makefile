@@ -22,7 +22,7 @@ test: install model
 	scripts/with_redis.sh $(PY) -m pytest -v --durations=20
 
 test-unit: install
-	scripts/with_redis.sh $(PY) -m pytest -v -m "not integration"
+	scripts/with_redis.sh $(PY) -m pytest -v -m "not integration and not slow"
 
 lint: install
 	$(VENV)/bin/ruff check .

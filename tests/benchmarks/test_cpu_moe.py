@@ -53,6 +53,7 @@ def test_the_peer_reads_the_layers_tensors_and_top_k_of_its_experts():
     assert top_k_bytes < per_type["full_attention"] < all_experts * 4.5 / 8
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not host_has_avx2(), reason="the fast variant needs the AVX2 kernels")
 def test_a_smoke_run_measures_both_depths_and_writes_the_json(tmp_path):
     out = tmp_path / "cpu_moe.json"

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from benchmarks import moe_offload_gpu
 
 
@@ -28,6 +30,7 @@ def test_gpu_benchmark_runs_end_to_end_in_smoke_mode_on_the_cpu(tmp_path):
     assert report["naive"]["tok_per_s"] > 0 and report["h2d_gb_per_s"] > 0
 
 
+@pytest.mark.slow
 def test_gpu_benchmark_decodes_compiled_variants(tmp_path):
     report = moe_offload_gpu.main(
         [
@@ -52,6 +55,7 @@ def test_gpu_benchmark_decodes_compiled_variants(tmp_path):
     assert graph["dynamo"]["graph_breaks"] == 0 and graph["cache"]["misses"] > 0  # one graph a step
 
 
+@pytest.mark.slow
 def test_an_emulated_bus_holds_the_engines_host_to_device_bytes_to_its_rate(tmp_path, capsys):
     """`:h2d=<GB/s>`: the variant's copies are paced; its row and JSON say "emulated", and the bandwidth it
     achieved, measured in the same run, stays within the rate (plus the one burst the bucket allows)."""

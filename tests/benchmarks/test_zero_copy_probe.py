@@ -2,9 +2,12 @@
 
 import json
 
+import pytest
+
 from benchmarks import zero_copy_probe
 
 
+@pytest.mark.slow
 def test_zero_copy_probe_runs_its_three_paths_in_smoke_mode_on_the_cpu(tmp_path):
     """Triton's interpreter here (tests/conftest.py); the mapped host memory itself only on a GPU."""
     report = zero_copy_probe.main(["--smoke", "--device", "cpu", "--repeats", "1", "--out", str(tmp_path / "z.json")])

@@ -1,4 +1,5 @@
 import fakeredis
+import pytest
 
 from shared.job_record import new_job_fields
 from shared.redis_keys import RedisKeys
@@ -18,6 +19,7 @@ def test_memory_plan_grows_the_prompt_within_the_context():
     assert lengths == sorted(lengths) and lengths[0] < lengths[-1]
 
 
+@pytest.mark.slow
 def test_standard_benchmark_reports_the_spec_fields_on_the_real_model(engine):
     client = fakeredis.FakeRedis(decode_responses=True)
     keys = RedisKeys("b")

@@ -130,6 +130,7 @@ def _tiny_llama() -> LlamaForCausalLM:
     return LlamaForCausalLM(config).eval()
 
 
+@pytest.mark.slow
 @needs_kernels
 def test_compiled_decode_over_several_cache_lengths_generates_what_eager_decode_does(tmp_path, monkeypatch):
     """The CPU's compiled step: one dynamic-shape graph over static caches of several lengths, each request

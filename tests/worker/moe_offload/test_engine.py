@@ -114,6 +114,7 @@ def test_a_changed_local_checkpoint_is_converted_again(tiny_checkpoint, tmp_path
     assert manifest.stat().st_mtime_ns != first
 
 
+@pytest.mark.slow
 def test_compiled_decode_generates_what_eager_decode_does_and_replays_the_same_graphs(
     tiny_checkpoint, tmp_path, monkeypatch
 ):
@@ -157,6 +158,7 @@ def test_compiled_decode_generates_what_eager_decode_does_and_replays_the_same_g
         _generate(compiled, max_tokens=90)
 
 
+@pytest.mark.slow
 def test_graph_decode_keeps_each_step_on_the_device_and_generates_what_eager_decode_does(
     tiny_checkpoint, tmp_path, monkeypatch
 ):

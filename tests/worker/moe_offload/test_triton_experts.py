@@ -93,6 +93,7 @@ def test_table_mode_reads_each_expert_from_its_slot_or_else_from_host_memory():
     assert torch.equal(scratch[[1, 3]].cpu(), host[[7, 0]].cpu()) and not scratch[[0, 2]].any()
 
 
+@pytest.mark.slow
 @torch.inference_mode()
 def test_offloaded_model_decodes_the_same_through_the_kernels(converted):
     """The tiny Qwen3-Next (hidden 256, intermediate 128, NF4) with EXPERT_KERNEL=triton against torch."""
