@@ -15,6 +15,8 @@ from pathlib import Path
 import httpx
 import redis
 
+from shared.redis_keys import RedisKeys
+
 ROOT = Path(__file__).parents[1]
 BIN = Path(sys.executable).parent
 
@@ -190,9 +192,9 @@ class LocalStack:
         for process in reversed(self.processes):
             if process.poll() is None:
                 self.stop(process)
-        for key in self.redis.scan_iter(f"{self.prefix}:*"):
+        for key in self.redis.scan_iter(RedisKeys(self.prefix).every_key_pattern()):
             self.redis.delete(key)
-        self.redis.delete(self.prefix)  # the Celery queue list
+        self.redis.delete(RedisKeys.celery_queue(self.prefix))
 
     @staticmethod
     def stop(process: subprocess.Popen, timeout_s: float = 30) -> None:

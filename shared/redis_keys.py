@@ -65,6 +65,10 @@ class RedisKeys:
     def recent_tokens_per_second(self) -> str:
         return f"{self.prefix}:metrics:recent_tps"
 
+    def every_key_pattern(self) -> str:
+        """A SCAN/KEYS pattern that matches every key above (not Celery's)."""
+        return f"{self.prefix}:*"
+
     @staticmethod
     def celery_queue(queue_name: str) -> str:
         """The list Celery's Redis transport keeps a queue's waiting messages in (priority 0)."""

@@ -1,17 +1,42 @@
+"""The job record's Lua scripts, which carry the job state's correctness, on fakeredis's Lua emulation and on the
+real Redis server that `make test` starts (skipped where none answers)."""
+
+import uuid
+
 import fakeredis
 import pytest
+import redis
 
+from shared.config import get_settings
 from shared.histograms import JOB_DURATION, QUEUE_WAIT, TIME_TO_FIRST_TOKEN
 from shared.job_record import CANCEL_QUEUED_SCRIPT, CLAIM_SCRIPT, FINISH_SCRIPT, is_orphaned, new_job_fields, parse_job
 from shared.redis_keys import RedisKeys
 from shared.schemas import GenerationOutcome, JobKind, JobStatus
 from worker.metrics import inference_figures
 
-KEYS = RedisKeys("t")
+KEYS = RedisKeys(f"test-job-record-{uuid.uuid4().hex[:8]}")  # apart from whatever else the real server holds
 
 
-def _store():
-    client = fakeredis.FakeRedis(decode_responses=True)
+@pytest.fixture(params=["fakeredis", "redis"])
+def server(request):
+    """An empty store of this test's keys: fakeredis, or the real server at REDIS_URL."""
+    if request.param == "fakeredis":
+        yield fakeredis.FakeRedis(decode_responses=True)
+        return
+    client = redis.Redis.from_url(get_settings().redis_url, decode_responses=True)
+    try:
+        client.ping()
+    except redis.ConnectionError:
+        pytest.skip("no Redis answers at REDIS_URL (make test starts one)")
+    yield client
+    for key in client.scan_iter(KEYS.every_key_pattern()):
+        client.delete(key)
+    client.close()
+
+
+def _store(client):
+    for key in client.scan_iter(KEYS.every_key_pattern()):
+        client.delete(key)
     client.hset(KEYS.job("j"), mapping=new_job_fields(JobKind.INFERENCE, {"prompt": "x"}))
     return client, client.register_script(CLAIM_SCRIPT), client.register_script(CANCEL_QUEUED_SCRIPT)
 
@@ -30,8 +55,8 @@ def _cancel(cancel):
     )
 
 
-def test_a_queued_job_is_claimed_once():
-    client, claim, _ = _store()
+def test_a_queued_job_is_claimed_once(server):
+    client, claim, _ = _store(server)
     assert _claim(claim) == 1
     client.hset(KEYS.worker_heartbeat("w1"), "state", "ready")
     assert _claim(claim, worker="w2") == 0  # a duplicate delivery while the owner lives
@@ -40,28 +65,28 @@ def test_a_queued_job_is_claimed_once():
     assert job.status is JobStatus.RUNNING and job.worker == "w1" and job.attempts == 1
 
 
-def test_cancel_and_claim_exclude_each_other():
-    client, claim, cancel = _store()
+def test_cancel_and_claim_exclude_each_other(server):
+    client, claim, cancel = _store(server)
     assert _cancel(cancel) == 1
     assert _claim(claim) == 0
     assert client.xlen(KEYS.job_events("j")) == 1  # waiters were woken by the terminal event
     assert client.hget(KEYS.metrics(), "jobs_cancelled") == "1"  # counted once, where it ended
 
-    client, claim, cancel = _store()
+    client, claim, cancel = _store(server)
     assert _claim(claim) == 1
     assert _cancel(cancel) == 0  # running: the worker sees the cancel flag instead
     assert client.hget(KEYS.metrics(), "jobs_cancelled") is None
 
 
-def test_a_job_whose_owner_died_is_retried_until_attempts_run_out():
-    _, claim, _ = _store()
+def test_a_job_whose_owner_died_is_retried_until_attempts_run_out(server):
+    _, claim, _ = _store(server)
     assert _claim(claim, "w1") == 1  # none of these workers has a heartbeat: each died
     assert _claim(claim, "w2") == 1
     assert _claim(claim, "w3") == -1
 
 
-def test_a_claim_reports_a_cancel_that_arrived_first():
-    client, claim, _ = _store()
+def test_a_claim_reports_a_cancel_that_arrived_first(server):
+    client, claim, _ = _store(server)
     client.set(KEYS.job_cancel("j"), "1")
     assert _claim(claim) == 2
 
@@ -83,8 +108,8 @@ def _owner_beat(client, last_heartbeat: str, current_job: str, worker="w1"):
         (("0.5", ""), False),  # its last beat predates the claim (claimed at 1.0): no news yet
     ],
 )
-def test_a_running_job_is_taken_over_exactly_when_the_watchdog_calls_it_orphaned(beat, orphaned):
-    client, claim, _ = _store()
+def test_a_running_job_is_taken_over_exactly_when_the_watchdog_calls_it_orphaned(server, beat, orphaned):
+    client, claim, _ = _store(server)
     assert _claim(claim, "w1") == 1
     if beat is not None:
         _owner_beat(client, *beat)
@@ -94,8 +119,8 @@ def test_a_running_job_is_taken_over_exactly_when_the_watchdog_calls_it_orphaned
     assert client.hget(KEYS.job("j"), "worker") == ("w2" if orphaned else "w1")
 
 
-def test_a_claim_that_finds_the_owner_alive_frees_the_attempts_recovery_lock():
-    client, claim, _ = _store()
+def test_a_claim_that_finds_the_owner_alive_frees_the_attempts_recovery_lock(server):
+    client, claim, _ = _store(server)
     assert _claim(claim, "w1") == 1
     _owner_beat(client, "5.0", "j")
     client.set(KEYS.job_recovery_lock("j", 1), "w2")
@@ -103,16 +128,16 @@ def test_a_claim_that_finds_the_owner_alive_frees_the_attempts_recovery_lock():
     assert not client.exists(KEYS.job_recovery_lock("j", 1))
 
 
-def test_a_claim_sent_again_after_a_lost_reply_answers_the_same_without_another_attempt():
-    client, claim, _ = _store()
+def test_a_claim_sent_again_after_a_lost_reply_answers_the_same_without_another_attempt(server):
+    client, claim, _ = _store(server)
     _owner_beat(client, "5.0", "j")  # the claimer's own beat names the job it is claiming
     assert _claim(claim, "w1") == 1
     assert _claim(claim, "w1") == 1
     assert client.hget(KEYS.job("j"), "attempts") == "1"
 
 
-def test_a_worker_reclaims_its_own_earlier_attempt():
-    client, claim, _ = _store()
+def test_a_worker_reclaims_its_own_earlier_attempt(server):
+    client, claim, _ = _store(server)
     assert _claim(claim, "w1") == 1
     _owner_beat(client, "5.0", "j")  # set before the claim, as the worker does
     later = claim(
@@ -137,8 +162,8 @@ def _finish(client, owner: str, figures: str = "", now: float = 50.0) -> int:
     )
 
 
-def test_an_inference_is_counted_with_its_end_and_its_times_read_from_the_record():
-    client, claim, _ = _store()
+def test_an_inference_is_counted_with_its_end_and_its_times_read_from_the_record(server):
+    client, claim, _ = _store(server)
     client.hset(KEYS.job("j"), "created_at", "100.0")
     assert _claim(claim, "w1", now="100.2") == 1  # 0.2 s in the queue
     client.lpush(KEYS.recent_tokens_per_second(), "4.0")  # an earlier job's speed
@@ -171,8 +196,8 @@ def test_an_inference_is_counted_with_its_end_and_its_times_read_from_the_record
     assert _finish(client, "w1", figures) == 0 and client.hget(KEYS.metrics(), "total_inferences") == "1"
 
 
-def test_the_end_is_written_once_and_only_by_the_owner():
-    client, claim, _ = _store()
+def test_the_end_is_written_once_and_only_by_the_owner(server):
+    client, claim, _ = _store(server)
     assert _finish(client, "w1") == 0  # still queued: nobody's to end
     assert _claim(claim, "w1") == 1
     assert _finish(client, "w2") == 0  # not the owner
