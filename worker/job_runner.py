@@ -34,7 +34,7 @@ CANCEL_CHECK_INTERVAL_S = 0.05
 
 def wants_token_events(params: dict[str, Any]) -> bool:
     """Whether an inference job's tokens go out as events: only a streamed response reads them. Read from the
-    raw payload before the claim; the payload is validated within the claim, so that a bad one fails its job."""
+    raw parameters at the claim; they are validated within the claimed block, so that bad ones fail the job."""
     return params.get("stream_tokens", True) is not False
 
 
@@ -55,6 +55,7 @@ class JobContext:
         owner: str,
         retry_s: float,
         stream_tokens: bool = True,
+        params: dict[str, Any] | None = None,
     ):
         self.client = client
         self.keys = keys
@@ -64,6 +65,7 @@ class JobContext:
         self.owner = owner
         self.retry_s = retry_s
         self.stream_tokens = stream_tokens
+        self.params = params or {}  # the job's parameters as its record holds them (validated by the task)
         self.finished = False
         self.lost = False  # another worker took the job over while Redis was out of this one's reach
         self.first_token_at: float | None = None  # wall clock, for the time-to-first-token histogram
@@ -265,6 +267,11 @@ class JobRunner:
     def claim(self, job_id: str) -> Claim:
         """Retried while Redis is unreachable (the same claim answers the same: see CLAIM_SCRIPT); raises
         `RedisUnreachable` past `REDIS_RETRY_S`."""
+        return self._claim_and_read(job_id)[0]
+
+    def _claim_and_read(self, job_id: str) -> tuple[Claim, dict[str, Any]]:
+        """The claim, and the job's parameters from its record in the same round trip: the task's message
+        carries the job id alone, so that no broker message (nor Flower, which shows them) holds a request."""
         keys = [self.keys.job(job_id), self.keys.running_jobs(), self.keys.job_cancel(job_id)]
         args: list[str | int | float] = [
             self.worker_id,
@@ -274,11 +281,15 @@ class JobRunner:
             job_id,
             self.keys.job_recovery_lock_prefix(job_id),
         ]
-        claimed = Claim(
-            retry_until_reachable(
-                lambda: self._claim(keys=keys, args=args), f"job {job_id}: claim", self.settings.redis_retry_s
-            )
-        )
+
+        def claim_and_read() -> list:
+            pipe = self.client.pipeline(transaction=False)
+            self._claim(keys=keys, args=args, client=pipe)
+            pipe.hget(self.keys.job(job_id), "params")
+            return pipe.execute()
+
+        code, raw_params = retry_until_reachable(claim_and_read, f"job {job_id}: claim", self.settings.redis_retry_s)
+        claimed = Claim(code)
         if claimed is Claim.EXHAUSTED:
             attempts = self.settings.max_job_attempts
             log.error("job %s failed: its worker died on each of %d attempts", job_id, attempts)
@@ -291,15 +302,17 @@ class JobRunner:
                     message=f"the job stopped its worker on each of {attempts} attempts; not retried again",
                 ),
             )
-        return claimed
+        return claimed, json.loads(raw_params) if raw_params else {}
 
     @contextmanager
-    def claimed(self, job_id: str, stream_tokens: bool = True) -> Iterator[JobContext | None]:
+    def claimed(self, job_id: str, stream_tokens: bool | None = None) -> Iterator[JobContext | None]:
         """The job claimed for the block, or None when there is nothing to run (cancelled, finished, owned by a
-        live worker, out of attempts: already settled). The block ends it with `job.finish(...)`. Input the
+        live worker, out of attempts: already settled); its parameters are `job.params`, as its record holds
+        them. `stream_tokens` None: as an inference job's parameters ask (`wants_token_events`). The block
+        ends it with `job.finish(...)`. Input the
         model refuses (`InvalidGenerationInput`) fails the job as a client error and goes no further; any other
         exception fails it and propagates, for Celery to record."""
-        claimed = self.claim(job_id)
+        claimed, params = self._claim_and_read(job_id)
         if claimed is Claim.CANCEL_PENDING:
             self._end(job_id, JobStatus.CANCELLED, owner=self.worker_id, error=cancelled_error())
         if claimed is not Claim.CLAIMED:
@@ -315,7 +328,8 @@ class JobRunner:
             ttl_s=self.settings.job_ttl_s,
             owner=self.worker_id,
             retry_s=self.settings.redis_retry_s,
-            stream_tokens=stream_tokens,
+            stream_tokens=wants_token_events(params) if stream_tokens is None else stream_tokens,
+            params=params,
         )
         try:
             yield job

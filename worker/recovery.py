@@ -8,7 +8,6 @@ after every heartbeat; a SET NX guard makes each attempt's re-enqueue happen onc
 script counts attempts, so a job that keeps killing its worker fails instead of looping.
 """
 
-import json
 import logging
 import time
 
@@ -21,10 +20,10 @@ log = logging.getLogger(__name__)
 
 
 def _send_from_record(send_task, job_id: str, record: dict[str, str], task_id: str, queue: str) -> None:
-    """The job's task, sent again with what its record holds."""
+    """The job's task, sent again: its id alone, as the API sends it (the parameters stay in the record)."""
     send_task(
         TASK_FOR_KIND[JobKind(record["kind"])],
-        args=[job_id, json.loads(record["params"])],
+        args=[job_id],
         task_id=task_id,
         queue=queue,
     )

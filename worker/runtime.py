@@ -44,7 +44,7 @@ class WorkerRuntime:
         return self.engine
 
     @contextmanager
-    def job(self, job_id: str, stream_tokens: bool = True) -> Iterator[JobContext | None]:
+    def job(self, job_id: str, stream_tokens: bool | None = None) -> Iterator[JobContext | None]:
         """`JobRunner.claimed`, with the job shown in this worker's heartbeat while it runs."""
         self.heartbeat.current_job = job_id
         try:

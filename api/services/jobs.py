@@ -99,16 +99,16 @@ class JobService:
         job_id = uuid.uuid4().hex
         await self._admit(job_id, new_job_fields(kind, params, caller.client_id))
         try:
-            await self._enqueue(kind, job_id, params)
+            await self._enqueue(kind, job_id)
         finally:  # in the queue now, or failed: no longer arriving
             await self.client.zrem(self.keys.arriving_jobs(), job_id)
         return job_id
 
-    async def _enqueue(self, kind: JobKind, job_id: str, params: dict[str, Any]) -> None:
+    async def _enqueue(self, kind: JobKind, job_id: str) -> None:
         send = partial(
             self.celery.send_task,
             TASK_FOR_KIND[kind],
-            args=[job_id, params],
+            args=[job_id],  # the worker reads the parameters from the record: no request in the broker
             task_id=job_id,
             queue=self.settings.queue_name,
         )

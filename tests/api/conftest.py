@@ -5,6 +5,7 @@ cover the Redis protocol between the two sides; the integration tests cover the 
 """
 
 import contextlib
+import json
 import threading
 from collections.abc import Callable
 
@@ -16,9 +17,9 @@ from api.main import create_app
 from shared.config import Settings
 from shared.redis_keys import RedisKeys
 from shared.schemas import GenerationOutcome, WorkerState
-from shared.task_names import BENCHMARK_TASK, INFERENCE_TASK
+from shared.task_names import BENCHMARK_TASK
 from worker.heartbeat import Heartbeat
-from worker.job_runner import JobContext, JobRunner, wants_token_events
+from worker.job_runner import JobContext, JobRunner
 
 #: The model id the scripted worker announces.
 SERVED_MODEL = "bundled:SmolLM2-135M-Instruct"
@@ -77,23 +78,28 @@ class InlineCelery:
         self.sent.append((name, args))
         if self.hold:
             return
-        job_id, params = args
+        (job_id,) = args  # the id alone: the worker reads the parameters from the record
 
         def run() -> None:
             # The runner re-raises for Celery's sake, after recording the failure.
-            stream_tokens = name == INFERENCE_TASK and wants_token_events(params)
+            stream_tokens = False if name == BENCHMARK_TASK else None
             with contextlib.suppress(Exception), self.runner.claimed(job_id, stream_tokens) as job:
                 if job is None:
                     return
                 if name == BENCHMARK_TASK:
-                    job.finish(*benchmark_work(job, params))
+                    job.finish(*benchmark_work(job, job.params))
                     return
-                result, finish_reason = self.work(job, params)
+                result, finish_reason = self.work(job, job.params)
                 job.finish(result, finish_reason, counted=GenerationOutcome.model_validate(result))
 
         thread = threading.Thread(target=run)
         thread.start()
         self.threads.append(thread)
+
+    def params_of(self, index: int = 0) -> dict:
+        """The parameters of the `index`th job sent, from its record: the message carries the id alone."""
+        _, (job_id,) = self.sent[index]
+        return json.loads(self.runner.client.hget(self.runner.keys.job(job_id), "params"))
 
     def join(self) -> None:
         for thread in self.threads:

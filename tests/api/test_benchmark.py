@@ -17,6 +17,7 @@ def test_benchmark_is_enqueued_by_name(client, heartbeat, celery):
         "/benchmark", json={"test_type": "stress", "iterations": 2}, headers={"Prefer": "respond-async"}
     )
     assert response.status_code == 202
-    name, (_, params) = celery.sent[0]
+    name, _ = celery.sent[0]
+    params = celery.params_of(0)
     assert name == "moeserve.benchmark"
     assert params == {"test_type": "stress", "iterations": 2}

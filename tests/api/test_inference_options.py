@@ -5,7 +5,7 @@ import pytest
 
 def test_the_defaults_stay_the_spec_s(client, heartbeat, celery):
     client.post("/inference", json={"prompt": "hi"})
-    _, (_, params) = celery.sent[0]
+    params = celery.params_of(0)
     assert (params["temperature"], params["top_p"], params["stop"], params["seed"]) == (0.7, 1.0, [], None)
 
 
@@ -15,7 +15,7 @@ def test_top_p_stop_and_seed_reach_the_worker(client, heartbeat, celery, headers
         "/inference", headers=headers, json={"prompt": "hi", "top_p": 0.5, "stop": "END", "seed": 42}
     )
     assert response.status_code in (200, 202)
-    _, (_, params) = celery.sent[0]
+    params = celery.params_of(0)
     assert (params["top_p"], params["stop"], params["seed"]) == (0.5, ["END"], 42)
 
 

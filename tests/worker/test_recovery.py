@@ -84,5 +84,5 @@ def test_jobs_an_api_admitted_but_never_sent_are_sent_once_after_the_grace():
 
     assert send_jobs_left_unsent(runtime, send_task) == ["stranded"]
     assert send_jobs_left_unsent(runtime, send_task) == []  # a second pass, or another worker
-    assert sent == [("moeserve.inference", ["stranded", {"prompt": "stranded"}], "stranded", settings.queue_name)]
+    assert sent == [("moeserve.inference", ["stranded"], "stranded", settings.queue_name)]
     assert client.zrange(KEYS.arriving_jobs(), 0, -1) == ["in-flight"]  # still within its API's grace
