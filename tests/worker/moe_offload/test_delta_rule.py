@@ -31,7 +31,15 @@ def test_the_fused_step_gives_the_reference_output_and_state(key_heads, heads, d
     )
     fused_state = state.clone()
     out, returned = delta_rule.fused_recurrent_gated_delta_rule(
-        query, key, value, g, beta, fused_state, output_final_state=True, use_qk_l2norm_in_kernel=True
+        query,
+        key,
+        value,
+        g,
+        beta,
+        fused_state,
+        output_final_state=True,
+        use_qk_l2norm_in_kernel=True,
+        step=delta_rule.load_delta_step(),
     )
     assert returned is fused_state  # updated in place, as the cache holds it
     assert out.shape == want_out.shape and out.dtype == want_out.dtype
@@ -46,7 +54,7 @@ def test_what_the_kernel_does_not_cover_goes_to_the_reference():
     want = delta_rule.REFERENCE(*two_tokens, state.clone(), output_final_state=True, use_qk_l2norm_in_kernel=True)
     state_before = state.clone()
     got = delta_rule.fused_recurrent_gated_delta_rule(
-        *two_tokens, state, output_final_state=True, use_qk_l2norm_in_kernel=True
+        *two_tokens, state, output_final_state=True, use_qk_l2norm_in_kernel=True, step=delta_rule.load_delta_step()
     )
     torch.testing.assert_close(got[0], want[0])
     torch.testing.assert_close(state, state_before)  # the reference never writes its input state
@@ -57,7 +65,9 @@ def test_installing_routes_transformers_decode_through_the_kernel(monkeypatch):
     monkeypatch.setattr(modeling_qwen3_next, "torch_recurrent_gated_delta_rule", delta_rule.REFERENCE)
     monkeypatch.setattr(modeling_qwen3_next, "causal_conv1d_update", delta_rule.CONV_REFERENCE)
     assert delta_rule.install_fused_delta_rule()
-    assert modeling_qwen3_next.torch_recurrent_gated_delta_rule is delta_rule.fused_recurrent_gated_delta_rule
+    installed = modeling_qwen3_next.torch_recurrent_gated_delta_rule
+    assert installed.func is delta_rule.fused_recurrent_gated_delta_rule
+    assert installed.keywords == {"step": delta_rule.load_delta_step()}
     assert modeling_qwen3_next.causal_conv1d_update is delta_rule.conv1d_update
 
 
@@ -73,3 +83,22 @@ def test_the_short_convolution_step_gives_the_reference_output_and_state(kernel,
     got = delta_rule.conv1d_update(hidden, state, weight, bias, activation="silu")
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(state, want_state)
+
+
+@pytest.mark.slow
+@needs_avx2
+def test_the_installed_step_compiles_into_one_graph(monkeypatch):
+    """The op is bound at install, so a compiled decode step traces through it without a graph break (a
+    look-up of the op inside the step broke the graph at every DeltaNet layer)."""
+    monkeypatch.setattr(modeling_qwen3_next, "torch_recurrent_gated_delta_rule", delta_rule.REFERENCE)
+    monkeypatch.setattr(modeling_qwen3_next, "causal_conv1d_update", delta_rule.CONV_REFERENCE)
+    assert delta_rule.install_fused_delta_rule()
+    rule = modeling_qwen3_next.torch_recurrent_gated_delta_rule
+    query, key, value, g, beta, state = _inputs(2, 4, 32, 32)
+    want, _ = rule(query, key, value, g, beta, state.clone(), output_final_state=True, use_qk_l2norm_in_kernel=True)
+
+    def step(*args):
+        return rule(*args, output_final_state=True, use_qk_l2norm_in_kernel=True)[0]
+
+    got = torch.compile(step, fullgraph=True)(query, key, value, g, beta, state)  # fullgraph: a break raises
+    torch.testing.assert_close(got, want)

@@ -12,7 +12,7 @@ has a fake implementation, so a compiled decode step traces through it as one ca
 
 import logging
 from collections.abc import Callable
-from functools import cache
+from functools import cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -52,10 +52,12 @@ def fused_recurrent_gated_delta_rule(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     use_qk_l2norm_in_kernel: bool = False,
+    *,
+    step: Callable[..., torch.Tensor] | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`torch_recurrent_gated_delta_rule`'s signature and result; the kernel where it applies."""
-    step = load_delta_step()
+    """`torch_recurrent_gated_delta_rule`'s signature and result; `step` (the kernel's op, bound at install:
+    looking it up here would break a compiled step's graph at every layer) where it applies."""
     covered = (
         step is not None
         and query.device.type == "cpu"
@@ -110,9 +112,10 @@ def _float(tensor: torch.Tensor) -> torch.Tensor:
 def install_fused_delta_rule() -> bool:
     """Qwen3-Next's DeltaNet decode through the kernel from now on, in this process; False where it cannot
     build (the reference stays)."""
-    if load_delta_step() is None:
+    step = load_delta_step()
+    if step is None:
         return False
-    modeling_qwen3_next.torch_recurrent_gated_delta_rule = fused_recurrent_gated_delta_rule
+    modeling_qwen3_next.torch_recurrent_gated_delta_rule = partial(fused_recurrent_gated_delta_rule, step=step)
     modeling_qwen3_next.causal_conv1d_update = conv1d_update
     log.info("Gated DeltaNet decode: the fused CPU kernel")
     return True
