@@ -3,7 +3,10 @@ its experts offloaded (6 of 32 slots per layer), against the plain engine on the
 
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -20,33 +23,41 @@ pytestmark = pytest.mark.integration
 PROMPT = "Hello world, tell me a story"
 
 
-@pytest.fixture(scope="module")
-def moe_stack(tmp_path_factory):
-    checkpoint = build_tiny_qwen3_next(tmp_path_factory.mktemp("tiny-moe"))
+@contextmanager
+def _serving(name: str, checkpoint, tmp_path_factory, **settings: str) -> Iterator[tuple[LocalStack, Path]]:
+    """A real API and worker serving the tiny MoE at `checkpoint` on the CPU with `settings`; yields the stack
+    and its MODEL_CACHE_DIR."""
+    cache = tmp_path_factory.mktemp(f"{name}-cache")
     stack = LocalStack(
-        f"it-moe-{uuid.uuid4().hex[:8]}",
-        tmp_path_factory.mktemp("moe-stack"),
+        f"it-{name}-{uuid.uuid4().hex[:8]}",
+        tmp_path_factory.mktemp(f"{name}-stack"),
         MODEL_ID=str(checkpoint),
-        MODEL_CACHE_DIR=str(tmp_path_factory.mktemp("cache")),
+        MODEL_CACHE_DIR=str(cache),
         OFFLOAD="experts",
-        EXPERT_QUANT="bf16",
-        EXPERT_SLOTS="6",
-        EXPERT_MISSES="hybrid",
         DEVICE="cpu",
-        CPU_WEIGHTS="float",  # the plain engine's float32 dense layers: the experts' offload alone is compared
         MODEL_DTYPE="float32",
         APPLY_CHAT_TEMPLATE="false",
         HEARTBEAT_INTERVAL_S="0.5",
         HEARTBEAT_STALE_S="3",
         TORCH_THREADS="1",
+        **settings,
     )
     try:
         stack.start_api()
         stack.start_worker()
         stack.wait_healthy()
-        yield stack, checkpoint
+        yield stack, cache
     finally:
         stack.close()
+
+
+@pytest.fixture(scope="module")
+def moe_stack(tmp_path_factory):
+    checkpoint = build_tiny_qwen3_next(tmp_path_factory.mktemp("tiny-moe"))
+    # float32 dense layers, as the plain engine's: the experts' offload alone is compared
+    settings = dict(EXPERT_QUANT="bf16", EXPERT_SLOTS="6", EXPERT_MISSES="hybrid", CPU_WEIGHTS="float")
+    with _serving("moe", checkpoint, tmp_path_factory, **settings) as (stack, _):
+        yield stack, checkpoint
 
 
 def test_offloaded_moe_serves_through_the_queue_the_text_the_plain_engine_generates(moe_stack):
@@ -80,30 +91,9 @@ def cpu_tier_stack(tmp_path_factory):
     """The same tiny MoE served from host RAM as on a PC without a GPU: every expert in place (NF4), the
     dense layers on the int4 kernels."""
     checkpoint = build_tiny_qwen3_next(tmp_path_factory.mktemp("tiny-moe-cpu"))
-    cache = tmp_path_factory.mktemp("cache-cpu")
-    stack = LocalStack(
-        f"it-moe-cpu-{uuid.uuid4().hex[:8]}",
-        tmp_path_factory.mktemp("moe-cpu-stack"),
-        MODEL_ID=str(checkpoint),
-        MODEL_CACHE_DIR=str(cache),
-        OFFLOAD="experts",
-        EXPERT_QUANT="nf4",
-        DEVICE="cpu",
-        CPU_WEIGHTS="int4",
-        DECODE_COMPILE="off",
-        MODEL_DTYPE="float32",
-        APPLY_CHAT_TEMPLATE="false",
-        HEARTBEAT_INTERVAL_S="0.5",
-        HEARTBEAT_STALE_S="3",
-        TORCH_THREADS="1",
-    )
-    try:
-        stack.start_api()
-        stack.start_worker()
-        stack.wait_healthy()
+    settings = dict(EXPERT_QUANT="nf4", CPU_WEIGHTS="int4", DECODE_COMPILE="off")
+    with _serving("moe-cpu", checkpoint, tmp_path_factory, **settings) as (stack, cache):
         yield stack, checkpoint, cache
-    finally:
-        stack.close()
 
 
 def test_the_cpu_tier_serves_through_the_queue_the_text_its_engine_generates(cpu_tier_stack):
