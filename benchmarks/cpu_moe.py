@@ -67,15 +67,15 @@ def build_cpu_model(shapes: dict, layers: int, variant: str):
     layout = ExpertLayout(config.hidden_size, config.moe_intermediate_size, "nf4")
     rows = synthetic_host_rows(layout, len(names), config.num_experts, pin=False)
     experts = [(name, layout, layer_rows) for name, layer_rows in zip(names, rows, strict=True)]
-    layers_ = install_offloaded_experts(
+    offloaded = install_offloaded_experts(
         model, experts, torch.device("cpu"), torch.float32, config.num_experts, OffloadConfig(), config
     )
     if variant == "today":  # ours-compiled: built as ours
-        for module in layers_.modules:
+        for module in offloaded.modules:
             module.in_place_kernel = None
     else:
         if not kernels_available() or not install_fused_delta_rule():
-            raise RuntimeError("the int4 CPU kernels do not build here")
+            raise RuntimeError("the CPU kernels (int4 linear, fused DeltaNet step) do not build here")
         quantize_linears(model)
     return model.eval(), config, layout
 
