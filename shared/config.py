@@ -53,6 +53,11 @@ class Settings(BaseSettings):
         10.0, gt=0, description="a worker silent this long is dead: unhealthy, and its running jobs re-queued"
     )
     job_ttl_s: int = Field(86_400, ge=60, description="seconds a job's record and events are kept")
+    log_requests: bool = Field(
+        False,
+        description="for debugging: the worker logs each job's request (prompt, messages, options) when it takes "
+        "it; off, no log line holds a request or a completion",
+    )
     max_job_attempts: int = Field(2, ge=1, description="deliveries before a job that kills workers fails")
     redis_retry_s: float = Field(
         600.0,

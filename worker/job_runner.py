@@ -320,6 +320,8 @@ class JobRunner:
                 log.info("job %s skipped: no longer queued (cancelled, finished or owned elsewhere)", job_id)
             yield None
             return
+        if self.settings.log_requests:
+            log.info("job %s request: %s", job_id, json.dumps(params))
         job = JobContext(
             self.client,
             self.keys,

@@ -65,6 +65,8 @@ def start_runtime() -> WorkerRuntime:
         import torch
 
         torch.set_num_threads(engine_settings.torch_threads)
+    if settings.log_requests:
+        log.warning("LOG_REQUESTS is on: every job's request is written to this worker's log")
     keys = RedisKeys(settings.key_prefix)
     client = connect(settings.redis_url)
     worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"

@@ -244,3 +244,13 @@ def test_a_worker_whose_job_was_taken_over_writes_nothing_more(outage_client, se
 
     _run(JobRunner(outage_client, KEYS, settings, "w1"), work)
     assert outage_client.hget(KEYS.job("j"), "status") == "running" and _events(outage_client) == []
+
+
+@pytest.mark.parametrize("log_requests", [False, True])
+def test_a_jobs_request_reaches_the_log_only_when_log_requests_asks(client, settings, caplog, log_requests):
+    client.hset(KEYS.job("j"), mapping=new_job_fields(JobKind.INFERENCE, {"prompt": "a secret recipe"}))
+    runner = JobRunner(client, KEYS, settings.model_copy(update={"log_requests": log_requests}), "w1")
+    with caplog.at_level("DEBUG"):
+        assert _run(runner, lambda job: ({"text": "the secret answer"}, "stop")) == {"text": "the secret answer"}
+    assert ("a secret recipe" in caplog.text) is log_requests
+    assert "the secret answer" not in caplog.text  # the completion: never
