@@ -156,7 +156,7 @@ def _serve(variant: str, threads: int, gguf: str, connection) -> None:
         connection.send(result)
 
 
-def _summary(values: list[float]) -> dict:
+def median_and_range(values: list[float]) -> dict:
     ordered = sorted(values)
     return {"median": statistics.median(ordered), "min": ordered[0], "max": ordered[-1], "n": len(ordered)}
 
@@ -257,9 +257,9 @@ def _report(args, loads: dict, runs: dict, prefills: dict, notes: dict, long_tok
             "simd": loads[name].get("simd"),
             "peak_rss_mb": max([loads[name]["rss_mb"]] + [r["peak_rss_mb"] for r in results]),
             "rss_mb": results[-1]["rss_mb"],
-            "decode_tok_per_s": _summary(decode),
-            "first_token_ms": _summary([r["first_token_ms"] for r in results]),
-            "prefill_tok_per_s": _summary([long_tokens / (r["first_token_ms"] / 1000) for r in prefills[name]])
+            "decode_tok_per_s": median_and_range(decode),
+            "first_token_ms": median_and_range([r["first_token_ms"] for r in results]),
+            "prefill_tok_per_s": median_and_range([long_tokens / (r["first_token_ms"] / 1000) for r in prefills[name]])
             if prefills[name]
             else None,
             "agreement_with_float": agreement,

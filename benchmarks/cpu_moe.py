@@ -36,6 +36,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.cpu_decode import median_and_range
+
 RESULTS = Path(__file__).parent / "results"
 VARIANTS = ("today", "ours", "ours-compiled", "llama.cpp")
 
@@ -80,11 +82,16 @@ def build_cpu_model(shapes: dict, layers: int, variant: str):
     return model.eval(), config, layout
 
 
+def delta_state_traffic(shapes: dict) -> int:
+    """A DeltaNet layer's float32 recurrent state [value heads, key dim, value dim], read and written once a
+    decode step."""
+    return 2 * shapes["linear_num_value_heads"] * shapes["linear_key_head_dim"] * shapes["linear_value_head_dim"] * 4
+
+
 def layer_read_bytes(model, config, layout) -> dict[str, int]:
     """Bytes one decode step reads per layer, by layer type: its dense weights and router as stored, top-k
     expert rows, and the recurrent state (read and written) of a DeltaNet layer."""
-    import torch
-
+    state = delta_state_traffic(config.to_dict())
     per_type: dict[str, int] = {}
     for layer in model.model.layers:
         dense = sum(t.numel() * t.element_size() for t in layer.buffers())
@@ -92,8 +99,7 @@ def layer_read_bytes(model, config, layout) -> dict[str, int]:
         kind = "linear_attention" if hasattr(layer, "linear_attn") else "full_attention"
         total = dense + config.num_experts_per_tok * layout.row_bytes
         if kind == "linear_attention":
-            heads, dk, dv = config.linear_num_value_heads, config.linear_key_head_dim, config.linear_value_head_dim
-            total += 2 * heads * dk * dv * torch.float32.itemsize
+            total += state
         per_type.setdefault(kind, total)
     return per_type
 
@@ -235,11 +241,6 @@ def copy_bandwidth_gbps(threads: int, nbytes: int = 1 << 30, repeats: int = 5) -
     return 2 * nbytes / best / 1e9
 
 
-def _summary(values: list[float]) -> dict:
-    ordered = sorted(values)
-    return {"median": statistics.median(ordered), "min": ordered[0], "max": ordered[-1], "n": len(ordered)}
-
-
 def _start(variant: str, shapes: dict, layers: int, args):
     context = multiprocessing.get_context("spawn")
     parent, child = context.Pipe()
@@ -287,8 +288,8 @@ def measure_depth(variants: list[str], shapes: dict, layers: int, args) -> dict[
         process.join()
     for result in results.values():
         rounds = result.pop("rounds")
-        result["decode_ms"] = _summary([statistics.median(r["step_s"]) * 1000 for r in rounds])
-        result["prefill_tok_per_s"] = _summary([args.prompt / r["prefill_s"] for r in rounds])
+        result["decode_ms"] = median_and_range([statistics.median(r["step_s"]) * 1000 for r in rounds])
+        result["prefill_tok_per_s"] = median_and_range([args.prompt / r["prefill_s"] for r in rounds])
         result["peak_rss_gb"] = max(r["peak_rss_gb"] for r in rounds)
     return results
 
@@ -305,7 +306,7 @@ def peer_read_bytes(shapes: dict) -> dict[str, int]:
         layer = int(spec.name.split(".")[1])
         share = shapes["num_experts_per_tok"] / shapes["num_experts"] if "_exps" in spec.name else 1.0
         per_layer[layer] = per_layer.get(layer, 0) + int(spec.nbytes * share)
-    state = 2 * shapes["linear_num_value_heads"] * shapes["linear_key_head_dim"] * shapes["linear_value_head_dim"] * 4
+    state = delta_state_traffic(shapes)
     per_type: dict[str, int] = {}
     for layer, nbytes in sorted(per_layer.items()):
         recurrent = is_recurrent(layer, shapes["full_attention_interval"])
