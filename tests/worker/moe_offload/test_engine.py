@@ -17,6 +17,7 @@ from worker.engine.config import EngineConfig
 from worker.engine.moe_offload.budget import MemoryBudgetError
 from worker.engine.moe_offload.config import OffloadConfig
 from worker.engine.moe_offload.converter import is_converted
+from worker.engine.moe_offload.cpu_moe_block import CpuSparseMoeBlock
 from worker.engine.moe_offload.engine import MoEOffloadEngine, converted_folder
 from worker.engine.moe_offload.offloaded_experts import OffloadedExperts
 from worker.engine.transformers_engine import TransformersEngine
@@ -159,6 +160,30 @@ def test_compiled_decode_generates_what_eager_decode_does_and_replays_the_same_g
 
 
 @pytest.mark.slow
+def test_the_cpu_tier_compiled_generates_what_it_generates_eagerly(converted, tmp_path, monkeypatch):
+    """DECODE_COMPILE=on with every expert in place, int4 dense layers, the fused DeltaNet layer decode and the
+    CPU MoE blocks: one graph a step (no break anywhere in a layer), the same greedy text as eager decode."""
+    import torch._dynamo.utils
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)  # the engine points it under its cache folder
+    folder = converted("nf4")
+    eager = MoEOffloadEngine(
+        _tiny(folder, cpu_weights="int4", decode_compile="off"), OffloadConfig(quant="nf4"), tmp_path
+    )
+    eager.load()
+    torch._dynamo.utils.counters.clear()
+    compiled = MoEOffloadEngine(
+        _tiny(folder, cpu_weights="int4", decode_compile="on", max_model_len=96), OffloadConfig(quant="nf4"), tmp_path
+    )
+    compiled.load()  # compiles here, with a warm-up generation
+    assert compiled.compiled is not None
+    assert sum(torch._dynamo.utils.counters["graph_break"].values()) == 0
+    assert all(m.in_place_kernel is not None for m in compiled.model.modules() if isinstance(m, OffloadedExperts))
+    for prompt in ("Hello world, tell me a story", "The quick brown fox"):
+        assert _generate(compiled, prompt, max_tokens=20)[1] == _generate(eager, prompt, max_tokens=20)[1]
+
+
+@pytest.mark.slow
 def test_graph_decode_keeps_each_step_on_the_device_and_generates_what_eager_decode_does(
     tiny_checkpoint, tmp_path, monkeypatch
 ):
@@ -267,3 +292,5 @@ def test_the_cpu_tier_runs_every_expert_in_place_and_the_dense_layers_on_the_int
     assert _generate(fast, max_tokens=8)[0].text == text  # the same model, its experts dequantized
     for module, kernel in zip(experts, kernels, strict=True):
         module.in_place_kernel = kernel
+    blocks = [m for m in fast.model.modules() if isinstance(m, CpuSparseMoeBlock)]
+    assert len(blocks) == len(experts)  # every MoE block on the CPU kernels

@@ -52,3 +52,18 @@ def pack(weight: torch.Tensor, fmt: WeightFormat) -> PackedWeight:
     step = scales.float().unsqueeze(-1)
     codes = (blocks / torch.where(step > 0, step, 1)).round().clamp(-127, 127).to(torch.int8)
     return PackedWeight("q8", codes.reshape(len(blocks), -1).contiguous(), scales, None, weight.shape[1])
+
+
+def stack_rows(*parts: PackedWeight) -> PackedWeight:
+    """Several matrices over the same input as one (their rows one after another): one call computes them all."""
+    first = parts[0]
+    if any(part.format != first.format or part.in_features != first.in_features for part in parts):
+        raise ValueError("only matrices of one format and input size stack")
+    minimums = None if first.minimums is None else torch.cat([part.minimums for part in parts])  # type: ignore[misc]
+    return PackedWeight(
+        first.format,
+        torch.cat([part.codes for part in parts]),
+        torch.cat([part.scales for part in parts]),
+        minimums,
+        first.in_features,
+    )

@@ -15,6 +15,7 @@ from worker.engine.moe_offload.builder import OffloadedModel, build_offloaded_mo
 from worker.engine.moe_offload.checkpoint import fingerprint, load_config, resolve_checkpoint_dir
 from worker.engine.moe_offload.config import ExpertDecode, ExpertQuant, OffloadConfig
 from worker.engine.moe_offload.converter import ConversionError, convert_checkpoint, is_converted, read_manifest
+from worker.engine.moe_offload.cpu_moe_block import install_cpu_moe_blocks
 from worker.engine.moe_offload.delta_rule import install_fused_delta_rule
 from worker.engine.moe_offload.graph_decode import GraphDecode
 from worker.engine.moe_offload.packing import ExpertLayout
@@ -131,6 +132,7 @@ class MoEOffloadEngine(TransformersEngine):
         if device.type == "cpu":
             self._quantize_cpu_linears(self.offloaded.model)  # the dense layers; the experts are 4-bit already
             install_fused_delta_rule()
+            install_cpu_moe_blocks(self.offloaded.model)
         return self.offloaded.model
 
     def _cap_gpu_memory(self) -> float:
