@@ -97,8 +97,8 @@ class LocalStack:
         self.processes.append(process)
         return process
 
-    def start_api(self) -> None:
-        self._spawn("api", [str(BIN / "uvicorn"), "api.main:app", "--port", str(self.port), "--log-level", "warning"])
+    def start_api(self, log_level: str = "warning") -> None:
+        self._spawn("api", [str(BIN / "uvicorn"), "api.main:app", "--port", str(self.port), "--log-level", log_level])
         self._wait_api("api.log")
 
     def _wait_api(self, log_name: str) -> None:
@@ -151,7 +151,7 @@ class LocalStack:
     def token_events(self, job_id: str) -> int:
         return sum(fields["type"] == "token" for _, fields in self.redis.xrange(f"{self.prefix}:job:{job_id}:events"))
 
-    def start_worker(self, name: str = "worker", **settings: str) -> subprocess.Popen:
+    def start_worker(self, name: str = "worker", log_level: str = "info", **settings: str) -> subprocess.Popen:
         """`celery worker` on this stack's queue; `settings` override the stack's for this worker alone."""
         return self._spawn(
             name,
@@ -170,7 +170,7 @@ class LocalStack:
                 "--hostname",
                 f"{name}-{self.prefix}@%h",
                 "--loglevel",
-                "info",
+                log_level,
             ],
             **settings,
         )

@@ -8,7 +8,7 @@ from benchmarks.local_stack import LocalStack
 
 # DECODE_COMPILE=off: the int4 weights stay (CPU_WEIGHTS=auto), but a worker (re)start does not pay the
 # decode step's compile, which fault tests would pay at every restart.
-_FAST_HEARTBEAT = {
+FAST_HEARTBEAT = {
     "HEARTBEAT_INTERVAL_S": "0.5",
     "HEARTBEAT_STALE_S": "3",
     "TORCH_THREADS": "1",
@@ -18,7 +18,7 @@ _FAST_HEARTBEAT = {
 
 @pytest.fixture(scope="session")
 def stack(bundled_model_path, tmp_path_factory):
-    stack = LocalStack(f"it-{uuid.uuid4().hex[:8]}", tmp_path_factory.mktemp("stack"), **_FAST_HEARTBEAT)
+    stack = LocalStack(f"it-{uuid.uuid4().hex[:8]}", tmp_path_factory.mktemp("stack"), **FAST_HEARTBEAT)
     try:
         stack.start_api()
         stack.start_worker()
@@ -30,7 +30,7 @@ def stack(bundled_model_path, tmp_path_factory):
 
 @pytest.fixture
 def api_without_worker(tmp_path):
-    stack = LocalStack(f"it-idle-{uuid.uuid4().hex[:8]}", tmp_path, **_FAST_HEARTBEAT)
+    stack = LocalStack(f"it-idle-{uuid.uuid4().hex[:8]}", tmp_path, **FAST_HEARTBEAT)
     try:
         stack.start_api()
         yield stack

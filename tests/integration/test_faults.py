@@ -16,7 +16,7 @@ from benchmarks.local_stack import LocalStack, RedisServer
 from shared.job_record import ADMIT_SCRIPT, ARRIVING_GRACE_S, new_job_fields
 from shared.redis_keys import RedisKeys
 from shared.schemas import GenerationParams, JobKind
-from tests.integration.conftest import _FAST_HEARTBEAT
+from tests.integration.conftest import FAST_HEARTBEAT
 
 pytestmark = pytest.mark.integration
 logger = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ def _alive(pid: int) -> bool:
 
 
 def test_a_worker_killed_under_the_supervisor_is_restarted_and_its_job_completes_once(bundled_model_path, tmp_path):
-    stack = LocalStack(f"it-sup-{uuid.uuid4().hex[:8]}", tmp_path, **_FAST_HEARTBEAT)
+    stack = LocalStack(f"it-sup-{uuid.uuid4().hex[:8]}", tmp_path, **FAST_HEARTBEAT)
     supervised = stack.start_supervised(workers=1)
     try:
         stack.wait_healthy()
@@ -106,7 +106,7 @@ def test_a_worker_killed_under_the_supervisor_is_restarted_and_its_job_completes
 def test_redis_killed_and_restarted_mid_job_leaves_no_job_running(bundled_model_path, tmp_path):
     server = RedisServer(tmp_path / "redis")
     server.start()
-    stack = LocalStack(f"it-redis-{uuid.uuid4().hex[:8]}", tmp_path, REDIS_URL=server.url, **_FAST_HEARTBEAT)
+    stack = LocalStack(f"it-redis-{uuid.uuid4().hex[:8]}", tmp_path, REDIS_URL=server.url, **FAST_HEARTBEAT)
     try:
         stack.start_api()
         stack.start_worker()
@@ -142,7 +142,7 @@ def test_redis_killed_and_restarted_mid_job_leaves_no_job_running(bundled_model_
 
 
 def test_two_workers_share_the_queue_and_the_survivor_finishes_a_killed_workers_job(bundled_model_path, tmp_path):
-    stack = LocalStack(f"it-two-{uuid.uuid4().hex[:8]}", tmp_path, **_FAST_HEARTBEAT)
+    stack = LocalStack(f"it-two-{uuid.uuid4().hex[:8]}", tmp_path, **FAST_HEARTBEAT)
     try:
         stack.start_api()
         stack.start_worker("worker-a")
@@ -196,7 +196,7 @@ def test_a_job_admitted_by_an_api_that_died_before_sending_it_is_sent_by_a_worke
 
 def test_a_worker_started_before_its_redis_waits_for_it_then_serves(bundled_model_path, tmp_path):
     server = RedisServer(tmp_path / "redis")  # not started yet
-    stack = LocalStack(f"it-late-{uuid.uuid4().hex[:8]}", tmp_path, REDIS_URL=server.url, **_FAST_HEARTBEAT)
+    stack = LocalStack(f"it-late-{uuid.uuid4().hex[:8]}", tmp_path, REDIS_URL=server.url, **FAST_HEARTBEAT)
     try:
         stack.start_api()
         worker = stack.start_worker()
@@ -229,7 +229,7 @@ def test_a_worker_whose_redis_never_answers_exits_for_its_supervisor_to_restart(
 
 
 def test_a_worker_whose_model_fails_to_load_takes_no_jobs_from_a_healthy_one(bundled_model_path, tmp_path):
-    stack = LocalStack(f"it-broken-{uuid.uuid4().hex[:8]}", tmp_path, **_FAST_HEARTBEAT)
+    stack = LocalStack(f"it-broken-{uuid.uuid4().hex[:8]}", tmp_path, **FAST_HEARTBEAT)
     try:
         stack.start_api()
         stack.start_worker("broken", MODEL_ID=str(tmp_path / "no-such-model"))

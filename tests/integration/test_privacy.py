@@ -10,7 +10,8 @@ import uuid
 import httpx
 import pytest
 
-from benchmarks.local_stack import BIN
+from benchmarks.local_stack import BIN, LocalStack
+from tests.integration.conftest import FAST_HEARTBEAT
 
 pytestmark = pytest.mark.integration
 ASYNC = {"Prefer": "respond-async"}
@@ -99,7 +100,21 @@ def _flower_task(url: str, task_id: str) -> dict:
     raise AssertionError(f"Flower never saw task {task_id} succeed")
 
 
-def test_flower_and_the_logs_show_the_task_but_not_its_text(stack):
+@pytest.fixture(scope="module")
+def debug_stack(bundled_model_path, tmp_path_factory):
+    """The API and the worker logging at DEBUG: even there, no request or completion text."""
+    stack = LocalStack(f"it-debug-{uuid.uuid4().hex[:8]}", tmp_path_factory.mktemp("debug-stack"), **FAST_HEARTBEAT)
+    try:
+        stack.start_api(log_level="debug")
+        stack.start_worker(log_level="debug")
+        stack.wait_healthy()
+        yield stack
+    finally:
+        stack.close()
+
+
+def test_flower_and_the_debug_logs_show_the_task_but_not_its_text(debug_stack):
+    stack = debug_stack
     url = _start_flower(stack)
     marker = _marker()
     prompt = f"Repeat this code word: {marker}. The code word is"
