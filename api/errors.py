@@ -104,7 +104,7 @@ def _http_error(exc: StarletteHTTPException) -> APIError:
     return APIError(exc.status_code, type_, str(exc.detail), headers=getattr(exc, "headers", None))
 
 
-def _redis_error(exc: redis.exceptions.RedisError) -> APIError:
+def redis_unavailable(exc: redis.exceptions.RedisError) -> APIError:
     log.error("Redis unavailable: %s", exc)
     return APIError(503, ErrorType.SERVICE_UNAVAILABLE, f"the job store (Redis) is unavailable: {exc}")
 
@@ -139,5 +139,5 @@ def install_error_handlers(app: FastAPI, dialects: dict[str, ErrorRenderer] | No
     app.add_exception_handler(RequestValidationError, handler(validation_error))
     app.add_exception_handler(APIError, handler(as_is))
     app.add_exception_handler(StarletteHTTPException, handler(_http_error))
-    app.add_exception_handler(redis.exceptions.RedisError, handler(_redis_error))
+    app.add_exception_handler(redis.exceptions.RedisError, handler(redis_unavailable))
     app.add_exception_handler(Exception, handler(_unexpected))

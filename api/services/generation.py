@@ -11,10 +11,11 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from dataclasses import dataclass
 from typing import TypeVar
 
+import redis.exceptions
 from starlette.requests import Request
 from starlette.responses import Response
 
-from api.errors import APIError, from_job_error
+from api.errors import APIError, from_job_error, redis_unavailable
 from api.services.auth import Caller
 from api.services.jobs import JobService, WaitTimeout
 from shared.config import Settings
@@ -101,6 +102,11 @@ class GenerationJobs:
         except WaitTimeout:
             finished = True  # still going, and still there to poll at /jobs/{id}
             raise APIError(504, ErrorType.TIMEOUT, f"no result within {wait_s:.0f} s; poll /jobs/{job.id}") from None
+        except redis.exceptions.RedisError as error:
+            # Redis went away mid-job: the job goes on (the worker waits for Redis) and its caller gets an
+            # error it can read, a stream's last event included, instead of a dropped connection.
+            finished = True  # nothing can flag a cancel meanwhile
+            raise redis_unavailable(error) from None
         finally:
             if expiry is not None:
                 expiry.cancel()

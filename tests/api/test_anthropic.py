@@ -3,7 +3,9 @@
 import json
 
 import pytest
+import redis.exceptions
 
+from api.services.jobs import JobService
 from tests.api.conftest import SERVED_MODEL
 from tests.api.scripted_work import ScriptedReply
 
@@ -96,6 +98,24 @@ def test_a_deadline_cut_ends_the_stream_with_an_error_event(client, heartbeat, c
     assert lines[-2] == "event: error"
     assert json.loads(lines[-1].removeprefix("data: "))["error"]["type"] == "timeout_error"
     assert json.loads(lines[-3].removeprefix("data: "))["delta"]["stop_reason"] == "max_tokens"
+
+
+def test_redis_lost_mid_stream_ends_the_stream_with_an_error_event(client, heartbeat, reply, monkeypatch):
+    """Not a dropped connection (which clients report as a protocol error): the stream's last event says why."""
+    real_events = JobService.events
+
+    async def events_then_redis_down(self, job_id, timeout_s):
+        async for event in real_events(self, job_id, timeout_s):
+            yield event
+            raise redis.exceptions.ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+
+    monkeypatch.setattr(JobService, "events", events_then_redis_down)
+    with client.stream("POST", "/v1/messages", json={**MESSAGE, "stream": True}) as response:
+        assert response.status_code == 200
+        lines = [line for line in response.iter_lines() if line.startswith(("event:", "data:"))]
+    assert "event: content_block_delta" in lines  # the first token went out before Redis went away
+    assert lines[-2] == "event: error"
+    assert "Redis" in json.loads(lines[-1].removeprefix("data: "))["error"]["message"]
 
 
 @pytest.mark.parametrize(
