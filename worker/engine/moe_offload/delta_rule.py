@@ -157,8 +157,8 @@ def decode_forward(
     cache.increase_count(self.layer_idx, 0)  # the convolution's token, as the reference's in-place update counts it
     x = hidden_states.view(1, -1)
     core = layer_decode(
-        self.in_proj_qkvz(x).float().contiguous(),
-        self.in_proj_ba(x).float().contiguous(),
+        _float(self.in_proj_qkvz(x)),
+        _float(self.in_proj_ba(x)),
         conv_state,
         self.conv1d.weight.view(self.conv1d.weight.shape[0], -1),
         self.A_log,
@@ -172,8 +172,8 @@ def decode_forward(
 
 
 def bound_decode_forward(layer_decode: Callable[..., torch.Tensor] | None) -> Callable[..., torch.Tensor]:
-    """`decode_forward` with its op bound, as a closure: dynamo traces through a closure but not through a
-    `partialmethod` (whose descriptor it cannot follow: every DeltaNet layer broke the compiled graph)."""
+    """`decode_forward` with its op bound, as a closure: dynamo traces through a closure, but not through a
+    `partialmethod`'s descriptor (the compiled step would break its graph at every DeltaNet layer)."""
 
     def forward(self, hidden_states, cache=None, attention_mask=None, **kwargs):
         return decode_forward(self, hidden_states, cache, attention_mask, layer_decode=layer_decode, **kwargs)
