@@ -34,6 +34,7 @@ import httpx
 import psutil
 
 from benchmarks.local_stack import LocalStack, RedisServer
+from shared.redis_keys import RedisKeys
 
 RESULTS = Path(__file__).parent / "results"
 ASYNC = {"Prefer": "respond-async"}
@@ -116,7 +117,7 @@ async def _client(
         outcome = await _one(http, kind, index, model)
         tally.setdefault(kind, Counter())[outcome] += 1
         index += 1
-        if outcome == "429" or outcome == "503":
+        if outcome in ("429", "503"):
             await asyncio.sleep(0.5)  # as a client with backoff would
 
 
@@ -187,7 +188,8 @@ def _settle(stack: LocalStack, timeout_s: float = 120) -> None:
 
 
 def _job_keys(stack: LocalStack) -> list[str]:
-    prefix = f"{stack.prefix}:job:"
+    """Every job record (not the events and cancel keys beside each)."""
+    prefix = RedisKeys(stack.prefix).job("")
     return [key for key in stack.redis.scan_iter(f"{prefix}*") if ":" not in key[len(prefix) :]]
 
 
@@ -203,7 +205,7 @@ def run_soak(stack: LocalStack, server: RedisServer, minutes: float, clients: in
         report.jobs += 1
         report.jobs_not_ended += stack.redis.hget(key, "status") not in ENDED
         report.jobs_terminal_events_not_one += stack.terminal_events(job_id) != 1
-    report.jobs_running_at_end = stack.redis.scard(f"{stack.prefix}:jobs:running")
+    report.jobs_running_at_end = stack.redis.scard(RedisKeys(stack.prefix).running_jobs())
     report.worker_kills, report.redis_restarts = faults.worker_kills, faults.redis_restarts
     report.rss_mb = {
         name: {"first": round(s[0]), "max": round(max(s)), "last": round(s[-1])} for name, s in faults.rss.items() if s

@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from benchmarks.local_stack import BIN, LocalStack
+from shared.redis_keys import RedisKeys
 from tests.integration.conftest import FAST_HEARTBEAT
 
 pytestmark = pytest.mark.integration
@@ -51,7 +52,7 @@ def test_the_broker_message_carries_the_job_id_and_no_text(stack):
         response = client.post("/inference", json={"prompt": f"Say {marker} twice.", "stop": [marker]}, headers=ASYNC)
         assert response.status_code == 202, response.text
         job_id = response.json()["id"]
-        messages = stack.redis.lrange(queue, 0, -1)
+        messages = stack.redis.lrange(RedisKeys.celery_queue(queue), 0, -1)
         assert len(messages) == 1
         body = base64.b64decode(json.loads(messages[0])["body"]).decode()
         assert json.loads(body)[0] == [job_id]  # the task's args: the job id alone
@@ -59,7 +60,7 @@ def test_the_broker_message_carries_the_job_id_and_no_text(stack):
         assert marker in stack.job(job_id)["params"]  # the record keeps the request for the worker
         assert stack.http.delete(f"/jobs/{job_id}").status_code == 200  # nobody will run it
     finally:
-        stack.redis.delete(queue)
+        stack.redis.delete(RedisKeys.celery_queue(queue))
 
 
 def _start_flower(stack) -> str:

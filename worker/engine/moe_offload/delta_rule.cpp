@@ -28,7 +28,7 @@ void normalize(const float* in, float* out, int64_t n, float extra_scale) {
 }
 
 // One value head's step: decay its state [Dk, Dv] by exp(g), then S += k (beta (v - S^T k))^T and
-// out = S^T q, with q and k L2-normalized (q also scaled by 1/sqrt(Dk)). `scratch`: 3 Dk + Dv floats.
+// out = S^T q, with q and k L2-normalized (q also scaled by 1/sqrt(Dk)). `scratch`: 2 Dk + Dv floats.
 void head_step(const float* q, const float* k, const float* v, float g, float beta, float* s, float* out, int64_t dk,
                int64_t dv, float* scratch) {
   float *qn = scratch, *kn = scratch + dk, *delta = scratch + 2 * dk;
@@ -71,7 +71,7 @@ at::Tensor gated_delta_step(const at::Tensor& q, const at::Tensor& k, const at::
   float *sp = state.data_ptr<float>(), *op = out.data_ptr<float>();
   const int64_t group = heads / key_heads;
   at::parallel_for(0, heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch(3 * dk + dv);
+    std::vector<float> scratch(2 * dk + dv);
     for (int64_t h = begin; h < end; ++h) {
       head_step(qp + (h / group) * dk, kp + (h / group) * dk, vp + h * dv, gp[h], bp[h], sp + h * dk * dv,
                 op + h * dv, dk, dv, scratch.data());
@@ -137,7 +137,7 @@ at::Tensor gated_delta_decode(const at::Tensor& qkvz, const at::Tensor& ba, at::
   const float* k_all = q_all + key_heads * dk;
   const float* v_all = k_all + key_heads * dk;
   at::parallel_for(0, heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch(3 * dk + dv);
+    std::vector<float> scratch(2 * dk + dv);
     for (int64_t h = begin; h < end; ++h) {
       const int64_t key_head = h / group, within = h % group;
       const float b = gates[key_head * 2 * group + within], a = gates[key_head * 2 * group + group + within];
